@@ -1,0 +1,114 @@
+"""Classifier checkpoints: the project's format and the DFKD community's ``.pth`` files.
+
+Project format: a directory holding ``model.safetensors`` (weights; no code can hide in it)
+and ``meta.json`` (``arch``, ``num_classes``, ``mean``, ``std``, ``accuracy`` and free-form
+extras). It is written to a temporary sibling and renamed into place, so a crash never
+leaves a half-written checkpoint under the final name.
+
+Community format: ``.pth``/``.pt`` files holding ``{"state_dict": ...}`` (or a bare state
+dict), read with ``torch.load(..., weights_only=True)``: a file carrying pickled code is
+refused. Arch and class count then come from the config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .models import build_model
+
+META = "meta.json"
+WEIGHTS = "model.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, unsafe or does not match the config."""
+
+
+def save_classifier(model: nn.Module, path: str | Path, *, arch: str, num_classes: int, mean, std, accuracy: float | None = None, **extra) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, tmp / WEIGHTS)
+        meta = {"format": "dda_ray.classifier/1", "arch": arch, "num_classes": num_classes, "mean": list(mean), "std": list(std), "accuracy": accuracy, **extra}
+        (tmp / META).write_text(json.dumps(meta, indent=2))
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def read_meta(path: str | Path) -> dict | None:
+    """meta.json of a project checkpoint, or None for a community file."""
+    path = Path(path)
+    meta_file = path / META if path.is_dir() else (path if path.suffix == ".json" else None)
+    if meta_file is None:
+        return None
+    try:
+        return json.loads(meta_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint metadata {meta_file} is unreadable: {e}") from e
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_dir() or path.suffix == ".json":
+        weights = (path if path.is_dir() else path.parent) / WEIGHTS
+        try:
+            return load_file(weights)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"checkpoint weights {weights} are corrupt or unreadable: {e}") from e
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {e}") from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for code payloads, RuntimeError for corrupt zips
+        raise CheckpointError(
+            f"refusing or unable to load {path} with weights-only loading ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            "Only tensors/state dicts are accepted; re-save the weights with torch.save(model.state_dict())."
+        ) from e
+    if isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict (a mapping of tensor names to tensors)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_classifier(path: str | Path, arch: str, num_classes: int) -> tuple[nn.Module, dict]:
+    """Build ``arch`` and load weights; refuse a checkpoint made for another arch/class count."""
+    meta = read_meta(path) or {}
+    if meta:
+        if meta.get("arch") != arch:
+            raise CheckpointError(f"checkpoint {path} holds a {meta.get('arch')!r} but the config asks for {arch!r}; fix teacher.arch or the checkpoint path")
+        if meta.get("num_classes") != num_classes:
+            raise CheckpointError(f"checkpoint {path} has {meta.get('num_classes')} classes but data.num_classes = {num_classes}")
+    model = build_model(arch, num_classes)
+    state = load_state_dict(path)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0:3]
+        raise CheckpointError(f"checkpoint {path} does not fit a {arch} with {num_classes} classes: {' '.join(first)}") from e
+    return model, meta

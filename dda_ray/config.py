@@ -1,0 +1,397 @@
+"""Typed configuration for every stage, loaded from YAML with dotted CLI overrides.
+
+One tree serves every job (teacher training, prior training, distillation, tuning): each job
+reads the sections it needs. Overrides use one convention everywhere: ``section.field=value``
+(the value is parsed as YAML, so ``augment.strength=0.3`` is a float and
+``data.subset=null`` is None). Validation runs before any work and stops with a single
+:class:`ConfigError` naming the field, the value and the allowed range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+MODES = ("dda", "inversion", "real_kd")
+DATASETS = ("cifar10", "cifar100", "imagefolder", "tiny_imagenet")
+AUGMENT_BACKENDS = ("local_prior", "sd_img2img", "sd_image_variations")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type, or out of range."""
+
+
+def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name} = {value!r} is not allowed; expected {allowed}")
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes, which pipeline it runs, and its seed."""
+
+    name: str = "smoke"
+    output_dir: str = "outputs"  # each run writes to <output_dir>/<name>/
+    mode: str = "dda"  # dda | inversion | real_kd
+    seed: int = 0
+    resume: bool = False  # required to reuse an existing run directory
+
+    def validate(self, p: str) -> None:
+        _check(self.mode in MODES, f"{p}.mode", self.mode, f"one of {MODES}")
+        _check(bool(self.name) and "/" not in self.name, f"{p}.name", self.name, "a non-empty name without '/'")
+
+
+@dataclass
+class DataConfig:
+    """The real dataset: used to train the teacher, for real_kd, and for evaluation only."""
+
+    dataset: str = "imagefolder"  # cifar10 | cifar100 | imagefolder | tiny_imagenet
+    path: str = "../shared/data/cifar10-jpg.tar.gz"
+    cache_dir: str = "~/.cache/dda_ray"
+    num_classes: int = 10
+    image_size: int = 32
+    eval_subset: int | None = None  # evaluate on a random subset of the test split (None: all)
+    train_subset: int | None = None  # real_kd / teacher training on a subset (None: all)
+    download: bool = True
+
+    def validate(self, p: str) -> None:
+        _check(self.dataset in DATASETS, f"{p}.dataset", self.dataset, f"one of {DATASETS}")
+        _check(self.num_classes >= 2, f"{p}.num_classes", self.num_classes, "an integer >= 2")
+        _check(self.image_size >= 8, f"{p}.image_size", self.image_size, "an integer >= 8")
+        for n in ("eval_subset", "train_subset"):
+            v = getattr(self, n)
+            _check(v is None or v > 0, f"{p}.{n}", v, "null or a positive integer")
+
+
+@dataclass
+class ModelConfig:
+    """A classifier: registry name (wrn16_2, resnet18, ...) or ``package.module:factory``."""
+
+    arch: str = "wrn16_1"
+    checkpoint: str | None = None  # project checkpoint dir/json, or a community .pth
+
+    def validate(self, p: str) -> None:
+        from .models import ARCHITECTURES, is_import_path
+
+        _check(
+            self.arch in ARCHITECTURES or is_import_path(self.arch),
+            f"{p}.arch",
+            self.arch,
+            f"one of {sorted(ARCHITECTURES)} or 'package.module:factory'",
+        )
+
+
+@dataclass
+class TeacherTrainingConfig:
+    """Supervised training of the teacher on real data (jobs/train_teacher.py)."""
+
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    warmup_epochs: float = 1.0
+
+    def validate(self, p: str) -> None:
+        _check(self.epochs >= 1, f"{p}.epochs", self.epochs, "an integer >= 1")
+        _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.lr > 0, f"{p}.lr", self.lr, "a positive number")
+        _check(0 <= self.label_smoothing < 1, f"{p}.label_smoothing", self.label_smoothing, "a number in [0, 1)")
+
+
+@dataclass
+class SynthesisConfig:
+    """Model inversion: generator + latents optimised against the teacher (and student)."""
+
+    batch_size: int = 400  # images per synthesis round
+    g_steps: int = 200  # optimisation steps per round
+    lr_g: float = 1e-3
+    nz: int = 256  # latent size
+    ngf: int = 64  # generator width
+    bn: float = 1.0  # BatchNorm-statistics loss weight
+    oh: float = 1.0  # one-hot cross-entropy weight
+    adv: float = 10.0  # rotation-adversarial weight (rounds with the student)
+    init_rounds: int = 400  # rounds of the initial bank (no student, adv = 0)
+    init_batch_size: int = 200
+    init_g_steps: int = 500
+    rounds_per_epoch: int = 1  # synthesis rounds with the student per distillation epoch
+    rotation_lr: float = 0.01  # rotation head SGD learning rate
+
+    def validate(self, p: str) -> None:
+        for n in ("batch_size", "g_steps", "nz", "ngf", "init_batch_size", "init_g_steps"):
+            _check(getattr(self, n) >= 1, f"{p}.{n}", getattr(self, n), "an integer >= 1")
+        for n in ("init_rounds", "rounds_per_epoch"):
+            _check(getattr(self, n) >= 0, f"{p}.{n}", getattr(self, n), "an integer >= 0")
+        for n in ("bn", "oh", "adv"):
+            _check(getattr(self, n) >= 0, f"{p}.{n}", getattr(self, n), "a number >= 0")
+        _check(self.lr_g > 0, f"{p}.lr_g", self.lr_g, "a positive number")
+
+
+@dataclass
+class AugmentConfig:
+    """Diffusion augmentation of synthetic images (DDA)."""
+
+    backend: str = "local_prior"  # local_prior | sd_img2img | sd_image_variations
+    model: str = "outputs/prior"  # from_pretrained path or hub id
+    strength: float = 0.3  # fraction of the noise schedule the image is pushed into, (0, 1]
+    guidance: float = 2.0  # classifier-free guidance scale (1 = no guidance)
+    num_variations: int = 2
+    steps: int = 10  # denoising steps for the full schedule
+    seed: int = 0
+    batch_size: int = 32
+    dtype: str = "float32"  # float16 / bfloat16 on GPU
+    device: str = "auto"  # auto | cpu | cuda
+    xformers: bool = False
+    prompt_template: str = "a photo of a {label}"
+    image_resolution: int | None = None  # SD backends: resize to this (None: the pipeline's)
+
+    def validate(self, p: str) -> None:
+        _check(self.backend in AUGMENT_BACKENDS, f"{p}.backend", self.backend, f"one of {AUGMENT_BACKENDS}")
+        _check(0 < self.strength <= 1, f"{p}.strength", self.strength, "a number in (0, 1]")
+        _check(0 <= self.guidance <= 50, f"{p}.guidance", self.guidance, "a number in [0, 50]")
+        _check(self.num_variations >= 1, f"{p}.num_variations", self.num_variations, "an integer >= 1")
+        _check(self.steps >= 1, f"{p}.steps", self.steps, "an integer >= 1")
+        _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.dtype in DTYPES, f"{p}.dtype", self.dtype, f"one of {DTYPES}")
+        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"{p}.device", self.device, "auto, cpu or cuda[:N]")
+
+
+@dataclass
+class FilterConfig:
+    """Cosine-similarity filter on teacher embeddings (variation vs its original)."""
+
+    threshold: float = 0.8  # keep iff cos >= threshold; -1 keeps everything
+    on_all_rejected: str = "warn"  # warn | error
+
+    def validate(self, p: str) -> None:
+        _check(-1 <= self.threshold <= 1, f"{p}.threshold", self.threshold, "a number in [-1, 1]")
+        _check(self.on_all_rejected in ("warn", "error"), f"{p}.on_all_rejected", self.on_all_rejected, "warn or error")
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation of the student (KL at temperature T + CE + feature alignment)."""
+
+    epochs: int = 200
+    steps_per_epoch: int = 2000
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    temperature: float = 20.0
+    ce: float = 1.0  # cross-entropy weight (labels = the synthesis targets)
+    fea: float = 30.0  # feature-alignment weight
+
+    def validate(self, p: str) -> None:
+        _check(self.epochs >= 1, f"{p}.epochs", self.epochs, "an integer >= 1")
+        _check(self.steps_per_epoch >= 1, f"{p}.steps_per_epoch", self.steps_per_epoch, "an integer >= 1")
+        _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.lr > 0, f"{p}.lr", self.lr, "a positive number")
+        _check(self.temperature > 0, f"{p}.temperature", self.temperature, "a positive number")
+        for n in ("ce", "fea", "weight_decay"):
+            _check(getattr(self, n) >= 0, f"{p}.{n}", getattr(self, n), "a number >= 0")
+
+
+@dataclass
+class ResourcesConfig:
+    """How work maps onto the Ray cluster. Pools are always bounded."""
+
+    num_workers: int = 0  # Ray Train workers; 0 = local mode (no DDP, one process)
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5
+    augment_actors: int = 1
+    augment_gpus: float = 0.0  # GPUs per augmentation actor
+    augment_cpus: float = 0.25
+    filter_actors: int = 1
+    filter_gpus: float = 0.0
+    filter_cpus: float = 0.25
+    torch_threads: int = 0  # 0: leave torch's default
+    max_concurrent_trials: int | None = None  # Tune; None: derived from the above
+
+    def validate(self, p: str) -> None:
+        _check(self.num_workers >= 0, f"{p}.num_workers", self.num_workers, "an integer >= 0")
+        for n in ("augment_actors", "filter_actors"):
+            _check(1 <= getattr(self, n) <= 1024, f"{p}.{n}", getattr(self, n), "an integer in [1, 1024] (pools are bounded)")
+        for n in ("cpus_per_worker", "augment_gpus", "augment_cpus", "filter_gpus", "filter_cpus"):
+            _check(getattr(self, n) >= 0, f"{p}.{n}", getattr(self, n), "a number >= 0")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking. ``uri=None`` uses MLFLOW_TRACKING_URI or a sqlite store in output_dir."""
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "dda_ray"
+    on_unreachable: str = "fail"  # fail | warn
+
+    def validate(self, p: str) -> None:
+        _check(self.on_unreachable in ("fail", "warn"), f"{p}.on_unreachable", self.on_unreachable, "fail or warn")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(arch="wrn16_2", checkpoint="checkpoints/cifar10_wrn16_2"))
+    student: ModelConfig = field(default_factory=lambda: ModelConfig(arch="wrn16_1"))
+    teacher_training: TeacherTrainingConfig = field(default_factory=TeacherTrainingConfig)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tune: dict = field(default_factory=dict)  # search space and scheduler (jobs/tune.py)
+
+    def validate(self) -> Config:
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section):
+                section.validate(f.name)
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"augment.strength": 0.3, ...}``: for MLflow params and Tune spaces."""
+        out: dict[str, Any] = {}
+        for sec, values in self.to_dict().items():
+            if isinstance(values, dict) and sec != "tune":
+                for k, v in values.items():
+                    out[f"{sec}.{k}"] = v
+        return out
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_yaml())
+
+
+# ----------------------------------------------------------------- building
+def _coerce(value: Any, typ: Any, name: str) -> Any:
+    """Check/convert a YAML value to a field's annotated type."""
+    origin = getattr(typ, "__origin__", None)
+    args = getattr(typ, "__args__", ())
+    if origin is None and args and type(None) in args:  # PEP 604 unions (X | None)
+        pass
+    if value is None:
+        if args and type(None) in args:
+            return None
+        raise ConfigError(f"{name} = None is not allowed; expected a value of type {getattr(typ, '__name__', typ)}")
+    if args and type(None) in args:
+        typ = next(a for a in args if a is not type(None))
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} = {value!r} is not allowed; expected true or false")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{name} = {value!r} is not allowed; expected an integer")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} = {value!r} is not allowed; expected a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} = {value!r} is not allowed; expected a finite number")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} = {value!r} is not allowed; expected a string")
+        return value
+    if typ is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} = {value!r} is not allowed; expected a mapping")
+        return value
+    return value
+
+
+def _build_section(cls: type, values: dict, prefix: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix} must be a mapping, got {values!r}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown field(s) {', '.join(f'{prefix}.{u}' for u in unknown)}; known: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}") for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict) -> Config:
+    hints = get_type_hints(Config)
+    unknown = sorted(set(raw) - set(hints))
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {unknown}; known: {sorted(hints)}")
+    default = Config()
+    kwargs = {}
+    for name, typ in hints.items():
+        if name not in raw:
+            continue
+        if dataclasses.is_dataclass(typ):
+            base = dataclasses.asdict(getattr(default, name))
+            base.update(raw[name] or {})
+            kwargs[name] = _build_section(typ, base, name)
+        else:
+            kwargs[name] = _coerce(raw[name], typ, name)
+    return Config(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.field=value")
+    key, _, raw = text.partition("=")
+    key = key.strip().lstrip("-")
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from e
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for ov in overrides:
+        path, value = parse_override(ov)
+        node = raw
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {ov!r}: {p} is not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML preset (or start from defaults), apply ``a.b=c`` overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    raw = apply_overrides(raw, overrides or [])
+    return config_from_dict(raw).validate()

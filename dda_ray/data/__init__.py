@@ -1,0 +1,34 @@
+"""Real datasets, torch-only transforms, and the synthetic image bank."""
+
+from .datasets import NORMALIZATION, DatasetError, ImageArrays, SplitDataset, load_dataset
+from .transforms import Normalize, TrainTransform, to_float, to_uint8
+
+__all__ = [
+    "NORMALIZATION",
+    "DatasetError",
+    "ImageArrays",
+    "SplitDataset",
+    "load_dataset",
+    "Normalize",
+    "TrainTransform",
+    "to_float",
+    "to_uint8",
+    "channel_stats",
+    "load_data",
+]
+
+
+def channel_stats(images) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std of uint8 NHWC images, in [0, 1] units."""
+    import numpy as np
+
+    x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    return tuple(float(v) for v in x.mean(0)), tuple(float(v) for v in x.std(0))
+
+
+def load_data(cfg_data, progress: bool = True) -> SplitDataset:
+    """Load the dataset a :class:`~dda_ray.config.DataConfig` describes and check its class count."""
+    ds = load_dataset(cfg_data.dataset, cfg_data.path, cfg_data.cache_dir, cfg_data.image_size, cfg_data.download, progress)
+    if ds.num_classes != cfg_data.num_classes:
+        raise DatasetError(f"{cfg_data.path} has {ds.num_classes} classes but data.num_classes = {cfg_data.num_classes}")
+    return ds

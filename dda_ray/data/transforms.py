@@ -1,0 +1,72 @@
+"""Batched, torch-only image transforms (no torchvision).
+
+Images travel as uint8 NHWC arrays (bank, datasets, Ray Data rows) and become normalised
+float NCHW tensors right before a model sees them. Augmentations work on whole batches
+so they cost a few vectorised ops instead of a Python loop per image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC (array or tensor) -> float NCHW in [0, 1]."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.ascontiguousarray(images))
+    return images.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """float NCHW in [0, 1] -> uint8 NHWC array."""
+    return (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class Normalize:
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.device, x.dtype)) / self.std.to(x.device, x.dtype)
+
+
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-image random crop of the original size after zero padding (NCHW)."""
+    if padding <= 0:
+        return x
+    n, c, h, w = x.shape
+    padded = F.pad(x, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device="cpu").to(x.device)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device="cpu").to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device)[None])  # (n, h)
+    cols = (dx[:, None] + torch.arange(w, device=x.device)[None])  # (n, w)
+    idx_r = rows[:, None, :, None].expand(n, c, h, w + 2 * padding)
+    out = padded.gather(2, idx_r)
+    idx_c = cols[:, None, None, :].expand(n, c, h, w)
+    return out.gather(3, idx_c)
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Horizontal flip of a random half of the batch (NCHW)."""
+    flip = (torch.rand(x.shape[0], generator=generator, device="cpu") < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+class TrainTransform:
+    """Random crop (with padding) + horizontal flip + normalisation, on float NCHW batches."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], padding: int = 4, flip: bool = True):
+        self.normalize = Normalize(mean, std)
+        self.padding = padding
+        self.flip = flip
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = random_crop(x, self.padding, generator)
+        if self.flip:
+            x = random_flip(x, generator)
+        return self.normalize(x)

@@ -1,0 +1,64 @@
+"""Model registry: classifiers by name or import path, plus DFKD's generator and heads."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import nn
+
+from .classifiers import ARCHITECTURES, Classifier, ModelOutput
+
+__all__ = ["ARCHITECTURES", "Classifier", "ModelOutput", "build_model", "is_import_path", "ImportedClassifier"]
+
+
+def is_import_path(arch: str) -> bool:
+    return ":" in arch
+
+
+class ImportedClassifier(Classifier):
+    """Wraps any ``nn.Module`` classifier whose last layer is an ``nn.Linear``.
+
+    The embedding is the input of that final linear layer (captured by a hook); with no
+    spatial map available the feature map is the embedding viewed as (N, C, 1, 1).
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError(f"imported model {type(module).__name__} has no nn.Linear classifier layer")
+        self.module = module
+        self.fc = linears[-1]
+        self._captured: torch.Tensor | None = None
+        self.fc.register_forward_hook(self._capture)
+
+    def _capture(self, _mod, inputs, _out):
+        self._captured = inputs[0]
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        logits = self.module(x)
+        if not return_features:
+            return logits
+        emb = torch.flatten(self._captured, 1)
+        return ModelOutput(logits, emb[:, :, None, None], emb)
+
+
+def _import_factory(path: str):
+    mod_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(mod_name)
+        return getattr(module, attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot import model factory {path!r}: {e}") from e
+
+
+def build_model(arch: str, num_classes: int) -> Classifier:
+    """Build a classifier by registry name (``wrn16_2``) or import path (``pkg.mod:factory``)."""
+    if arch in ARCHITECTURES:
+        return ARCHITECTURES[arch](num_classes)
+    if is_import_path(arch):
+        factory = _import_factory(arch)
+        model = factory(num_classes=num_classes)
+        return model if isinstance(model, Classifier) else ImportedClassifier(model)
+    raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(sorted(ARCHITECTURES))} or 'package.module:factory'")

@@ -1,0 +1,216 @@
+"""CIFAR-style classifiers used as teachers and students.
+
+Every classifier takes a normalised NCHW float batch and returns logits, or, with
+``return_features=True``, a :class:`ModelOutput` carrying what DFKD needs: the last
+convolutional feature map (feature-alignment loss) and the pooled embedding (rotation
+head, cosine filter, bank). Architectures follow the CIFAR variants used across the
+DFKD literature (3x3 stems, no max-pool), so community checkpoints load by name.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor
+    feature_map: torch.Tensor  # (N, C, H, W): last conv block, after its activation
+    embedding: torch.Tensor  # (N, C): global-average-pooled feature map
+
+
+class Classifier(nn.Module):
+    """Base class: subclasses implement ``features`` (-> map) and own ``fc``."""
+
+    fc: nn.Linear
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def feature_dim(self) -> int:
+        return self.fc.in_features
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        fmap = self.features(x)
+        emb = torch.flatten(F.adaptive_avg_pool2d(fmap, 1), 1)
+        logits = self.fc(emb)
+        if return_features:
+            return ModelOutput(logits, fmap, emb)
+        return logits
+
+
+# ---------------------------------------------------------------- ResNet (CIFAR)
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(Classifier):
+    def __init__(self, num_blocks: list[int], num_classes: int = 10):
+        super().__init__()
+        self.in_planes = 64
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.layer1 = self._make_layer(64, num_blocks[0], 1)
+        self.layer2 = self._make_layer(128, num_blocks[1], 2)
+        self.layer3 = self._make_layer(256, num_blocks[2], 2)
+        self.layer4 = self._make_layer(512, num_blocks[3], 2)
+        self.fc = nn.Linear(512, num_classes)
+
+    def _make_layer(self, planes: int, n: int, stride: int) -> nn.Sequential:
+        layers = []
+        for s in [stride] + [1] * (n - 1):
+            layers.append(BasicBlock(self.in_planes, planes, s))
+            self.in_planes = planes
+        return nn.Sequential(*layers)
+
+    def features(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return self.layer4(self.layer3(self.layer2(self.layer1(out))))
+
+
+# ---------------------------------------------------------- Wide ResNet (CIFAR)
+class WideBlock(nn.Module):
+    """Pre-activation wide-resnet block (BN-ReLU-conv twice, projection when shapes change)."""
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_planes)
+        self.conv2 = nn.Conv2d(out_planes, out_planes, 3, 1, 1, bias=False)
+        self.equal = in_planes == out_planes and stride == 1
+        self.shortcut = None if self.equal else nn.Conv2d(in_planes, out_planes, 1, stride, bias=False)
+
+    def forward(self, x):
+        o = F.relu(self.bn1(x))
+        y = self.conv1(o)
+        y = self.conv2(F.relu(self.bn2(y)))
+        return y + (x if self.equal else self.shortcut(o))
+
+
+class WideResNet(Classifier):
+    def __init__(self, depth: int, widen: int, num_classes: int = 10):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"wide-resnet depth must be 6n+4, got {depth}")
+        n = (depth - 4) // 6
+        widths = [16, 16 * widen, 32 * widen, 64 * widen]
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        blocks = []
+        in_planes = widths[0]
+        for g, (w, stride) in enumerate(zip(widths[1:], [1, 2, 2])):
+            for i in range(n):
+                blocks.append(WideBlock(in_planes, w, stride if i == 0 else 1))
+                in_planes = w
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(in_planes)
+        self.fc = nn.Linear(in_planes, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def features(self, x):
+        return F.relu(self.bn(self.blocks(self.conv1(x))))
+
+
+# ------------------------------------------------------------------ VGG (CIFAR)
+_VGG11 = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512]
+
+
+class VGG(Classifier):
+    """VGG with BatchNorm; the last max-pool is replaced by global pooling in ``forward``."""
+
+    def __init__(self, cfg: list, num_classes: int = 10):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = 3
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(c, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+                c = v
+        self.body = nn.Sequential(*layers)
+        self.fc = nn.Linear(c, num_classes)
+
+    def features(self, x):
+        return self.body(x)
+
+
+# ------------------------------------------------------------ MobileNetV2 (CIFAR)
+class InvertedResidual(nn.Module):
+    def __init__(self, inp: int, out: int, expansion: int, stride: int):
+        super().__init__()
+        hidden = inp * expansion
+        self.use_res = stride == 1 and inp == out
+        layers: list[nn.Module] = []
+        if expansion != 1:
+            layers += [nn.Conv2d(inp, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True)]
+        layers += [
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, out, 1, bias=False),
+            nn.BatchNorm2d(out),
+        ]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res else self.conv(x)
+
+
+class MobileNetV2(Classifier):
+    # (expansion, out channels, repeats, stride); stride 1 in the first two stages for 32x32 inputs
+    SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+
+    def __init__(self, num_classes: int = 10, width: float = 1.0):
+        super().__init__()
+        c = int(32 * width)
+        layers: list[nn.Module] = [nn.Conv2d(3, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU6(inplace=True)]
+        for t, ch, n, s in self.SETTINGS:
+            out = int(ch * width)
+            for i in range(n):
+                layers.append(InvertedResidual(c, out, t, s if i == 0 else 1))
+                c = out
+        last = 1280
+        layers += [nn.Conv2d(c, last, 1, bias=False), nn.BatchNorm2d(last), nn.ReLU6(inplace=True)]
+        self.body = nn.Sequential(*layers)
+        self.fc = nn.Linear(last, num_classes)
+
+    def features(self, x):
+        return self.body(x)
+
+
+ARCHITECTURES = {
+    "resnet18": lambda num_classes: ResNet([2, 2, 2, 2], num_classes),
+    "resnet34": lambda num_classes: ResNet([3, 4, 6, 3], num_classes),
+    "wrn16_1": lambda num_classes: WideResNet(16, 1, num_classes),
+    "wrn16_2": lambda num_classes: WideResNet(16, 2, num_classes),
+    "wrn40_1": lambda num_classes: WideResNet(40, 1, num_classes),
+    "wrn40_2": lambda num_classes: WideResNet(40, 2, num_classes),
+    "vgg11": lambda num_classes: VGG(_VGG11, num_classes),
+    "mobilenetv2": lambda num_classes: MobileNetV2(num_classes),
+}
