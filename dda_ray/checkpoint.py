@@ -112,3 +112,21 @@ def load_classifier(path: str | Path, arch: str, num_classes: int) -> tuple[nn.M
         first = str(e).splitlines()[0:3]
         raise CheckpointError(f"checkpoint {path} does not fit a {arch} with {num_classes} classes: {' '.join(first)}") from e
     return model, meta
+
+
+def load_teacher(cfg) -> tuple[nn.Module, Normalize, dict]:  # noqa: F821 - imported lazily
+    """The configured teacher (frozen, eval mode) and the normalisation it was trained with."""
+    from .data.datasets import NORMALIZATION
+    from .data.transforms import Normalize
+
+    if not cfg.teacher.checkpoint:
+        raise CheckpointError("teacher.checkpoint is not set; point it at a project checkpoint directory or a .pth file")
+    model, meta = load_classifier(cfg.teacher.checkpoint, cfg.teacher.arch, cfg.data.num_classes)
+    if meta.get("mean") and meta.get("std"):
+        mean, std = meta["mean"], meta["std"]
+    else:  # community .pth files carry no normalisation: use the dataset's standard values
+        mean, std = NORMALIZATION.get(cfg.data.dataset, NORMALIZATION["cifar10"])
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, Normalize(mean, std), meta

@@ -123,6 +123,7 @@ class SynthesisConfig:
     init_g_steps: int = 500
     rounds_per_epoch: int = 1  # synthesis rounds with the student per distillation epoch
     rotation_lr: float = 0.01  # rotation head SGD learning rate
+    bank_dir: str | None = None  # initial bank location (shared between runs); None: <run_dir>/bank
 
     def validate(self, p: str) -> None:
         for n in ("batch_size", "g_steps", "nz", "ngf", "init_batch_size", "init_g_steps"):
@@ -151,6 +152,21 @@ class AugmentConfig:
     xformers: bool = False
     prompt_template: str = "a photo of a {label}"
     image_resolution: int | None = None  # SD backends: resize to this (None: the pipeline's)
+    revision: str | None = None  # hub revision/branch of augment.model (None: the default branch)
+    # Training of the local prior (jobs/train_prior.py; dda_ray/prior.py). Data-free: the bank only.
+    prior_bank: str | None = None  # synthetic bank directory to train on (or jobs/train_prior.py --bank DIR)
+    prior_steps: int = 1000  # optimiser steps
+    prior_batch_size: int = 64
+    prior_lr: float = 5e-4  # AdamW, linear warm-up over the first 5 % of the steps, then constant
+    prior_weight_decay: float = 0.0
+    prior_channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # UNet2DModel block widths
+    prior_layers_per_block: int = 1
+    prior_attention: bool = False  # self-attention at the second resolution (about 1.7x slower on CPU)
+    prior_label_dropout: float = 0.1  # labels replaced by the null class: trains the unconditional branch of CFG
+    prior_ema: float = 0.999  # EMA decay of the saved weights (0 disables EMA)
+    prior_train_timesteps: int = 1000
+    prior_hflip: bool = True  # random horizontal flips of the bank images
+    prior_log_every: int = 25  # steps between loss-log lines
 
     def validate(self, p: str) -> None:
         _check(self.backend in AUGMENT_BACKENDS, f"{p}.backend", self.backend, f"one of {AUGMENT_BACKENDS}")
@@ -161,6 +177,20 @@ class AugmentConfig:
         _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, "an integer >= 1")
         _check(self.dtype in DTYPES, f"{p}.dtype", self.dtype, f"one of {DTYPES}")
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"{p}.device", self.device, "auto, cpu or cuda[:N]")
+        _check(self.image_resolution is None or self.image_resolution >= 8, f"{p}.image_resolution", self.image_resolution, "null or an integer >= 8")
+        _check("{label}" in self.prompt_template, f"{p}.prompt_template", self.prompt_template, "a string containing '{label}'")
+        for n in ("prior_steps", "prior_batch_size", "prior_layers_per_block", "prior_train_timesteps", "prior_log_every"):
+            _check(getattr(self, n) >= 1, f"{p}.{n}", getattr(self, n), "an integer >= 1")
+        _check(self.prior_lr > 0, f"{p}.prior_lr", self.prior_lr, "a positive number")
+        _check(self.prior_weight_decay >= 0, f"{p}.prior_weight_decay", self.prior_weight_decay, "a number >= 0")
+        _check(0 <= self.prior_label_dropout < 1, f"{p}.prior_label_dropout", self.prior_label_dropout, "a number in [0, 1)")
+        _check(0 <= self.prior_ema < 1, f"{p}.prior_ema", self.prior_ema, "a number in [0, 1) (0 disables EMA)")
+        _check(
+            len(self.prior_channels) >= 2 and all(c >= 4 and c % 4 == 0 for c in self.prior_channels),
+            f"{p}.prior_channels",
+            self.prior_channels,
+            "a list of >= 2 block widths, each a multiple of 4 (e.g. [32, 64, 64])",
+        )
 
 
 @dataclass
@@ -169,10 +199,14 @@ class FilterConfig:
 
     threshold: float = 0.8  # keep iff cos >= threshold; -1 keeps everything
     on_all_rejected: str = "warn"  # warn | error
+    reference: str = "auto"  # auto: the bank's teacher_embedding when present, else recompute | recompute: always recompute
+    hist_bins: int = 10  # score histogram bins over [-1, 1] in the per-batch report
 
     def validate(self, p: str) -> None:
         _check(-1 <= self.threshold <= 1, f"{p}.threshold", self.threshold, "a number in [-1, 1]")
         _check(self.on_all_rejected in ("warn", "error"), f"{p}.on_all_rejected", self.on_all_rejected, "warn or error")
+        _check(self.reference in ("auto", "recompute"), f"{p}.reference", self.reference, "auto or recompute")
+        _check(self.hist_bins >= 1, f"{p}.hist_bins", self.hist_bins, "an integer >= 1")
 
 
 @dataclass
@@ -320,6 +354,11 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{name} = {value!r} is not allowed; expected a mapping")
         return value
+    if getattr(typ, "__origin__", None) is list:  # list[int] etc.: each element coerced to the item type
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} = {value!r} is not allowed; expected a list")
+        item = typ.__args__[0] if getattr(typ, "__args__", ()) else Any
+        return [_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
     return value
 
 
@@ -346,6 +385,8 @@ def config_from_dict(raw: dict) -> Config:
         if name not in raw:
             continue
         if dataclasses.is_dataclass(typ):
+            if raw[name] is not None and not isinstance(raw[name], dict):
+                raise ConfigError(f"{name} must be a mapping of fields, got {raw[name]!r}")
             base = dataclasses.asdict(getattr(default, name))
             base.update(raw[name] or {})
             kwargs[name] = _build_section(typ, base, name)

@@ -63,3 +63,15 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 63-bit seed from any parts (run seed, round, image id, variation index, ...).
+
+    Uses a hash of the parts' text, not Python's salted ``hash()``, so the same parts give the
+    same seed in every process and on every machine.
+    """
+    import hashlib
+
+    digest = hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)

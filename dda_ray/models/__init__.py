@@ -8,8 +8,21 @@ import torch
 from torch import nn
 
 from .classifiers import ARCHITECTURES, Classifier, ModelOutput
+from .generator import Generator
+from .heads import AlignHead, RotationHead, rotate_batch
 
-__all__ = ["ARCHITECTURES", "Classifier", "ModelOutput", "build_model", "is_import_path", "ImportedClassifier"]
+__all__ = [
+    "ARCHITECTURES",
+    "AlignHead",
+    "Classifier",
+    "Generator",
+    "ImportedClassifier",
+    "ModelOutput",
+    "RotationHead",
+    "build_model",
+    "is_import_path",
+    "rotate_batch",
+]
 
 
 def is_import_path(arch: str) -> bool:

@@ -119,7 +119,7 @@ class WideResNet(Classifier):
         self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
         blocks = []
         in_planes = widths[0]
-        for g, (w, stride) in enumerate(zip(widths[1:], [1, 2, 2])):
+        for w, stride in zip(widths[1:], [1, 2, 2], strict=True):
             for i in range(n):
                 blocks.append(WideBlock(in_planes, w, stride if i == 0 else 1))
                 in_planes = w

@@ -1,0 +1,171 @@
+"""The synthetic image bank: one Parquet file per synthesis round.
+
+Schema (``BANK_SCHEMA``; file-level metadata ``dda_ray.bank = "1"`` and ``image_shape = "H,W,C"``):
+
+=================  ===================  ==================================================
+column             type                 meaning
+=================  ===================  ==================================================
+id                 string               ``r{round:05d}-s{seed}-{index:05d}``, unique in a bank
+image              binary               raw uint8 HWC pixels (``image_shape`` in metadata)
+label              int64                target class the image was synthesised for
+teacher_logits     list<float32>        teacher logits on the image (soft labels)
+teacher_embedding  list<float32>        teacher pooled embedding (cosine filter reference)
+round              int32                synthesis round (initial bank rounds first)
+seed               int64                seed of the round
+=================  ===================  ==================================================
+
+Files are named ``round-{round:05d}.parquet`` and written to a temporary name then renamed,
+so a reader (Ray Data included, which reads the directory as one dataset) never sees a
+half-written round. Appending a round means writing one more file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+BANK_VERSION = "1"
+BANK_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("image", pa.binary()),
+        ("label", pa.int64()),
+        ("teacher_logits", pa.list_(pa.float32())),
+        ("teacher_embedding", pa.list_(pa.float32())),
+        ("round", pa.int32()),
+        ("seed", pa.int64()),
+    ]
+)
+
+
+class BankError(RuntimeError):
+    """A bank file is missing, corrupt, or not a dda_ray bank."""
+
+
+@dataclass
+class BankBatch:
+    """Columns of a bank (or of a slice of one) as numpy arrays."""
+
+    ids: np.ndarray  # (N,) str
+    images: np.ndarray  # (N, H, W, C) uint8
+    labels: np.ndarray  # (N,) int64
+    teacher_logits: np.ndarray  # (N, K) float32
+    teacher_embedding: np.ndarray  # (N, D) float32
+    rounds: np.ndarray  # (N,) int32
+    seeds: np.ndarray  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @staticmethod
+    def concat(batches: list[BankBatch]) -> BankBatch:
+        return BankBatch(*(np.concatenate([getattr(b, f) for b in batches]) for f in BankBatch.__dataclass_fields__))
+
+
+def make_ids(round_idx: int, seed: int, n: int) -> np.ndarray:
+    return np.array([f"r{round_idx:05d}-s{seed}-{i:05d}" for i in range(n)])
+
+
+def decode_images(column, shape: tuple[int, int, int]) -> np.ndarray:
+    """Binary column (pyarrow array or numpy object array of bytes) -> (N, H, W, C) uint8."""
+    values = column.to_pylist() if hasattr(column, "to_pylist") else list(column)
+    if not values:
+        return np.zeros((0, *shape), dtype=np.uint8)
+    return np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), *shape)
+
+
+def to_table(batch: BankBatch) -> pa.Table:
+    shape = batch.images.shape[1:]
+    table = pa.table(
+        {
+            "id": pa.array(batch.ids.astype(str), pa.string()),
+            "image": pa.array([img.tobytes() for img in np.ascontiguousarray(batch.images)], pa.binary()),
+            "label": pa.array(batch.labels.astype(np.int64)),
+            "teacher_logits": pa.array(list(batch.teacher_logits.astype(np.float32)), pa.list_(pa.float32())),
+            "teacher_embedding": pa.array(list(batch.teacher_embedding.astype(np.float32)), pa.list_(pa.float32())),
+            "round": pa.array(batch.rounds.astype(np.int32)),
+            "seed": pa.array(batch.seeds.astype(np.int64)),
+        },
+        schema=BANK_SCHEMA,
+    )
+    return table.replace_schema_metadata({"dda_ray.bank": BANK_VERSION, "image_shape": ",".join(map(str, shape))})
+
+
+def write_round(bank_dir: str | Path, batch: BankBatch, round_idx: int) -> Path:
+    """Append one round to the bank (atomically: temp file, then rename)."""
+    bank_dir = Path(bank_dir)
+    bank_dir.mkdir(parents=True, exist_ok=True)
+    path = bank_dir / f"round-{round_idx:05d}.parquet"
+    tmp = bank_dir / f".round-{round_idx:05d}.parquet.tmp"
+    pq.write_table(to_table(batch), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def bank_files(bank_dir: str | Path) -> list[Path]:
+    bank_dir = Path(bank_dir)
+    if not bank_dir.exists():
+        return []
+    if bank_dir.is_file():
+        return [bank_dir]
+    return sorted(bank_dir.glob("round-*.parquet"))
+
+
+def _image_shape(meta: dict | None, path: Path) -> tuple[int, int, int]:
+    meta = meta or {}
+    if meta.get(b"dda_ray.bank") != BANK_VERSION.encode():
+        raise BankError(f"{path} is not a dda_ray bank file (missing dda_ray.bank={BANK_VERSION} metadata)")
+    try:
+        h, w, c = (int(v) for v in meta[b"image_shape"].decode().split(","))
+    except (KeyError, ValueError) as e:
+        raise BankError(f"{path}: bank metadata has no valid image_shape") from e
+    return h, w, c
+
+
+def read_table(path: str | Path) -> tuple[pa.Table, tuple[int, int, int]]:
+    path = Path(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise BankError(f"bank file {path} is corrupt or not Parquet: {e}") from e
+    shape = _image_shape(table.schema.metadata, path)
+    missing = [f.name for f in BANK_SCHEMA if f.name not in table.column_names]
+    if missing:
+        raise BankError(f"bank file {path} lacks column(s) {missing}; expected the schema in dda_ray/data/bank.py")
+    return table, shape
+
+
+def from_table(table: pa.Table, shape: tuple[int, int, int]) -> BankBatch:
+    def fixed(col: str) -> np.ndarray:
+        arr = table.column(col).combine_chunks()
+        n = len(arr)
+        if n == 0:
+            return np.zeros((0, 0), dtype=np.float32)
+        return arr.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(n, -1)
+
+    return BankBatch(
+        ids=np.asarray(table.column("id").to_pylist()),
+        images=decode_images(table.column("image").combine_chunks(), shape),
+        labels=table.column("label").to_numpy().astype(np.int64),
+        teacher_logits=fixed("teacher_logits"),
+        teacher_embedding=fixed("teacher_embedding"),
+        rounds=table.column("round").to_numpy().astype(np.int32),
+        seeds=table.column("seed").to_numpy().astype(np.int64),
+    )
+
+
+def read_bank(bank_dir: str | Path) -> BankBatch:
+    """Every round of a bank, concatenated in round order."""
+    files = bank_files(bank_dir)
+    if not files:
+        raise BankError(f"no bank files (round-*.parquet) under {bank_dir}")
+    return BankBatch.concat([from_table(*read_table(f)) for f in files])
+
+
+def num_rounds(bank_dir: str | Path) -> int:
+    return len(bank_files(bank_dir))

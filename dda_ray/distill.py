@@ -1,0 +1,238 @@
+"""Knowledge distillation: the losses, one KD step, and THE epoch loop.
+
+``train_loop`` is the only distillation loop in the project. The single-process path
+(:mod:`dda_ray.local`) and every Ray Train worker (:mod:`dda_ray.pipeline`) call it with a
+different :class:`TrainSource` (where batches come from, what happens between epochs) and a
+different ``report`` callback (where metrics and checkpoints go).
+
+KD step: ``KL(student/T || teacher/T) * T^2 + ce * CE(student, y)
++ fea * MSE(align(student map), teacher map)``; the teacher runs on the fly on the same
+randomly cropped/flipped batch. After each KD step the rotation head (used by the
+adversarial synthesis term) takes one SGD step on rotated copies of the batch, with the
+student's features detached.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .config import DistillConfig
+from .data.transforms import Normalize, TrainTransform, to_float
+from .models import AlignHead, Classifier, RotationHead, rotate_batch
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton KD: batch-mean KL(softmax(t/T) || softmax(s/T)) scaled by T^2."""
+    log_p = F.log_softmax(student_logits / temperature, dim=1)
+    q = F.softmax(teacher_logits / temperature, dim=1)
+    return F.kl_div(log_p, q, reduction="batchmean") * temperature**2
+
+
+def feature_loss(aligned: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(aligned, teacher_map)
+
+
+class Distiller:
+    """Student + heads + optimisers; one KD step at a time. Teacher stays frozen (eval)."""
+
+    def __init__(
+        self,
+        student: Classifier,
+        teacher: Classifier,
+        normalize: Normalize,
+        num_classes: int,
+        cfg: DistillConfig,
+        rotation_lr: float = 0.01,
+        device: torch.device | str = "cpu",
+    ):
+        self.device = torch.device(device)
+        self.cfg, self.num_classes, self.normalize = cfg, num_classes, normalize
+        self.transform = TrainTransform(normalize.mean.flatten().tolist(), normalize.std.flatten().tolist())
+        self.student = student.to(self.device).train()
+        self.teacher = teacher.to(self.device).eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        with torch.no_grad():
+            probe = torch.zeros(2, 3, 32, 32, device=self.device)
+            s_ch = self.student(probe, return_features=True).feature_map.shape[1]
+            t_ch = self.teacher(probe, return_features=True).feature_map.shape[1]
+        self.align = AlignHead(s_ch, t_ch).to(self.device)
+        self.rot_head = RotationHead(self.student.feature_dim, num_classes).to(self.device)
+        self.rotation_lr = rotation_lr
+        self.optimizer = torch.optim.SGD(
+            list(self.student.parameters()) + list(self.align.parameters()), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=cfg.epochs)
+        self.rot_optimizer = self._new_rot_optimizer()
+
+    def _new_rot_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.rot_head.parameters(), lr=self.rotation_lr, momentum=0.9)
+
+    def reset_rotation_head(self) -> None:
+        """Called after every synthesis round: the head restarts against the new images."""
+        self.rot_head.reset_parameters()
+        self.rot_optimizer = self._new_rot_optimizer()
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, float]:
+        """One KD step on a uint8 NHWC batch; returns the loss terms."""
+        cfg = self.cfg
+        x = self.transform(to_float(images).to(self.device), generator)
+        y = labels.to(self.device)
+        with torch.no_grad():
+            t = self.teacher(x, return_features=True)
+        s = self.student(x, return_features=True)
+        l_kd = kd_loss(s.logits, t.logits, cfg.temperature)
+        l_ce = F.cross_entropy(s.logits, y)
+        l_fea = feature_loss(self.align(s.feature_map, t.feature_map.shape[-2:]), t.feature_map) if cfg.fea > 0 else torch.zeros((), device=self.device)
+        loss = l_kd + cfg.ce * l_ce + cfg.fea * l_fea
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        l_rot = self.rotation_step(x, y)
+        return {"loss": loss.item(), "kd": l_kd.item(), "ce": l_ce.item(), "fea": l_fea.item(), "rot": l_rot}
+
+    def rotation_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        xr, yr = rotate_batch(x, y, self.num_classes)
+        with torch.no_grad():
+            emb = self.student(xr, return_features=True).embedding
+        loss = F.cross_entropy(self.rot_head(emb), yr)
+        self.rot_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.rot_optimizer.step()
+        return loss.item()
+
+    def state_dict(self) -> dict:
+        return {
+            "student": self.student.state_dict(),
+            "align": self.align.state_dict(),
+            "rot_head": self.rot_head.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rot_optimizer": self.rot_optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.student.load_state_dict(state["student"])
+        self.align.load_state_dict(state["align"])
+        self.rot_head.load_state_dict(state["rot_head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rot_optimizer.load_state_dict(state["rot_optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
+def save_training_state(path, distiller: Distiller, epoch: int, extra: dict | None = None, generator: torch.Generator | None = None) -> None:
+    """Everything needed to resume after ``epoch`` epochs, written atomically (temp + rename)."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"distiller": distiller.state_dict(), "epoch": epoch, "extra": extra or {}}
+    if generator is not None:
+        state["rng"] = generator.get_state()
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_training_state(path, distiller: Distiller, generator: torch.Generator | None = None) -> tuple[int, dict]:
+    """Restore a state written by :func:`save_training_state`; returns (epochs done, extra)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    distiller.load_state_dict(state["distiller"])
+    if generator is not None and "rng" in state:
+        generator.set_state(state["rng"])
+    return int(state["epoch"]), state.get("extra", {})
+
+
+class TrainSource(Protocol):
+    """Where the KD loop's rows come from."""
+
+    def prepare_epoch(self, epoch: int, distiller: Distiller) -> dict:
+        """Work between epochs (synthesis rounds with the student, augmentation); returns stats."""
+        ...
+
+    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(uint8 NHWC images, int64 labels) batches; may be endless (the loop takes steps_per_epoch)."""
+        ...
+
+
+def train_loop(
+    distiller: Distiller,
+    source: TrainSource,
+    evaluate_fn: Callable[[nn.Module], dict],
+    report: Callable[[dict, int], None],
+    start_epoch: int = 0,
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run epochs ``start_epoch..cfg.epochs-1``; ``report(metrics, epoch)`` after each.
+
+    An epoch = the source's between-epoch work, then ``steps_per_epoch`` KD steps (a source
+    that runs dry ends the epoch early; the step count is reported), then evaluation.
+    """
+    cfg = distiller.cfg
+    metrics: dict = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        prep = source.prepare_epoch(epoch, distiller)
+        t_prep = time.perf_counter() - t0
+        sums: dict[str, float] = {}
+        steps, rows = 0, 0
+        t1 = time.perf_counter()
+        it = source.batches(epoch)
+        bar = tqdm(total=cfg.steps_per_epoch, desc=f"distill epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False, mininterval=2)
+        for images, labels in it:
+            losses = distiller.train_step(images, labels, generator)
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v
+            steps += 1
+            rows += len(labels)
+            bar.update(1)
+            if steps >= cfg.steps_per_epoch:
+                break
+        bar.close()
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+        t_train = time.perf_counter() - t1
+        lr = distiller.lr
+        distiller.scheduler.step()
+        ev = evaluate_fn(distiller.student)
+        metrics = {
+            "epoch": epoch + 1,
+            "test_acc": ev["acc"],
+            "test_loss": ev["loss"],
+            "steps": steps,
+            "rows": rows,
+            "lr": lr,
+            "prepare_s": t_prep,
+            "train_s": t_train,
+            "train_img_per_s": rows / t_train if t_train > 0 else math.nan,
+            **{f"loss_{k}": v / max(steps, 1) for k, v in sums.items()},
+            **prep,
+        }
+        log(f"epoch {epoch + 1}/{cfg.epochs}: test_acc {ev['acc']:.2f}  kd {metrics.get('loss_kd', math.nan):.3f}  steps {steps}  ({t_prep:.0f}s prep, {t_train:.0f}s train)")
+        report(metrics, epoch)
+    return metrics
+
+
+def cycle_batches(num_rows: int, batch_size: int, generator: torch.Generator) -> Iterator[np.ndarray]:
+    """Endless shuffled passes over ``range(num_rows)``; every row once per pass (last batch may be short)."""
+    while True:
+        perm = torch.randperm(num_rows, generator=generator).numpy()
+        for i in range(0, num_rows, batch_size):
+            yield np.sort(perm[i : i + batch_size])

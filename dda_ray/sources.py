@@ -1,0 +1,117 @@
+"""Training sources for the single-process path: the synthetic bank (growing every epoch) and real data.
+
+The Ray path has its own source (:mod:`dda_ray.pipeline`) feeding the same ``train_loop``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .config import Config
+from .data.bank import BankBatch, bank_files, from_table, read_bank, read_table, write_round
+from .data.datasets import ImageArrays
+from .distill import Distiller, cycle_batches
+from .runtime import derive_seed
+from .synthesis import Synthesizer
+
+# An augment step: bank rows in -> (kept images, their labels, stats) out.
+AugmentFn = Callable[[BankBatch], tuple[np.ndarray, np.ndarray, dict]]
+
+
+def initial_bank_dir(cfg: Config) -> Path:
+    return Path(cfg.synthesis.bank_dir) if cfg.synthesis.bank_dir else cfg.run_dir / "bank"
+
+
+def build_initial_bank(cfg: Config, synthesizer: Synthesizer, progress: bool = True) -> Path:
+    """Synthesise the initial bank (no student, adv = 0), skipping rounds already on disk.
+
+    Rounds are independent and seeded by (run seed, round), so a bank shared between runs or
+    finished after an interruption is identical to one made in one go.
+    """
+    sc = cfg.synthesis
+    bank_dir = initial_bank_dir(cfg)
+    done = {int(p.stem.split("-")[1]) for p in bank_files(bank_dir)}
+    todo = [r for r in range(sc.init_rounds) if r not in done]
+    for r in tqdm(todo, desc="initial bank", unit="round", disable=not progress or not todo):
+        res = synthesizer.run_round(r, derive_seed(cfg.run.seed, "bank", r), sc.init_batch_size, sc.init_g_steps, adv=0.0)
+        write_round(bank_dir, res.batch, r)
+    return bank_dir
+
+
+class BankSource:
+    """In-memory pool of synthetic rows; new rounds with the student join it every epoch."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        bank: BankBatch,
+        synthesizer: Synthesizer | None,
+        generator: torch.Generator,
+        augment: AugmentFn | None = None,
+        progress: bool = True,
+    ):
+        self.cfg, self.synthesizer, self.generator, self.augment, self.progress = cfg, synthesizer, generator, augment, progress
+        self.rounds_dir = cfg.run_dir / "rounds"
+        self.images: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+        self.stats: dict = {}
+        self._add(bank)
+        # Rounds with the student continue the numbering after the initial bank.
+        self.next_round = cfg.synthesis.init_rounds
+        for path in bank_files(self.rounds_dir):  # resuming: rounds already made by this run
+            self._add(from_table(*read_table(path)))
+            self.next_round = max(self.next_round, int(path.stem.split("-")[1]) + 1)
+
+    def _add(self, batch: BankBatch) -> None:
+        self.images.append(batch.images)
+        self.labels.append(batch.labels)
+        if self.augment is not None and len(batch):
+            imgs, labels, stats = self.augment(batch)
+            if len(labels):
+                self.images.append(imgs)
+                self.labels.append(labels)
+            self.stats = stats
+        self._images = np.concatenate(self.images)
+        self._labels = np.concatenate(self.labels)
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def prepare_epoch(self, epoch: int, distiller: Distiller) -> dict:
+        sc = self.cfg.synthesis
+        if self.synthesizer is not None:
+            for _ in range(sc.rounds_per_epoch):
+                r = self.next_round
+                res = self.synthesizer.run_round(r, derive_seed(self.cfg.run.seed, "round", r), student=distiller.student, rot_head=distiller.rot_head, progress=self.progress)
+                write_round(self.rounds_dir, res.batch, r)
+                self.next_round = r + 1
+                distiller.reset_rotation_head()
+                self._add(res.batch)
+        return {"pool_rows": len(self), "next_round": self.next_round, **self.stats}
+
+    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for idx in cycle_batches(len(self), self.cfg.distill.batch_size, self.generator):
+            yield torch.from_numpy(self._images[idx]), torch.from_numpy(self._labels[idx])
+
+
+class RealSource:
+    """The real training split (``real_kd``: the upper bound, same loop and budget)."""
+
+    def __init__(self, data: ImageArrays, batch_size: int, generator: torch.Generator):
+        self.data, self.batch_size, self.generator = data, batch_size, generator
+
+    def prepare_epoch(self, epoch: int, distiller: Distiller) -> dict:
+        return {"pool_rows": len(self.data)}
+
+    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for idx in cycle_batches(len(self.data), self.batch_size, self.generator):
+            yield torch.from_numpy(self.data.images[idx]), torch.from_numpy(self.data.labels[idx])
+
+
+def load_bank_rows(cfg: Config) -> BankBatch:
+    return read_bank(initial_bank_dir(cfg))
