@@ -39,11 +39,14 @@ class RunConfig:
     name: str = "smoke"
     output_dir: str = "outputs"  # each run writes to <output_dir>/<name>/
     mode: str = "dda"  # dda | inversion | real_kd
+    engine: str = "ray"  # ray (Data actor pools + Train) | local (one process, no Ray)
     seed: int = 0
     resume: bool = False  # required to reuse an existing run directory
+    stream_log: bool = False  # per-batch timestamps/ids of the Ray stream under <run_dir>/stream
 
     def validate(self, p: str) -> None:
         _check(self.mode in MODES, f"{p}.mode", self.mode, f"one of {MODES}")
+        _check(self.engine in ("ray", "local"), f"{p}.engine", self.engine, "ray or local")
         _check(bool(self.name) and "/" not in self.name, f"{p}.name", self.name, "a non-empty name without '/'")
 
 
@@ -214,7 +217,7 @@ class DistillConfig:
     """Knowledge distillation of the student (KL at temperature T + CE + feature alignment)."""
 
     epochs: int = 200
-    steps_per_epoch: int = 2000
+    steps_per_epoch: int | None = 2000  # None: exactly one pass over the training rows per epoch
     batch_size: int = 128
     lr: float = 0.1
     momentum: float = 0.9
@@ -225,7 +228,7 @@ class DistillConfig:
 
     def validate(self, p: str) -> None:
         _check(self.epochs >= 1, f"{p}.epochs", self.epochs, "an integer >= 1")
-        _check(self.steps_per_epoch >= 1, f"{p}.steps_per_epoch", self.steps_per_epoch, "an integer >= 1")
+        _check(self.steps_per_epoch is None or self.steps_per_epoch >= 1, f"{p}.steps_per_epoch", self.steps_per_epoch, "null (one pass) or an integer >= 1")
         _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, "an integer >= 1")
         _check(self.lr > 0, f"{p}.lr", self.lr, "a positive number")
         _check(self.temperature > 0, f"{p}.temperature", self.temperature, "a positive number")
@@ -247,6 +250,7 @@ class ResourcesConfig:
     filter_gpus: float = 0.0
     filter_cpus: float = 0.25
     torch_threads: int = 0  # 0: leave torch's default
+    max_failures: int = 1  # Ray Train restarts from the last checkpoint after a worker failure
     max_concurrent_trials: int | None = None  # Tune; None: derived from the above
 
     def validate(self, p: str) -> None:

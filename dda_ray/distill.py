@@ -53,23 +53,32 @@ class Distiller:
         cfg: DistillConfig,
         rotation_lr: float = 0.01,
         device: torch.device | str = "cpu",
+        wrap: Callable[[nn.Module], nn.Module] | None = None,
     ):
+        """``wrap`` (e.g. ``ray.train.torch.prepare_model``) turns the trained modules into DDP
+        modules; ``student_module`` always stays the plain model (synthesis, evaluation, saving)."""
         self.device = torch.device(device)
         self.cfg, self.num_classes, self.normalize = cfg, num_classes, normalize
         self.transform = TrainTransform(normalize.mean.flatten().tolist(), normalize.std.flatten().tolist())
-        self.student = student.to(self.device).train()
+        self.student_module = student.to(self.device).train()
         self.teacher = teacher.to(self.device).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         with torch.no_grad():
             probe = torch.zeros(2, 3, 32, 32, device=self.device)
-            s_ch = self.student(probe, return_features=True).feature_map.shape[1]
+            s_ch = self.student_module(probe, return_features=True).feature_map.shape[1]
             t_ch = self.teacher(probe, return_features=True).feature_map.shape[1]
-        self.align = AlignHead(s_ch, t_ch).to(self.device)
-        self.rot_head = RotationHead(self.student.feature_dim, num_classes).to(self.device)
+        self.align_module = AlignHead(s_ch, t_ch).to(self.device)
+        self.rot_head = RotationHead(self.student_module.feature_dim, num_classes).to(self.device)
+        self.student: nn.Module = self.student_module
+        self.align: nn.Module = self.align_module
+        if wrap is not None:
+            self.student = wrap(self.student_module)
+            if cfg.fea > 0:  # an unused DDP module would fail its gradient reduction
+                self.align = wrap(self.align_module)
         self.rotation_lr = rotation_lr
         self.optimizer = torch.optim.SGD(
-            list(self.student.parameters()) + list(self.align.parameters()), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            list(self.student_module.parameters()) + list(self.align_module.parameters()), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=cfg.epochs)
         self.rot_optimizer = self._new_rot_optimizer()
@@ -103,7 +112,7 @@ class Distiller:
     def rotation_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         xr, yr = rotate_batch(x, y, self.num_classes)
         with torch.no_grad():
-            emb = self.student(xr, return_features=True).embedding
+            emb = self.student_module(xr, return_features=True).embedding
         loss = F.cross_entropy(self.rot_head(emb), yr)
         self.rot_optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -112,8 +121,8 @@ class Distiller:
 
     def state_dict(self) -> dict:
         return {
-            "student": self.student.state_dict(),
-            "align": self.align.state_dict(),
+            "student": self.student_module.state_dict(),
+            "align": self.align_module.state_dict(),
             "rot_head": self.rot_head.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "rot_optimizer": self.rot_optimizer.state_dict(),
@@ -121,12 +130,24 @@ class Distiller:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.student.load_state_dict(state["student"])
-        self.align.load_state_dict(state["align"])
+        self.student_module.load_state_dict(state["student"])
+        self.align_module.load_state_dict(state["align"])
         self.rot_head.load_state_dict(state["rot_head"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.rot_optimizer.load_state_dict(state["rot_optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+    def epoch_context(self):
+        """DDP's uneven-input handling when wrapped: a worker whose shard ends first shadows
+        the others' gradient all-reduces instead of hanging them."""
+        from contextlib import nullcontext
+
+        ddp = [m for m in (self.student, self.align) if isinstance(m, nn.parallel.DistributedDataParallel)]
+        if not ddp:
+            return nullcontext()
+        from torch.distributed.algorithms.join import Join
+
+        return Join(ddp)
 
     @property
     def lr(self) -> float:
@@ -181,8 +202,9 @@ def train_loop(
 ) -> dict:
     """Run epochs ``start_epoch..cfg.epochs-1``; ``report(metrics, epoch)`` after each.
 
-    An epoch = the source's between-epoch work, then ``steps_per_epoch`` KD steps (a source
-    that runs dry ends the epoch early; the step count is reported), then evaluation.
+    An epoch = the source's between-epoch work, then ``steps_per_epoch`` KD steps (``None``:
+    until the source's pass ends; a source that runs dry ends the epoch early, and the step
+    count is reported), then evaluation.
     """
     cfg = distiller.cfg
     metrics: dict = {}
@@ -195,15 +217,16 @@ def train_loop(
         t1 = time.perf_counter()
         it = source.batches(epoch)
         bar = tqdm(total=cfg.steps_per_epoch, desc=f"distill epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False, mininterval=2)
-        for images, labels in it:
-            losses = distiller.train_step(images, labels, generator)
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v
-            steps += 1
-            rows += len(labels)
-            bar.update(1)
-            if steps >= cfg.steps_per_epoch:
-                break
+        with distiller.epoch_context():
+            for images, labels in it:
+                losses = distiller.train_step(images, labels, generator)
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                steps += 1
+                rows += len(labels)
+                bar.update(1)
+                if cfg.steps_per_epoch is not None and steps >= cfg.steps_per_epoch:
+                    break
         bar.close()
         close = getattr(it, "close", None)
         if close is not None:
@@ -211,7 +234,7 @@ def train_loop(
         t_train = time.perf_counter() - t1
         lr = distiller.lr
         distiller.scheduler.step()
-        ev = evaluate_fn(distiller.student)
+        ev = evaluate_fn(distiller.student_module)
         metrics = {
             "epoch": epoch + 1,
             "test_acc": ev["acc"],
@@ -230,9 +253,12 @@ def train_loop(
     return metrics
 
 
-def cycle_batches(num_rows: int, batch_size: int, generator: torch.Generator) -> Iterator[np.ndarray]:
-    """Endless shuffled passes over ``range(num_rows)``; every row once per pass (last batch may be short)."""
-    while True:
+def cycle_batches(num_rows: int, batch_size: int, generator: torch.Generator, passes: int | None = None) -> Iterator[np.ndarray]:
+    """Shuffled passes over ``range(num_rows)`` (endless when ``passes`` is None); every row
+    once per pass, the last batch of a pass may be short."""
+    done = 0
+    while passes is None or done < passes:
+        done += 1
         perm = torch.randperm(num_rows, generator=generator).numpy()
         for i in range(0, num_rows, batch_size):
             yield np.sort(perm[i : i + batch_size])

@@ -40,7 +40,7 @@ def run_local(cfg: Config, augment: AugmentFn | None = None, progress: bool = Tr
     distiller = Distiller(student, teacher, normalize, cfg.data.num_classes, cfg.distill, cfg.synthesis.rotation_lr, device)
 
     if cfg.run.mode == "real_kd":
-        source = RealSource(data.train.subset(cfg.data.train_subset, cfg.run.seed), cfg.distill.batch_size, gen)
+        source = RealSource(data.train.subset(cfg.data.train_subset, cfg.run.seed), cfg.distill.batch_size, gen, cfg.distill.steps_per_epoch is None)
     else:
         synthesizer = Synthesizer(teacher, normalize, cfg.data.num_classes, cfg.synthesis, cfg.data.image_size, device)
         t0 = time.perf_counter()
@@ -64,7 +64,7 @@ def run_local(cfg: Config, augment: AugmentFn | None = None, progress: bool = Tr
     final = {**metrics, **timings, "mode": cfg.run.mode}
     (run_dir / "metrics.json").write_text(json.dumps(final, indent=2))
     mean, std = normalize.mean.flatten().tolist(), normalize.std.flatten().tolist()
-    save_classifier(distiller.student, run_dir / "student", arch=cfg.student.arch, num_classes=cfg.data.num_classes, mean=mean, std=std, accuracy=metrics.get("test_acc"), mode=cfg.run.mode)
+    save_classifier(distiller.student_module, run_dir / "student", arch=cfg.student.arch, num_classes=cfg.data.num_classes, mean=mean, std=std, accuracy=metrics.get("test_acc"), mode=cfg.run.mode)
     return final
 
 

@@ -87,7 +87,7 @@ class BankSource:
         if self.synthesizer is not None:
             for _ in range(sc.rounds_per_epoch):
                 r = self.next_round
-                res = self.synthesizer.run_round(r, derive_seed(self.cfg.run.seed, "round", r), student=distiller.student, rot_head=distiller.rot_head, progress=self.progress)
+                res = self.synthesizer.run_round(r, derive_seed(self.cfg.run.seed, "round", r), student=distiller.student_module, rot_head=distiller.rot_head, progress=self.progress)
                 write_round(self.rounds_dir, res.batch, r)
                 self.next_round = r + 1
                 distiller.reset_rotation_head()
@@ -95,21 +95,22 @@ class BankSource:
         return {"pool_rows": len(self), "next_round": self.next_round, **self.stats}
 
     def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for idx in cycle_batches(len(self), self.cfg.distill.batch_size, self.generator):
+        one_pass = 1 if self.cfg.distill.steps_per_epoch is None else None
+        for idx in cycle_batches(len(self), self.cfg.distill.batch_size, self.generator, one_pass):
             yield torch.from_numpy(self._images[idx]), torch.from_numpy(self._labels[idx])
 
 
 class RealSource:
     """The real training split (``real_kd``: the upper bound, same loop and budget)."""
 
-    def __init__(self, data: ImageArrays, batch_size: int, generator: torch.Generator):
-        self.data, self.batch_size, self.generator = data, batch_size, generator
+    def __init__(self, data: ImageArrays, batch_size: int, generator: torch.Generator, one_pass: bool = False):
+        self.data, self.batch_size, self.generator, self.one_pass = data, batch_size, generator, one_pass
 
     def prepare_epoch(self, epoch: int, distiller: Distiller) -> dict:
         return {"pool_rows": len(self.data)}
 
     def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for idx in cycle_batches(len(self.data), self.batch_size, self.generator):
+        for idx in cycle_batches(len(self.data), self.batch_size, self.generator, 1 if self.one_pass else None):
             yield torch.from_numpy(self.data.images[idx]), torch.from_numpy(self.data.labels[idx])
 
 

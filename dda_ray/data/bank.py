@@ -64,6 +64,8 @@ class BankBatch:
 
     @staticmethod
     def concat(batches: list[BankBatch]) -> BankBatch:
+        # an empty round's list columns have no known width ((0, 0) arrays): leave it out
+        batches = [b for b in batches if len(b)] or batches[:1]
         return BankBatch(*(np.concatenate([getattr(b, f) for b in batches]) for f in BankBatch.__dataclass_fields__))
 
 

@@ -76,9 +76,14 @@ class SplitDataset:
 
 # ------------------------------------------------------------------ caching
 def _cache_key(kind: str, path: Path) -> str:
-    st = path.stat()
-    raw = f"{kind}|{path.resolve()}|{st.st_size}|{int(st.st_mtime)}|v1"
-    return hashlib.sha1(raw.encode()).hexdigest()[:16]
+    """Identity of the source: path, size and mtime of the archive, or of every file in a folder
+    (a folder's own mtime misses edits inside ``train/<class>/``)."""
+    h = hashlib.sha1(f"{kind}|{path.resolve()}|v1".encode())
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for p in files:
+        st = p.stat()
+        h.update(f"|{p.relative_to(path) if p != path else ''}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
 
 
 def _load_cached(cache_file: Path) -> SplitDataset | None:
@@ -188,6 +193,9 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("numpy.core.numeric", "_frombuffer"),  # pickle protocol 5 (Python >= 3.14 default)
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),  # protocol 2 byte strings written by Python 3
     }
 
     def find_class(self, module, name):

@@ -1,0 +1,348 @@
+"""The Ray graph: bank (Parquet) -> augment actors -> filter actors -> Ray Train DDP distillation.
+
+::
+
+    BankDatasource (re-lists round files at every epoch's execution)
+        -> map_batches(AugmentStage,  ActorPoolStrategy(size=resources.augment_actors), num_gpus=augment_gpus)
+        -> map_batches(FilterStage,   ActorPoolStrategy(size=resources.filter_actors),  num_gpus=filter_gpus)
+        -> TorchTrainer(datasets={"train": ds}): every worker runs distill.train_loop on its shard
+
+The Ray Data stages stream: training consumes filtered rows while augmentation is still
+working through the bank. What is recomputed per epoch and what is cached:
+
+* the bank (initial rounds + one round per epoch with the current student) is on disk;
+* diffusion variations are cached per image on disk, keyed by (image id, backend, model,
+  strength, guidance, steps, number of variations, seed) — see :mod:`dda_ray.stages`. The
+  first epoch pays for diffusion; later epochs only diffuse the new round's images;
+* the filter (one teacher forward per variation) is recomputed every epoch: it is cheap and
+  keeps the threshold a free knob for Tune trials sharing one cache.
+
+Rounds with the student in the loop: at each epoch start rank 0 runs the synthesis round(s)
+with the current student (DDP keeps every rank's student identical), writes the round's
+Parquet file, and all ranks meet at a barrier; the epoch's execution then re-lists the bank
+and the new images stream through augment/filter into that same epoch.
+
+Uneven shards: the dataset is split with ``equal=False`` so no kept row is dropped; every
+kept row is trained on once per epoch (``distill.steps_per_epoch: null``), and workers whose
+shard ends first join DDP's uneven-input handling (``torch.distributed.algorithms.Join``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .config import Config, config_from_dict
+from .data.bank import BANK_SCHEMA, bank_files, decode_images, read_table
+
+STREAM_COLUMNS = ("id", "parent_id", "image", "label", "teacher_embedding", "is_variation")
+
+
+# --------------------------------------------------------------------- reading
+def _bank_block(path: str) -> pa.Table:
+    table, shape = read_table(path)
+    n = table.num_rows
+    return pa.table(
+        {
+            "id": table.column("id"),
+            "parent_id": table.column("id"),
+            "image": table.column("image"),
+            "label": table.column("label"),
+            "teacher_embedding": table.column("teacher_embedding"),
+            "is_variation": pa.array(np.zeros(n, dtype=bool)),
+            "round": table.column("round"),
+        }
+    ).replace_schema_metadata({"image_shape": ",".join(map(str, shape))})
+
+
+def make_bank_datasource(dirs: list[str]):
+    """A Ray Data datasource over ``round-*.parquet`` files that lists them *per execution*.
+
+    ``read_parquet`` fixes its file list when the dataset is created; this one lists the
+    directories every time the plan executes, i.e. at every epoch, so rounds synthesised
+    during training join the stream.
+    """
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class BankDatasource(Datasource):
+        def __init__(self, dirs: list[str]):
+            self.dirs = [str(d) for d in dirs]
+
+        def get_name(self) -> str:
+            return "DDABank"
+
+        def estimate_inmemory_data_size(self):
+            return None
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None, **_):
+            tasks = []
+            for d in self.dirs:
+                for path in bank_files(d):
+                    meta = BlockMetadata(num_rows=None, size_bytes=path.stat().st_size, input_files=[str(path)], exec_stats=None)
+                    tasks.append(ReadTask(lambda p=str(path): [_bank_block(p)], meta, per_task_row_limit=per_task_row_limit))
+            return tasks
+
+    return BankDatasource(dirs)
+
+
+def real_dataset(cfg: Config):
+    """The real training split as a Ray dataset with the stream's columns (real_kd)."""
+    import ray
+
+    from .data import load_data
+
+    data = load_data(cfg.data, progress=False).train.subset(cfg.data.train_subset, cfg.run.seed)
+    n = len(data)
+    table = pa.table(
+        {
+            "id": pa.array([f"real-{i:06d}" for i in range(n)]),
+            "parent_id": pa.array([f"real-{i:06d}" for i in range(n)]),
+            "image": pa.array([img.tobytes() for img in data.images], pa.binary()),
+            "label": pa.array(data.labels),
+            "is_variation": pa.array(np.zeros(n, dtype=bool)),
+        }
+    )
+    return ray.data.from_arrow(table), tuple(data.images.shape[1:])
+
+
+# ----------------------------------------------------------------- the graph
+def build_dataset(cfg: Config, class_names: list[str] | None = None):
+    """The training stream for ``cfg.run.mode`` (lazy; executes once per epoch)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from .sources import initial_bank_dir
+
+    res = cfg.resources
+    if cfg.run.mode == "real_kd":
+        ds, _ = real_dataset(cfg)
+        return ds
+    ds = ray.data.read_datasource(make_bank_datasource([str(initial_bank_dir(cfg)), str(cfg.run_dir / "rounds")]), num_cpus=res.filter_cpus or 0.25)
+    if cfg.run.mode == "dda":
+        from .stages import AugmentStage, FilterStage
+
+        cfg_dict = cfg.to_dict()
+        ds = ds.map_batches(
+            AugmentStage,
+            fn_constructor_kwargs={"cfg_dict": cfg_dict, "class_names": class_names},
+            compute=ActorPoolStrategy(size=res.augment_actors),
+            batch_size=cfg.augment.batch_size,
+            num_cpus=res.augment_cpus,
+            num_gpus=res.augment_gpus,
+            batch_format="numpy",
+        )
+        ds = ds.map_batches(
+            FilterStage,
+            fn_constructor_kwargs={"cfg_dict": cfg_dict},
+            compute=ActorPoolStrategy(size=res.filter_actors),
+            batch_size=cfg.augment.batch_size * (cfg.augment.num_variations + 1),
+            num_cpus=res.filter_cpus,
+            num_gpus=res.filter_gpus,
+            batch_format="numpy",
+        )
+    return ds
+
+
+# ------------------------------------------------------------ train workers
+class StreamLog:
+    """Per-batch JSON lines (time, rows, ids) that prove streaming and row accounting."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **record) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"t": time.time(), **record}) + "\n")
+
+
+class RaySource:
+    """``TrainSource`` over this worker's Ray Data shard (+ rank-0 synthesis between epochs)."""
+
+    def __init__(self, cfg: Config, synthesizer, rank: int, world_size: int):
+        import ray.train
+
+        self.cfg, self.synthesizer, self.rank, self.world_size = cfg, synthesizer, rank, world_size
+        self.shard = ray.train.get_dataset_shard("train")
+        self.rounds_dir = cfg.run_dir / "rounds"
+        self.next_round = cfg.synthesis.init_rounds + len(bank_files(self.rounds_dir))
+        self.shape = (cfg.data.image_size, cfg.data.image_size, 3)
+        self.log_dir = cfg.run_dir / "stream" if cfg.run.stream_log else None
+
+    def _barrier(self) -> None:
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def prepare_epoch(self, epoch: int, distiller) -> dict:
+        from .data.bank import write_round
+        from .runtime import derive_seed
+
+        t0 = time.perf_counter()
+        if self.synthesizer is not None and self.cfg.synthesis.rounds_per_epoch > 0:
+            for _ in range(self.cfg.synthesis.rounds_per_epoch):
+                r = self.next_round
+                if self.rank == 0 and not (self.rounds_dir / f"round-{r:05d}.parquet").exists():
+                    res = self.synthesizer.run_round(r, derive_seed(self.cfg.run.seed, "round", r), student=distiller.student_module, rot_head=distiller.rot_head)
+                    write_round(self.rounds_dir, res.batch, r)
+                self.next_round = r + 1
+                distiller.reset_rotation_head()
+            self._barrier()
+        return {"synthesis_s": time.perf_counter() - t0, "next_round": self.next_round}
+
+    def batches(self, epoch: int):
+        log = StreamLog(self.log_dir / f"train-rank{self.rank}-epoch{epoch}.jsonl" if self.log_dir else None)
+        shape = self.shape
+
+        def collate(batch: dict) -> dict:
+            images = batch["image"]
+            if images.dtype == object:  # raw bytes from the bank
+                images = decode_images(images, shape)
+            return {
+                "image": torch.from_numpy(np.ascontiguousarray(images)),
+                "label": torch.from_numpy(np.asarray(batch["label"], dtype=np.int64)),
+                "ids": [str(i) for i in batch["id"]],
+            }
+
+        for b in self.shard.iter_torch_batches(batch_size=self.cfg.distill.batch_size, collate_fn=collate, prefetch_batches=1):
+            log.write(rows=len(b["ids"]), ids=b["ids"])
+            yield b["image"], b["label"]
+
+
+def train_worker(config: dict) -> None:
+    """Ray Train worker: the same Distiller and train_loop as the single-process path."""
+    import tempfile
+
+    import ray.train
+    import ray.train.torch
+
+    from .checkpoint import load_teacher, save_classifier
+    from .data import load_data
+    from .distill import Distiller, load_training_state, save_training_state, train_loop
+    from .evaluation import evaluate
+    from .models import build_model
+    from .runtime import seed_everything, set_threads
+    from .synthesis import Synthesizer
+
+    cfg = config_from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    set_threads(cfg.resources.torch_threads)
+    gen = seed_everything(cfg.run.seed + rank)
+    device = ray.train.torch.get_device() if cfg.resources.use_gpu else torch.device("cpu")
+    teacher, normalize, _ = load_teacher(cfg)
+    test = load_data(cfg.data, progress=False).test.subset(cfg.data.eval_subset, cfg.run.seed)
+    student = build_model(cfg.student.arch, cfg.data.num_classes)
+    wrap = ray.train.torch.prepare_model if world > 1 else None
+    distiller = Distiller(student, teacher, normalize, cfg.data.num_classes, cfg.distill, cfg.synthesis.rotation_lr, device, wrap=wrap)
+    synthesizer = None
+    if cfg.run.mode != "real_kd":
+        synthesizer = Synthesizer(teacher, normalize, cfg.data.num_classes, cfg.synthesis, cfg.data.image_size, device) if rank == 0 else object()
+    source = RaySource(cfg, synthesizer, rank, world)
+
+    start_epoch = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            start_epoch, _ = load_training_state(Path(d) / "state.pt", distiller, gen)
+        print(f"[rank {rank}] resuming after epoch {start_epoch}", flush=True)
+
+    def report(metrics: dict, epoch: int) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                save_training_state(Path(d) / "state.pt", distiller, epoch + 1, {"next_round": source.next_round}, gen)
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, checkpoint=checkpoint)
+
+    log = (lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None)
+    final = train_loop(distiller, source, lambda m: evaluate(m, test, normalize, device=device), report, start_epoch, gen, progress=False, log=log)
+    if rank == 0:
+        mean, std = normalize.mean.flatten().tolist(), normalize.std.flatten().tolist()
+        save_classifier(distiller.student_module, cfg.run_dir / "student", arch=cfg.student.arch, num_classes=cfg.data.num_classes, mean=mean, std=std, accuracy=final.get("test_acc"), mode=cfg.run.mode)
+        (cfg.run_dir / "metrics.json").write_text(json.dumps(final, indent=2))
+
+
+def uneven_data_config():
+    """Ray Train's DataConfig, but splitting with ``equal=False``: no kept row is dropped."""
+    from ray.train import DataConfig
+
+    class UnevenDataConfig(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            output = [{} for _ in range(world_size)]
+            for name, ds in datasets.items():
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
+                    output[i][name] = split
+            return output
+
+    return UnevenDataConfig()
+
+
+# ------------------------------------------------------------------- driver
+def init_ray(cfg: Config) -> None:
+    """Attach to ``RAY_ADDRESS`` when set, else start an embedded local Ray with the dashboard."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        # The dashboard stays on: without it, Tune/ASHA can hang waiting for released resources.
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+def run_ray(cfg: Config) -> dict:
+    """Build the initial bank, then run the streaming Ray Train distillation; returns final metrics."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from .checkpoint import load_teacher
+    from .runtime import resolve_device, seed_everything
+    from .sources import build_initial_bank
+    from .synthesis import Synthesizer
+
+    init_ray(cfg)
+    res = cfg.resources
+    run_dir = cfg.run_dir.resolve()
+    class_names = None
+    if cfg.run.mode != "real_kd":
+        seed_everything(cfg.run.seed)
+        teacher, normalize, meta = load_teacher(cfg)
+        class_names = meta.get("classes")
+        synthesizer = Synthesizer(teacher, normalize, cfg.data.num_classes, cfg.synthesis, cfg.data.image_size, resolve_device("auto" if res.use_gpu else "cpu"))
+        build_initial_bank(cfg, synthesizer)
+    ds = build_dataset(cfg, class_names)
+    cfg_dict = cfg.to_dict()
+    cfg_dict["run"]["output_dir"] = str(Path(cfg.run.output_dir).resolve())  # workers may run elsewhere
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": cfg_dict},
+        scaling_config=ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu, resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": 1} if res.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=str(run_dir / "ray"),
+            failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": ds},
+        dataset_config=uneven_data_config(),
+    )
+    result = trainer.fit()
+    metrics_file = run_dir / "metrics.json"
+    final = json.loads(metrics_file.read_text()) if metrics_file.exists() else dict(result.metrics or {})
+    return final
+
+
+__all__ = ["BANK_SCHEMA", "STREAM_COLUMNS", "build_dataset", "run_ray", "train_worker", "init_ray"]

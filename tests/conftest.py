@@ -1,0 +1,48 @@
+"""Shared fixtures: the real CIFAR-10 JPEG copy (decoded once per session) and small helpers."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dda_ray.data.datasets import SplitDataset, load_dataset
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CIFAR10_JPG = REPO_ROOT.parent / "shared/data/cifar10-jpg.tar.gz"
+
+
+def pytest_configure(config):
+    # Tiny test batches gain nothing from intra-op threads, and on a busy 2-core machine
+    # torch's spinning worker threads make a forward pass 10-50x slower.
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def cifar10_jpg_path() -> Path:
+    """The shared CIFAR-10 JPEG archive; its absence is a test failure, never a skip."""
+    assert CIFAR10_JPG.is_file(), f"the CIFAR-10 JPEG copy is missing: expected {CIFAR10_JPG}"
+    return CIFAR10_JPG
+
+
+class DecodedCifar:
+    def __init__(self, ds: SplitDataset, path: Path, cache_dir: Path, seconds: float):
+        self.ds, self.path, self.cache_dir, self.seconds = ds, path, cache_dir, seconds
+
+
+@pytest.fixture(scope="session")
+def cifar10_decoded(cifar10_jpg_path, tmp_path_factory) -> DecodedCifar:
+    """Decode the full archive once (about 10 s) into a session cache directory."""
+    cache_dir = tmp_path_factory.mktemp("cifar10_cache")
+    assert not list(cache_dir.iterdir())
+    t0 = time.perf_counter()
+    ds = load_dataset("imagefolder", cifar10_jpg_path, cache_dir=cache_dir, image_size=32, progress=False)
+    return DecodedCifar(ds, cifar10_jpg_path, cache_dir, time.perf_counter() - t0)
+
+
+@pytest.fixture
+def tests_on_path(monkeypatch):
+    """Make helper modules of tests/ (``_toy_models``) importable by name."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))

@@ -1,0 +1,101 @@
+"""End-to-end runs of the single-process pipeline on the real CIFAR-10 test split (tiny budgets)."""
+
+import json
+
+import pytest
+
+from dda_ray.checkpoint import load_classifier, save_classifier
+from dda_ray.config import load_config
+from dda_ray.data.bank import bank_files, read_bank
+from dda_ray.local import run_local
+from dda_ray.runtime import prepare_run_dir, read_jsonl
+
+from .test_synthesis import teacher_with_stats
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher") / "wrn16_1"
+    save_classifier(teacher_with_stats(), path, arch="wrn16_1", num_classes=10, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26), accuracy=None)
+    return path
+
+
+def tiny_config(tmp_path, teacher, cifar, **overrides):
+    base = {
+        "run.output_dir": str(tmp_path),
+        "run.name": "tiny",
+        "run.engine": "local",
+        "run.mode": "inversion",
+        "data.path": str(cifar.path),
+        "data.cache_dir": str(cifar.cache_dir),
+        "data.eval_subset": 200,
+        "teacher.arch": "wrn16_1",
+        "teacher.checkpoint": str(teacher),
+        "student.arch": "wrn16_1",
+        "synthesis.nz": 32,
+        "synthesis.ngf": 16,
+        "synthesis.init_rounds": 2,
+        "synthesis.init_batch_size": 16,
+        "synthesis.init_g_steps": 3,
+        "synthesis.batch_size": 16,
+        "synthesis.g_steps": 2,
+        "distill.epochs": 2,
+        "distill.steps_per_epoch": 3,
+        "distill.batch_size": 16,
+        "tracking.enabled": False,
+    }
+    base.update(overrides)
+    cfg = load_config(None, [f"{k}={v}" for k, v in base.items()])
+    prepare_run_dir(cfg)
+    return cfg
+
+
+def test_inversion_run_writes_bank_rounds_metrics_and_student(tmp_path, tiny_teacher, cifar10_decoded):
+    cfg = tiny_config(tmp_path, tiny_teacher, cifar10_decoded)
+    final = run_local(cfg, progress=False)
+    run_dir = cfg.run_dir
+    assert (run_dir / "config.yaml").exists()
+    assert len(bank_files(run_dir / "bank")) == 2
+    assert len(bank_files(run_dir / "rounds")) == 2  # one round with the student per epoch
+    assert len(read_bank(run_dir / "rounds")) == 32
+    lines = read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["epoch"] for m in lines] == [1, 2]
+    assert all(m["steps"] == 3 and m["rows"] == 48 for m in lines)
+    assert lines[0]["pool_rows"] == 48 and lines[1]["pool_rows"] == 64  # bank grows by a round per epoch
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert saved["test_acc"] == final["test_acc"] and 0 <= final["test_acc"] <= 100
+    student, meta = load_classifier(run_dir / "student", "wrn16_1", 10)
+    assert meta["mode"] == "inversion" and meta["accuracy"] == final["test_acc"]
+
+
+def test_fixed_seed_reproduces_metrics(tmp_path, tiny_teacher, cifar10_decoded):
+    a = run_local(tiny_config(tmp_path / "a", tiny_teacher, cifar10_decoded, **{"distill.epochs": 1}), progress=False)
+    b = run_local(tiny_config(tmp_path / "b", tiny_teacher, cifar10_decoded, **{"distill.epochs": 1}), progress=False)
+    for k in ("test_acc", "test_loss", "loss_kd", "loss_ce", "loss_fea"):
+        assert a[k] == b[k], k
+    c = run_local(tiny_config(tmp_path / "c", tiny_teacher, cifar10_decoded, **{"distill.epochs": 1, "run.seed": 1}), progress=False)
+    assert c["loss_kd"] != a["loss_kd"]
+
+
+def test_real_kd_uses_the_same_loop_and_budget(tmp_path, tiny_teacher, cifar10_decoded):
+    cfg = tiny_config(tmp_path, tiny_teacher, cifar10_decoded, **{"run.mode": "real_kd", "data.train_subset": 64})
+    final = run_local(cfg, progress=False)
+    assert final["steps"] == 3 and final["rows"] == 48 and final["pool_rows"] == 64
+    assert not (cfg.run_dir / "bank").exists()  # no synthesis in real_kd
+
+
+def test_one_pass_epochs_train_every_row_once(tmp_path, tiny_teacher, cifar10_decoded):
+    cfg = tiny_config(tmp_path, tiny_teacher, cifar10_decoded, **{"distill.steps_per_epoch": "null", "distill.epochs": 1})
+    final = run_local(cfg, progress=False)
+    assert final["rows"] == 48 and final["steps"] == 3  # 2 initial rounds + 1 student round, 16 rows each
+
+
+def test_shared_initial_bank_is_reused(tmp_path, tiny_teacher, cifar10_decoded):
+    shared = tmp_path / "shared_bank"
+    a = tiny_config(tmp_path / "a", tiny_teacher, cifar10_decoded, **{"synthesis.bank_dir": str(shared), "distill.epochs": 1})
+    run_local(a, progress=False)
+    stamp = [p.stat().st_mtime_ns for p in bank_files(shared)]
+    b = tiny_config(tmp_path / "b", tiny_teacher, cifar10_decoded, **{"synthesis.bank_dir": str(shared), "distill.epochs": 1})
+    run_local(b, progress=False)
+    assert [p.stat().st_mtime_ns for p in bank_files(shared)] == stamp  # not re-synthesised
+    assert not (b.run_dir / "bank").exists()
