@@ -18,7 +18,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .data.datasets import DatasetError
     from .runtime import RunDirExistsError
 
-    errors: list[type[BaseException]] = [ConfigError, DatasetError, CheckpointError, RunDirExistsError]
+    errors: list[type[BaseException]] = [ConfigError, DatasetError, CheckpointError, RunDirExistsError]  # TrackingError, AugmentError: ConfigErrors
     try:
         from .data.bank import BankError
 

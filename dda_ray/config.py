@@ -154,6 +154,7 @@ class AugmentConfig:
     device: str = "auto"  # auto | cpu | cuda
     xformers: bool = False
     prompt_template: str = "a photo of a {label}"
+    cache_dir: str | None = None  # variation cache root; None: <run.output_dir>/cache/augment (shared by runs and trials)
     image_resolution: int | None = None  # SD backends: resize to this (None: the pipeline's)
     revision: str | None = None  # hub revision/branch of augment.model (None: the default branch)
     # Training of the local prior (jobs/train_prior.py; dda_ray/prior.py). Data-free: the bank only.
@@ -314,6 +315,25 @@ class Config:
                 for k, v in values.items():
                     out[f"{sec}.{k}"] = v
         return out
+
+    def with_absolute_paths(self) -> Config:
+        """A copy whose local paths are absolute: Ray workers and actors may run in other directories."""
+        import copy
+
+        cfg = copy.deepcopy(self)
+
+        def absolute(p: str | None) -> str | None:
+            return str(Path(p).expanduser().resolve()) if p and Path(p).expanduser().exists() else p
+
+        cfg.run.output_dir = str(Path(cfg.run.output_dir).expanduser().resolve())
+        cfg.data.path = absolute(cfg.data.path)
+        cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
+        cfg.teacher.checkpoint = absolute(cfg.teacher.checkpoint)
+        cfg.augment.model = absolute(cfg.augment.model)
+        cfg.synthesis.bank_dir = absolute(cfg.synthesis.bank_dir) if cfg.synthesis.bank_dir else None
+        if cfg.synthesis.bank_dir is None and self.synthesis.bank_dir:
+            cfg.synthesis.bank_dir = str(Path(self.synthesis.bank_dir).expanduser().resolve())
+        return cfg
 
     def save(self, path: str | Path) -> None:
         path = Path(path)

@@ -231,6 +231,9 @@ def train_loop(
         close = getattr(it, "close", None)
         if close is not None:
             close()
+        end_epoch = getattr(source, "end_epoch", None)
+        if end_epoch is not None:
+            prep = {**prep, **end_epoch(epoch)}
         t_train = time.perf_counter() - t1
         lr = distiller.lr
         distiller.scheduler.step()

@@ -18,9 +18,10 @@ from .models import build_model
 from .runtime import append_jsonl, resolve_device, seed_everything, set_threads
 from .sources import AugmentFn, BankSource, RealSource, build_initial_bank, load_bank_rows
 from .synthesis import Synthesizer
+from .tracking import Tracker
 
 
-def run_local(cfg: Config, augment: AugmentFn | None = None, progress: bool = True) -> dict:
+def run_local(cfg: Config, augment: AugmentFn | None = None, progress: bool = True, tracker: Tracker | None = None) -> dict:
     """Run ``cfg.run.mode`` end to end in this process; returns the final metrics.
 
     Writes into ``cfg.run_dir``: ``bank/`` (unless ``synthesis.bank_dir`` points elsewhere),
@@ -56,6 +57,8 @@ def run_local(cfg: Config, augment: AugmentFn | None = None, progress: bool = Tr
 
     def report(metrics: dict, epoch: int) -> None:
         append_jsonl(run_dir / "metrics.jsonl", {**metrics, **timings})
+        if tracker is not None:
+            tracker.log_metrics(metrics, step=epoch + 1)
         save_training_state(state_file, distiller, epoch + 1, {"next_round": getattr(source, "next_round", 0)}, gen)
 
     t0 = time.perf_counter()

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from .config import Config, config_from_dict
 from .data.bank import BANK_SCHEMA, bank_files, decode_images, read_table
@@ -187,6 +188,7 @@ class RaySource:
         from .runtime import derive_seed
 
         t0 = time.perf_counter()
+        self.epoch_started = time.time()
         if self.synthesizer is not None and self.cfg.synthesis.rounds_per_epoch > 0:
             for _ in range(self.cfg.synthesis.rounds_per_epoch):
                 r = self.next_round
@@ -198,23 +200,45 @@ class RaySource:
             self._barrier()
         return {"synthesis_s": time.perf_counter() - t0, "next_round": self.next_round}
 
+    def end_epoch(self, epoch: int) -> dict:
+        """Augment/filter totals of this epoch's stream (rank 0 reads the stages' logs)."""
+        if self.cfg.run.mode != "dda":
+            return {}
+        from .stages import read_stream_stats
+
+        st = read_stream_stats(self.cfg.run_dir, since=self.epoch_started)
+        return {"kept_fraction": st["kept_fraction"], "variations": st["variations"], "kept": st["kept"], "rejected": st["rejected"], "augment_cache_hits": st["cache_hits"]}
+
     def batches(self, epoch: int):
+        """This worker's rows; with ``steps_per_epoch`` set, passes repeat until the loop stops
+        (each pass re-executes the stream: re-lists the bank, reads cached variations)."""
         log = StreamLog(self.log_dir / f"train-rank{self.rank}-epoch{epoch}.jsonl" if self.log_dir else None)
-        shape = self.shape
+        collate = BankCollate(self.shape)
+        passes = 0
+        while True:
+            for b in self.shard.iter_torch_batches(batch_size=self.cfg.distill.batch_size, collate_fn=collate, prefetch_batches=1):
+                log.write(rows=len(b["ids"]), ids=b["ids"], **{"pass": passes})
+                yield b["image"], b["label"]
+            passes += 1
+            if self.cfg.distill.steps_per_epoch is None:
+                return
 
-        def collate(batch: dict) -> dict:
-            images = batch["image"]
-            if images.dtype == object:  # raw bytes from the bank
-                images = decode_images(images, shape)
-            return {
-                "image": torch.from_numpy(np.ascontiguousarray(images)),
-                "label": torch.from_numpy(np.asarray(batch["label"], dtype=np.int64)),
-                "ids": [str(i) for i in batch["id"]],
-            }
 
-        for b in self.shard.iter_torch_batches(batch_size=self.cfg.distill.batch_size, collate_fn=collate, prefetch_batches=1):
-            log.write(rows=len(b["ids"]), ids=b["ids"])
-            yield b["image"], b["label"]
+class BankCollate(NumpyBatchCollateFn):
+    """Ray Data numpy batch -> uint8 NHWC image tensor, int64 labels, and the row ids."""
+
+    def __init__(self, shape: tuple[int, int, int]):
+        self.shape = shape
+
+    def __call__(self, batch: dict) -> dict:
+        images = batch["image"]
+        if images.dtype == object:  # raw bytes from the bank
+            images = decode_images(images, self.shape)
+        return {
+            "image": torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)),  # Ray's arrays are read-only
+            "label": torch.from_numpy(np.asarray(batch["label"], dtype=np.int64).copy()),
+            "ids": [str(i) for i in batch["id"]],
+        }
 
 
 def train_worker(config: dict) -> None:
@@ -255,7 +279,16 @@ def train_worker(config: dict) -> None:
             start_epoch, _ = load_training_state(Path(d) / "state.pt", distiller, gen)
         print(f"[rank {rank}] resuming after epoch {start_epoch}", flush=True)
 
+    from .tracking import Tracker
+
+    tracker = Tracker(**config["mlflow"]) if rank == 0 and config.get("mlflow") else Tracker.disabled()
+
     def report(metrics: dict, epoch: int) -> None:
+        tracker.log_metrics(metrics, step=epoch + 1)
+        if rank == 0:
+            from .runtime import append_jsonl
+
+            append_jsonl(cfg.run_dir / "metrics.jsonl", metrics)
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
@@ -303,7 +336,7 @@ def init_ray(cfg: Config) -> None:
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
-def run_ray(cfg: Config) -> dict:
+def run_ray(cfg: Config, tracker=None) -> dict:
     """Build the initial bank, then run the streaming Ray Train distillation; returns final metrics."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -314,8 +347,9 @@ def run_ray(cfg: Config) -> dict:
     from .synthesis import Synthesizer
 
     init_ray(cfg)
+    cfg = cfg.with_absolute_paths()
     res = cfg.resources
-    run_dir = cfg.run_dir.resolve()
+    run_dir = cfg.run_dir
     class_names = None
     if cfg.run.mode != "real_kd":
         seed_everything(cfg.run.seed)
@@ -325,10 +359,9 @@ def run_ray(cfg: Config) -> dict:
         build_initial_bank(cfg, synthesizer)
     ds = build_dataset(cfg, class_names)
     cfg_dict = cfg.to_dict()
-    cfg_dict["run"]["output_dir"] = str(Path(cfg.run.output_dir).resolve())  # workers may run elsewhere
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg_dict},
+        train_loop_config={"cfg": cfg_dict, "mlflow": {"uri": tracker.uri, "run_id": tracker.run_id} if tracker is not None and tracker.enabled else None},
         scaling_config=ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu, resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": 1} if res.use_gpu else {})}),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,

@@ -26,7 +26,7 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_teacher(cfg: Config, progress: bool = True) -> dict:
+def train_teacher(cfg: Config, progress: bool = True, tracker=None) -> dict:
     """Train ``cfg.teacher.arch`` on ``cfg.data``; checkpoint every epoch; resume if asked.
 
     Writes ``<run_dir>/teacher`` (project checkpoint of the last epoch), ``state.pt``
@@ -93,4 +93,6 @@ def train_teacher(cfg: Config, progress: bool = True) -> dict:
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": gen.get_state(), "epoch": epoch + 1}, tmp)
         Path(tmp).replace(state_file)
         append_jsonl(metrics_file, metrics)
+        if tracker is not None:
+            tracker.log_metrics(metrics, step=epoch + 1)
     return metrics

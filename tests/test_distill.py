@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dda_ray.config import DistillConfig
-from dda_ray.data import Normalize, to_float
+from dda_ray.data import to_float
 from dda_ray.distill import Distiller, cycle_batches, feature_loss, kd_loss, load_training_state, save_training_state
 from dda_ray.models import build_model
 

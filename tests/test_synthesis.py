@@ -113,8 +113,8 @@ def test_generator_is_reinitialised_every_round_and_rounds_are_reproducible():
 
 
 def test_adversarial_term_uses_student_without_changing_it():
-    from dda_ray.distill import Distiller
     from dda_ray.config import DistillConfig
+    from dda_ray.distill import Distiller
 
     teacher = teacher_with_stats()
     d = Distiller(build_model("wrn16_1", 10), teacher, NORM, 10, DistillConfig(epochs=1))

@@ -1,0 +1,253 @@
+"""The local diffusion prior: a small class-conditional pixel-space DDPM trained on the synthetic bank.
+
+Data-free by construction: :func:`train_prior` reads nothing but a synthetic bank
+(:func:`dda_ray.data.bank.read_bank`), never a real dataset. The model is a diffusers
+``UNet2DModel`` with ``num_class_embeds = num_classes + 1`` (the last index is the null class)
+trained with the DDPM epsilon-prediction MSE; label dropout sends a fraction of the labels to
+the null class so one network learns both branches of classifier-free guidance. It is saved as a
+:class:`~dda_ray.augment.ClassConditionalImg2ImgPipeline` (``save_pretrained``), which the
+``local_prior`` backend of :class:`~dda_ray.augment.Augmenter` loads with ``from_pretrained``.
+
+Sizing (DESIGN.md, this 2-core CPU): channels (32, 64, 64) without attention trains at ~89 img/s,
+so the default 1,000 steps of 64 images take about 12 minutes; (32, 32, 64) is ~35 % faster.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, UNet2DModel
+from tqdm import tqdm
+
+from .augment import ClassConditionalImg2ImgPipeline
+from .config import AugmentConfig, ConfigError
+from .data.bank import read_bank
+from .data.transforms import to_float
+from .runtime import append_jsonl, resolve_device
+
+__all__ = ["build_prior_unet", "build_prior_scheduler", "build_prior_pipeline", "train_prior"]
+
+LOSS_LOG = "loss.jsonl"
+TRAINING_INFO = "training.json"
+
+
+def build_prior_unet(
+    num_classes: int,
+    image_size: int = 32,
+    channels: Sequence[int] = (32, 64, 64),
+    layers_per_block: int = 1,
+    attention: bool = False,
+) -> UNet2DModel:
+    """A ``UNet2DModel`` with one class embedding per class plus the null class (index ``num_classes``).
+
+    ``attention`` adds self-attention at the second resolution (16x16 for 32x32 images) and in
+    the mid block.
+    """
+    n = len(channels)
+    down = ["DownBlock2D"] * n
+    up = ["UpBlock2D"] * n
+    if attention:
+        down[1] = "AttnDownBlock2D"
+        up[n - 2] = "AttnUpBlock2D"
+    return UNet2DModel(
+        sample_size=image_size,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=tuple(channels),
+        layers_per_block=layers_per_block,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        norm_num_groups=math.gcd(8, *channels),
+        attention_head_dim=8,
+        add_attention=attention,
+        num_class_embeds=num_classes + 1,
+    )
+
+
+def build_prior_scheduler(num_train_timesteps: int = 1000) -> DDIMScheduler:
+    """DDIM over the cosine (``squaredcos_cap_v2``) schedule: better suited to small images than linear betas.
+
+    ``steps_offset=1`` with "leading" spacing as in diffusers' img2img; ``set_alpha_to_one`` makes
+    the last step return the clean prediction (pixel space: no VAE to absorb residual noise).
+    """
+    return DDIMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule="squaredcos_cap_v2",
+        clip_sample=True,
+        set_alpha_to_one=True,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+
+
+def build_prior_pipeline(
+    num_classes: int,
+    image_size: int = 32,
+    channels: Sequence[int] = (32, 64, 64),
+    layers_per_block: int = 1,
+    attention: bool = False,
+    num_train_timesteps: int = 1000,
+) -> ClassConditionalImg2ImgPipeline:
+    unet = build_prior_unet(num_classes, image_size, channels, layers_per_block, attention)
+    return ClassConditionalImg2ImgPipeline(unet=unet, scheduler=build_prior_scheduler(num_train_timesteps))
+
+
+def _save_atomically(pipe: ClassConditionalImg2ImgPipeline, output_dir: Path, extra_files: dict[str, Path | str]) -> None:
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        for name, src in extra_files.items():
+            if isinstance(src, Path):
+                if src.exists():
+                    shutil.copyfile(src, tmp / name)
+            else:
+                (tmp / name).write_text(src)
+        if output_dir.exists():
+            old = output_dir.with_name(f".{output_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(output_dir, old)
+            os.replace(tmp, output_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train_prior(
+    bank_dir: str | Path,
+    output_dir: str | Path,
+    cfg: AugmentConfig,
+    *,
+    num_classes: int | None = None,
+    log_path: str | Path | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """Train the local prior on the bank at ``bank_dir``; save the pipeline to ``output_dir``.
+
+    Hyper-parameters are the ``augment.prior_*`` fields. The loss log (JSON lines: step, loss
+    averaged since the previous line, lr, img/s) goes to ``log_path`` while training (default:
+    a temporary file) and is copied to ``<output_dir>/loss.jsonl``; ``training.json`` records the
+    run. The directory is replaced atomically, so a crash never leaves a half-written prior.
+    Returns the training summary.
+    """
+    cfg.validate("augment")
+    output_dir = Path(output_dir)
+    bank = read_bank(bank_dir)
+    if len(bank) == 0:
+        raise ConfigError(f"augment.prior_bank = {str(bank_dir)!r} holds no images")
+    n, h, w, c = bank.images.shape
+    if h != w or c != 3:
+        raise ConfigError(f"the prior trains on square RGB images; the bank at {bank_dir} holds {h}x{w}x{c}")
+    labels_max = int(bank.labels.max())
+    num_classes = num_classes if num_classes is not None else labels_max + 1
+    if labels_max >= num_classes or int(bank.labels.min()) < 0:
+        raise ConfigError(f"bank labels span {int(bank.labels.min())}..{labels_max} but num_classes = {num_classes}")
+    multiple = 2 ** (len(cfg.prior_channels) - 1)
+    if h % multiple:
+        raise ConfigError(f"augment.prior_channels has {len(cfg.prior_channels)} blocks: image size {h} must be a multiple of {multiple}")
+
+    dev = resolve_device(device)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    pipe = build_prior_pipeline(num_classes, h, cfg.prior_channels, cfg.prior_layers_per_block, cfg.prior_attention, cfg.prior_train_timesteps)
+    unet, scheduler = pipe.unet.to(dev), pipe.scheduler
+    unet.train()
+    ema = copy.deepcopy(unet).eval().requires_grad_(False) if cfg.prior_ema > 0 else None
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.prior_lr, weight_decay=cfg.prior_weight_decay)
+    warmup = max(1, int(0.05 * cfg.prior_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+
+    data = to_float(bank.images).mul_(2).sub_(1)  # (N, 3, H, W) in [-1, 1], kept on the CPU
+    labels = torch.from_numpy(bank.labels.astype(np.int64))
+    alphas = scheduler.alphas_cumprod.to(dev)
+    null = num_classes
+    bs = cfg.prior_batch_size
+
+    tmp_log = None
+    if log_path is None:
+        fd, tmp_log = tempfile.mkstemp(prefix="prior-loss-", suffix=".jsonl")
+        os.close(fd)
+        log_path = tmp_log
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text("")
+
+    first_loss = last_loss = float("nan")
+    running, count, t_log, t0 = 0.0, 0, time.perf_counter(), time.perf_counter()
+    bar = tqdm(range(cfg.prior_steps), desc="prior", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        idx = torch.randint(0, n, (bs,), generator=gen)
+        x0, y = data[idx], labels[idx].clone()
+        if cfg.prior_hflip:
+            flip = torch.rand(bs, generator=gen) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
+        if cfg.prior_label_dropout > 0:
+            y[torch.rand(bs, generator=gen) < cfg.prior_label_dropout] = null
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (bs,), generator=gen)
+        x0, y, noise, t = x0.to(dev), y.to(dev), noise.to(dev), t.to(dev)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        loss = F.mse_loss(unet(xt, t, class_labels=y).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if ema is not None:
+            decay = min(cfg.prior_ema, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), unet.parameters(), strict=True):
+                    pe.lerp_(p, 1 - decay)
+        value = float(loss.detach())
+        running, count = running + value, count + 1
+        if step == 0:
+            first_loss = value
+        if (step + 1) % cfg.prior_log_every == 0 or step + 1 == cfg.prior_steps:
+            now = time.perf_counter()
+            last_loss = running / count
+            append_jsonl(log_path, {"step": step + 1, "loss": last_loss, "lr": sched.get_last_lr()[0], "img_per_s": count * bs / max(now - t_log, 1e-9)})
+            bar.set_postfix(loss=f"{last_loss:.4f}")
+            running, count, t_log = 0.0, 0, now
+
+    final = ema if ema is not None else unet
+    final.eval()
+    pipe = ClassConditionalImg2ImgPipeline(unet=final.to("cpu"), scheduler=scheduler)
+    summary = {
+        "bank": str(bank_dir),
+        "num_images": int(n),
+        "image_size": int(h),
+        "num_classes": int(num_classes),
+        "steps": cfg.prior_steps,
+        "batch_size": bs,
+        "lr": cfg.prior_lr,
+        "channels": list(cfg.prior_channels),
+        "attention": cfg.prior_attention,
+        "label_dropout": cfg.prior_label_dropout,
+        "ema": cfg.prior_ema,
+        "first_loss": first_loss,
+        "final_loss": last_loss,
+        "seconds": time.perf_counter() - t0,
+        "parameters": sum(p.numel() for p in final.parameters()),
+    }
+    try:
+        _save_atomically(pipe, output_dir, {LOSS_LOG: log_path, TRAINING_INFO: json.dumps(summary, indent=2)})
+    finally:
+        if tmp_log is not None:
+            Path(tmp_log).unlink(missing_ok=True)
+    return summary

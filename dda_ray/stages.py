@@ -1,0 +1,215 @@
+"""Augment and filter as batch stages: Ray Data actor classes, also used in-process.
+
+:class:`AugmentStage` wraps the :class:`~dda_ray.augment.Augmenter` with a disk cache of
+variations, one ``.npy`` file per original image under
+``<cache_dir>/<key>/<parent id>.npy``, where ``key`` hashes everything that determines the
+pixels: backend, model, strength, guidance, steps, number of variations, seed and image size.
+A hit skips diffusion; a miss is computed and written atomically. So:
+
+* later epochs only diffuse images they have not seen (the new round's),
+* Tune trials that share (strength, guidance, model, seed) share the work,
+* a restarted actor redoes at most its unfinished batch, with identical pixels (the
+  Augmenter's seeds are per (seed, image id, variation)).
+
+:class:`FilterStage` wraps the :class:`~dda_ray.filter.CosineFilter` and drops rejected
+variations (originals always pass); it is recomputed every epoch because it is cheap and
+keeps ``filter.threshold`` free. Both stages append one JSON line per batch (time, rows,
+cache hits, kept/rejected counts) under ``<run_dir>/stream/``: the streaming proof and the
+per-epoch kept fraction come from these lines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .config import Config, config_from_dict
+
+ORIGINAL = -1
+
+
+def augment_cache_key(cfg: Config) -> str:
+    a = cfg.augment
+    model = a.model
+    if Path(model).exists():
+        model = str(Path(model).resolve())
+    raw = json.dumps([a.backend, model, a.strength, a.guidance, a.steps, a.num_variations, a.seed, a.prompt_template, a.image_resolution, cfg.data.image_size])
+    return hashlib.sha1(raw.encode()).hexdigest()[:16]
+
+
+def augment_cache_dir(cfg: Config) -> Path:
+    root = Path(cfg.augment.cache_dir) if cfg.augment.cache_dir else Path(cfg.run.output_dir) / "cache" / "augment"
+    return root.expanduser().resolve() / augment_cache_key(cfg)
+
+
+def _stream_log(cfg: Config, stage: str) -> Path:
+    d = cfg.run_dir.resolve() / "stream"
+    d.mkdir(parents=True, exist_ok=True)
+    return d / f"{stage}-{os.getpid()}.jsonl"
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _image_shape(cfg: Config) -> tuple[int, int, int]:
+    return (cfg.data.image_size, cfg.data.image_size, 3)
+
+
+class AugmentStage:
+    """Ray Data actor: bank rows in; originals + their variations out (cached on disk).
+
+    Output columns: ``id``, ``parent_id``, ``image`` (raw bytes), ``label``, ``variation``
+    (-1 for originals) and ``parent_embedding`` (the bank's teacher embedding of the original).
+    """
+
+    def __init__(self, cfg_dict: dict, class_names: list[str] | None = None):
+        from .augment import Augmenter
+        from .runtime import set_threads
+
+        self.cfg = config_from_dict(cfg_dict)
+        set_threads(self.cfg.resources.torch_threads)
+        self.augmenter = Augmenter(self.cfg.augment, class_names, image_shape=_image_shape(self.cfg))
+        self.cache = augment_cache_dir(self.cfg)
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self.log = _stream_log(self.cfg, "augment")
+
+    def _cached(self, pid: str) -> np.ndarray | None:
+        path = self.cache / f"{pid}.npy"
+        if not path.exists():
+            return None
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError):
+            return None  # a damaged entry is recomputed
+        return arr if arr.shape == (self.cfg.augment.num_variations, *_image_shape(self.cfg)) else None
+
+    def _store(self, pid: str, variations: np.ndarray) -> None:
+        tmp = self.cache / f".{pid}.{os.getpid()}.tmp.npy"
+        np.save(tmp, variations)
+        os.replace(tmp, self.cache / f"{pid}.npy")
+
+    def __call__(self, batch: dict) -> dict:
+        from .augment import decode_image_column, encode_image_column, stack_vector_column
+
+        t0 = time.time()
+        images, _ = decode_image_column(batch["image"], _image_shape(self.cfg))
+        ids = np.asarray(batch["id"]).astype(str)
+        labels = np.asarray(batch["label"], dtype=np.int64)
+        k = self.cfg.augment.num_variations
+        variations: list[np.ndarray | None] = [self._cached(pid) for pid in ids]
+        miss = [i for i, v in enumerate(variations) if v is None]
+        if miss:
+            out = self.augmenter.augment(images[miss], labels[miss], ids[miss])
+            fresh = out["image"].reshape(len(miss), k, *images.shape[1:])
+            for j, i in enumerate(miss):
+                self._store(ids[i], fresh[j])
+                variations[i] = fresh[j]
+        var_images = np.concatenate([v for v in variations]) if len(ids) else images[:0]
+        parent = np.repeat(ids, k)
+        ks = np.tile(np.arange(k, dtype=np.int64), len(ids))
+        emb = stack_vector_column(batch["teacher_embedding"]) if "teacher_embedding" in batch else None
+        result = {
+            "id": np.concatenate([ids, np.array([f"{p}-v{j}" for p, j in zip(parent, ks, strict=True)], dtype=str)]),
+            "parent_id": np.concatenate([ids, parent]),
+            "image": encode_image_column(np.concatenate([images, var_images])),
+            "label": np.concatenate([labels, np.repeat(labels, k)]),
+            "variation": np.concatenate([np.full(len(ids), ORIGINAL, np.int64), ks]),
+        }
+        if emb is not None:
+            result["parent_embedding"] = np.concatenate([emb, np.repeat(emb, k, axis=0)])
+        _append(self.log, {"t0": t0, "t1": time.time(), "parents": len(ids), "variations": len(ids) * k, "cache_hits": len(ids) - len(miss)})
+        return result
+
+
+class FilterStage:
+    """Ray Data actor: scores variations against their originals, drops the rejected ones.
+
+    Output columns: ``id``, ``parent_id``, ``image`` (raw bytes), ``label``, ``variation``, ``score``.
+    """
+
+    def __init__(self, cfg_dict: dict):
+        from .checkpoint import load_teacher
+        from .filter import CosineFilter
+        from .runtime import set_threads
+
+        self.cfg = config_from_dict(cfg_dict)
+        set_threads(self.cfg.resources.torch_threads)
+        teacher, normalize, _ = load_teacher(self.cfg)
+        self.filter = CosineFilter(self.cfg.filter, teacher, normalize, drop_rejected=True, image_shape=_image_shape(self.cfg))
+        self.log = _stream_log(self.cfg, "filter")
+
+    def __call__(self, batch: dict) -> dict:
+        import warnings
+
+        from .filter import AllRejectedWarning
+
+        t0 = time.time()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", AllRejectedWarning)
+            out, report = self.filter.filter(batch)
+        for w in caught:  # surfaced in the job log, and counted per epoch
+            print(f"warning: {w.message}", flush=True)
+        _append(
+            self.log,
+            {"t0": t0, "t1": time.time(), "variations": report.n_variations, "kept": report.n_kept, "rejected": report.n_variations - report.n_kept, "hist": report.to_dict().get("hist")},
+        )
+        return {c: out[c] for c in ("id", "parent_id", "image", "label", "variation", "score")}
+
+
+def read_stream_stats(run_dir: Path, since: float = 0.0) -> dict:
+    """Totals of the augment/filter lines written after ``since`` (epoch start)."""
+    d = Path(run_dir) / "stream"
+    totals = {"variations": 0, "kept": 0, "rejected": 0, "cache_hits": 0, "parents": 0}
+    for path in d.glob("*.jsonl") if d.exists() else []:
+        stage = path.name.split("-")[0]
+        if stage not in ("augment", "filter"):
+            continue
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line being written right now
+            if rec.get("t0", 0) < since:
+                continue
+            if stage == "filter":
+                for key in ("kept", "rejected"):
+                    totals[key] += rec[key]
+                totals["variations"] += rec["variations"]
+            else:
+                totals["cache_hits"] += rec["cache_hits"]
+                totals["parents"] += rec["parents"]
+    totals["kept_fraction"] = totals["kept"] / totals["variations"] if totals["variations"] else float("nan")
+    return totals
+
+
+def local_augment_fn(cfg: Config):
+    """The same stages, in-process, for ``run.engine=local``: BankBatch -> kept variations."""
+    from .augment import decode_image_column
+    from .data.bank import BankBatch
+
+    augment = AugmentStage(cfg.to_dict())
+    filt = FilterStage(cfg.to_dict())
+
+    def fn(bank: BankBatch):
+        batch = {"id": bank.ids, "image": bank.images, "label": bank.labels, "teacher_embedding": bank.teacher_embedding}
+        images, labels, stats = [], [], {"variations": 0, "kept": 0}
+        step = cfg.augment.batch_size
+        for s in range(0, len(bank), step):
+            out = filt(augment({k: v[s : s + step] for k, v in batch.items()}))
+            var = out["variation"] != ORIGINAL
+            imgs, _ = decode_image_column(out["image"][var], _image_shape(cfg))
+            images.append(imgs)
+            labels.append(out["label"][var])
+            stats["variations"] += len(bank.ids[s : s + step]) * cfg.augment.num_variations
+            stats["kept"] += int(var.sum())
+        stats["kept_fraction"] = stats["kept"] / stats["variations"] if stats["variations"] else float("nan")
+        return np.concatenate(images), np.concatenate(labels), stats
+
+    return fn

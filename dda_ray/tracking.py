@@ -1,0 +1,204 @@
+"""MLflow tracking for every job: params, per-epoch metrics, artifacts, tags.
+
+Where runs go: ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else an embedded sqlite store
+``<run.output_dir>/mlflow.db`` (browse it with ``mlflow ui --backend-store-uri
+sqlite:///$PWD/outputs/mlflow.db``). On a cluster use an MLflow server (``http://...``): every
+node must reach it.
+
+The driver creates the run (params, tags) and passes its id on; only rank 0 of the trainer
+logs metrics, through an ``MlflowClient`` bound to the run id (no global MLflow state, so it
+works from any Ray worker). An unreachable server stops the job before any work with a clear
+message, unless ``tracking.on_unreachable = warn`` (then a loud warning and no tracking).
+Credentials embedded in URIs are never logged as params.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+
+from .config import Config, ConfigError
+
+
+class TrackingError(ConfigError):
+    """The tracking server cannot be reached (and tracking.on_unreachable = fail)."""
+
+
+_SECRET_KEY = re.compile(r"(token|secret|password|passwd|api_key|access_key)", re.I)
+_URI_CREDENTIALS = re.compile(r"(://)([^/@:]+):([^/@]+)@")
+
+
+def redact(value: object) -> object:
+    if isinstance(value, str):
+        return _URI_CREDENTIALS.sub(r"\1\2:***@", value)
+    return value
+
+
+def tracking_uri(cfg: Config) -> str:
+    import os
+
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    db = Path(cfg.run.output_dir).expanduser().resolve() / "mlflow.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Raise TrackingError if an HTTP tracking server does not answer its health check."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:  # noqa: S310 - user-given URI
+            if resp.status >= 400:
+                raise TrackingError(f"MLflow tracking server {redact(uri)} answered HTTP {resp.status} on /health")
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise TrackingError(
+            f"MLflow tracking server {redact(uri)} is unreachable ({e}); start it, fix tracking.uri / MLFLOW_TRACKING_URI, "
+            "or set tracking.on_unreachable=warn to run without tracking"
+        ) from e
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def params_of(cfg: Config) -> dict[str, str]:
+    """The flattened resolved config as MLflow params (secrets dropped, URI credentials redacted)."""
+    out = {}
+    for k, v in cfg.flat().items():
+        if _SECRET_KEY.search(k):
+            continue
+        out[k] = str(redact(v))[:6000]
+    return out
+
+
+class Tracker:
+    """One MLflow run; a disabled tracker (``Tracker.disabled()``) accepts every call and does nothing."""
+
+    def __init__(self, uri: str | None, run_id: str | None):
+        self.uri, self.run_id = uri, run_id
+        self._client = None
+
+    @classmethod
+    def disabled(cls) -> Tracker:
+        return cls(None, None)
+
+    @property
+    def enabled(self) -> bool:
+        return self.run_id is not None
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(self.uri)
+        return self._client
+
+    @classmethod
+    def start(cls, cfg: Config, job: str, parent_run_id: str | None = None, run_name: str | None = None, extra_tags: dict | None = None) -> Tracker:
+        """Create a run for ``job`` (after checking the server), log params and tags."""
+        if not cfg.tracking.enabled:
+            return cls.disabled()
+        uri = tracking_uri(cfg)
+        try:
+            check_reachable(uri)
+        except TrackingError as e:
+            if cfg.tracking.on_unreachable == "fail":
+                raise
+            warnings.warn(f"TRACKING DISABLED: {e}", stacklevel=2)
+            print(f"WARNING: TRACKING DISABLED: {e}", flush=True)
+            return cls.disabled()
+        from mlflow import MlflowClient
+
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+        exp_id = exp.experiment_id if exp is not None else client.create_experiment(cfg.tracking.experiment)
+        tags = {
+            "job": job,
+            "mode": cfg.run.mode,
+            "dataset": cfg.data.dataset,
+            "teacher": cfg.teacher.arch,
+            "student": cfg.student.arch,
+            "mlflow.runName": run_name or cfg.run.name,
+            **({"git_commit": c} if (c := git_commit()) else {}),
+            **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}),
+            **(extra_tags or {}),
+        }
+        run = client.create_run(exp_id, tags=tags, run_name=run_name or cfg.run.name)
+        tracker = cls(uri, run.info.run_id)
+        tracker._client = client
+        tracker.log_params(params_of(cfg))
+        return tracker
+
+    def log_params(self, params: dict) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        import math
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+        if items:
+            self.client.log_batch(self.run_id, metrics=items)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if not self.enabled or not Path(path).exists():
+            return
+        if Path(path).is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tag(self, key: str, value: str) -> None:
+        if self.enabled:
+            self.client.set_tag(self.run_id, key, value)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.enabled:
+            self.client.set_terminated(self.run_id, status)
+
+
+def accuracy_curve(metrics_file: str | Path, out_png: str | Path, key: str = "test_acc") -> Path | None:
+    """Plot ``key`` per epoch from a metrics.jsonl file."""
+    import json
+
+    lines = [json.loads(x) for x in Path(metrics_file).read_text().splitlines() if x.strip()] if Path(metrics_file).exists() else []
+    points = [(m["epoch"], m[key]) for m in lines if key in m and "epoch" in m]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"{key} (%)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return Path(out_png)

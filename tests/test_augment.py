@@ -1,0 +1,240 @@
+"""Augmenter over tiny random diffusers pipelines, saved and reloaded with from_pretrained (no downloads)."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from dda_ray.augment import (
+    Augmenter,
+    AugmentError,
+    ClassConditionalImg2ImgPipeline,
+    decode_image_column,
+    encode_image_column,
+    sdedit_timesteps,
+    variation_seed,
+)
+from dda_ray.config import AugmentConfig, ConfigError
+
+from ._tiny_pipelines import (
+    build_tiny_prior,
+    build_tiny_sd_image_variations,
+    build_tiny_sd_img2img,
+    offline,
+    random_images,
+    single_thread,
+)
+
+CLASSES = ["cat", "dog", "car", "ship"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    offline(monkeypatch)
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipes")
+    with single_thread():
+        return {
+            "local_prior": build_tiny_prior(root / "prior", num_classes=4, image_size=16),
+            "sd_img2img": build_tiny_sd_img2img(root / "img2img"),
+            "sd_image_variations": build_tiny_sd_image_variations(root / "variations"),
+        }
+
+
+def make_cfg(pipes, backend="local_prior", **kw) -> AugmentConfig:
+    base = {"strength": 0.5, "guidance": 2.0, "num_variations": 2, "steps": 10, "batch_size": 4, "device": "cpu"}
+    base.update(kw)
+    return AugmentConfig(backend=backend, model=str(pipes[backend]), **base)
+
+
+@pytest.fixture(scope="module")
+def data():
+    images = random_images(3, 16, seed=1)
+    return images, np.array([0, 1, 3]), np.array(["r00000-s0-00000", "r00000-s0-00001", "r00000-s0-00002"])
+
+
+def mean_change(out: dict, images: np.ndarray, v: int) -> float:
+    return float(np.abs(out["image"].astype(np.float32) - np.repeat(images, v, 0).astype(np.float32)).mean())
+
+
+def test_variation_seed_is_a_stable_hash():
+    s = variation_seed(0, "r00000-s0-00000", 0)
+    assert s == variation_seed(0, "r00000-s0-00000", 0)
+    assert s == 7063353816006157479  # same value in every process, on every machine (sha256, not hash())
+    assert len({s, variation_seed(1, "r00000-s0-00000", 0), variation_seed(0, "r00000-s0-00001", 0), variation_seed(0, "r00000-s0-00000", 1)}) == 4
+    assert 0 <= s < 2**63
+
+
+def test_sdedit_timesteps_follow_diffusers_img2img(pipes):
+    pipe = ClassConditionalImg2ImgPipeline.from_pretrained(pipes["local_prior"])
+    sched = pipe.scheduler
+    assert sched.config.steps_offset == 1
+    assert len(sdedit_timesteps(sched, 10, 0.3)) == 3  # int(10 * 0.3) steps from timesteps[7:]
+    assert sdedit_timesteps(sched, 10, 0.3)[0] == sched.timesteps[7]
+    assert len(sdedit_timesteps(sched, 10, 1.0)) == 10
+    assert len(sdedit_timesteps(sched, 10, 0.01)) == 1  # at least one denoising step
+
+
+@pytest.mark.parametrize("backend", ["local_prior", "sd_img2img", "sd_image_variations"])
+def test_end_to_end_shapes_ids_and_determinism(pipes, data, backend):
+    images, labels, ids = data
+    aug = Augmenter(make_cfg(pipes, backend), CLASSES)
+    out = aug(images, labels, ids)
+    assert set(out) == {"id", "parent_id", "image", "label", "variation"}
+    assert out["image"].shape == (6, 16, 16, 3) and out["image"].dtype == np.uint8
+    assert list(out["parent_id"]) == [ids[0], ids[0], ids[1], ids[1], ids[2], ids[2]]
+    assert list(out["id"][:2]) == [f"{ids[0]}-v0", f"{ids[0]}-v1"]
+    assert out["label"].tolist() == [0, 0, 1, 1, 3, 3] and out["label"].dtype == np.int64
+    assert out["variation"].tolist() == [0, 1, 0, 1, 0, 1]
+    assert not np.array_equal(out["image"][0], out["image"][1]), "two variations of one image should differ"
+
+    # A fresh actor (reloaded from disk) reproduces the batch exactly.
+    again = Augmenter(make_cfg(pipes, backend), CLASSES)(images, labels, ids)
+    np.testing.assert_array_equal(again["image"], out["image"])
+    # The same image in another batch (other neighbours, other order, other chunking) -> the same variations.
+    other = Augmenter(make_cfg(pipes, backend, batch_size=2), CLASSES)
+    moved = other(images[[2, 1]], labels[[2, 1]], ids[[2, 1]])
+    np.testing.assert_array_equal(moved["image"][0:2], out["image"][4:6])
+    np.testing.assert_array_equal(moved["image"][2:4], out["image"][2:4])
+    # Another seed -> other variations.
+    reseeded = Augmenter(make_cfg(pipes, backend, seed=1), CLASSES)(images, labels, ids)
+    assert not np.array_equal(reseeded["image"], out["image"])
+
+
+def test_strength_controls_how_far_variations_move(pipes, data):
+    images, labels, ids = data
+    changes = [mean_change(Augmenter(make_cfg(pipes, strength=s), CLASSES)(images, labels, ids), images, 2) for s in (0.1, 0.5, 1.0)]
+    assert changes[0] < changes[1] < changes[2], changes
+    assert changes[0] < 6, changes  # pixel space: the smallest strength barely touches the image
+
+
+def test_strength_in_latent_space(pipes, data):
+    """SD backends: a random tiny VAE garbles pixels, so compare the latents SDEdit starts and ends at."""
+    images, labels, ids = data
+    changes = []
+    for strength in (0.1, 0.5, 1.0):
+        aug = Augmenter(make_cfg(pipes, "sd_image_variations", strength=strength), CLASSES)
+        vae, seen = aug.pipeline.vae, {}
+        encode, decode = vae.encode, vae.decode
+
+        def spy_encode(x, *a, _encode=encode, _seen=seen, **k):
+            _seen["clean"] = _encode(x, *a, **k)
+            return _seen["clean"]
+
+        def spy_decode(z, *a, _decode=decode, _seen=seen, **k):
+            _seen["final"] = z
+            return _decode(z, *a, **k)
+
+        vae.encode, vae.decode = spy_encode, spy_decode
+        aug(images[:1], labels[:1], ids[:1])
+        clean = seen["clean"].latent_dist.mode().repeat_interleave(2, 0)
+        changes.append(float((seen["final"] * vae.config.scaling_factor - clean * vae.config.scaling_factor).abs().mean()))
+    assert changes[0] < changes[1] < changes[2], changes
+
+
+def test_guidance_one_skips_the_unconditional_pass(pipes, data):
+    images, labels, ids = data
+    seen = []
+    for guidance in (1.0, 3.0):
+        aug = Augmenter(make_cfg(pipes, guidance=guidance, steps=4, strength=0.5), CLASSES)
+        unet = aug.pipeline.unet
+        hook = unet.register_forward_pre_hook(lambda _m, args, kw, g=guidance: seen.append((g, args[0].shape[0])), with_kwargs=True)
+        aug(images, labels, ids)
+        hook.remove()
+    assert {b for g, b in seen if g == 1.0} == {4, 2}  # batch_size 4 -> chunks of 2 parents x 2 variations, then 1 x 2
+    assert {b for g, b in seen if g == 3.0} == {8, 4}  # cond + uncond in one batched pass
+
+
+def test_sd_resizes_to_the_pipeline_resolution_and_back(pipes, data):
+    images, labels, ids = data
+    aug = Augmenter(make_cfg(pipes, "sd_img2img", image_resolution=48), CLASSES)
+    sizes = []
+    hook = aug.pipeline.vae.encoder.register_forward_pre_hook(lambda _m, args: sizes.append(tuple(args[0].shape[-2:])))
+    out = aug(images[:1], labels[:1], ids[:1])
+    hook.remove()
+    assert sizes == [(48, 48)] and out["image"].shape == (2, 16, 16, 3)
+    default = Augmenter(make_cfg(pipes, "sd_img2img"), CLASSES).backend
+    assert default.resolution == 32  # sample_size 16 x vae factor 2
+    assert type(default.scheduler).__name__ == "DDIMScheduler" and default.scheduler.config.clip_sample is False
+    with pytest.raises(AugmentError, match="multiple of 4"):
+        Augmenter(make_cfg(pipes, "sd_img2img", image_resolution=30), CLASSES)
+
+
+def test_sd_img2img_prompts_come_from_the_template(pipes, data):
+    images, labels, ids = data
+    aug = Augmenter(make_cfg(pipes, "sd_img2img", prompt_template="a photo of a {label}"), CLASSES)
+    prompts = []
+    original = aug.pipeline.encode_prompt
+    aug.pipeline.encode_prompt = lambda prompt, *a, **k: prompts.append(prompt) or original(prompt, *a, **k)
+    aug(images, labels, ids)
+    assert prompts == ["a photo of a cat", "a photo of a dog", "a photo of a ship"]  # one per class, cached
+    with pytest.raises(AugmentError, match="class names"):
+        Augmenter(make_cfg(pipes, "sd_img2img"))
+
+
+def test_batch_adapter_bytes_embeddings_and_originals(pipes, data):
+    images, labels, ids = data
+    emb = np.arange(12, dtype=np.float32).reshape(3, 4)
+    batch = {"id": ids.astype(object), "image": encode_image_column(images), "label": labels, "teacher_embedding": np.array(list(emb), dtype=object)}
+    aug = Augmenter(make_cfg(pipes), include_original=True, with_parent_image=True)
+    out = aug(batch)
+    assert len(out["id"]) == 3 * 3 and out["image"].dtype == object and isinstance(out["image"][0], bytes)
+    decoded, was_bytes = decode_image_column(out["image"])
+    assert was_bytes and decoded.shape == (9, 16, 16, 3)
+    orig = out["variation"] == -1
+    np.testing.assert_array_equal(decoded[orig], images)
+    assert list(out["id"][orig]) == list(ids)
+    direct = aug(images, labels, ids)
+    np.testing.assert_array_equal(decoded[~orig], direct["image"])
+    np.testing.assert_array_equal(out["parent_embedding"][~orig], np.repeat(emb, 2, 0))
+    parents, _ = decode_image_column(out["parent_image"])
+    np.testing.assert_array_equal(parents[~orig], np.repeat(images, 2, 0))
+
+
+def test_missing_model_names_the_config_field(tmp_path, pipes):
+    for model in ("acme/no-such-model", str(tmp_path / "missing")):
+        with pytest.raises(AugmentError, match=r"augment\.model = .*could not be loaded"):
+            Augmenter(AugmentConfig(model=model, device="cpu"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AugmentError, match="model_index.json"):
+        Augmenter(AugmentConfig(model=str(tmp_path / "empty"), device="cpu"))
+    assert issubclass(AugmentError, ConfigError)  # job CLIs print it as one error line
+
+
+def test_backend_model_mismatch_suggests_the_backend(pipes):
+    with pytest.raises(AugmentError, match="augment.backend=sd_image_variations"):
+        Augmenter(AugmentConfig(backend="local_prior", model=str(pipes["sd_image_variations"]), device="cpu"))
+
+
+def test_xformers_missing_is_a_clear_error(pipes, monkeypatch):
+    monkeypatch.setitem(sys.modules, "xformers", None)  # import xformers -> ImportError
+    with pytest.raises(AugmentError, match=r"xformers is not installed; pip install 'dda_ray\[gpu\]'"):
+        Augmenter(make_cfg(pipes, xformers=True))
+
+
+def test_half_precision_on_cpu_falls_back_to_float32(pipes):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        aug = Augmenter(make_cfg(pipes, dtype="float16"))
+    assert any("float32" in str(w.message) for w in caught)
+    assert aug.pipeline.unet.dtype == torch.float32
+
+
+def test_bad_inputs_are_refused(pipes, data):
+    images, labels, ids = data
+    aug = Augmenter(make_cfg(pipes))
+    with pytest.raises(ValueError, match="uint8"):
+        aug(images.astype(np.float32), labels, ids)
+    with pytest.raises(ValueError, match="class labels must lie in"):
+        aug(images, np.array([0, 1, 7]), ids)
+    empty = aug(images[:0], labels[:0], ids[:0])
+    assert empty["image"].shape == (0, 16, 16, 3) and len(empty["id"]) == 0
