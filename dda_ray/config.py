@@ -204,6 +204,7 @@ class FilterConfig:
     threshold: float = 0.8  # keep iff cos >= threshold; -1 keeps everything
     on_all_rejected: str = "warn"  # warn | error
     reference: str = "auto"  # auto: the bank's teacher_embedding when present, else recompute | recompute: always recompute
+    grid_batches: int = 1  # image grids (original | variations, kept/rejected, score) per filter actor and epoch
     hist_bins: int = 10  # score histogram bins over [-1, 1] in the per-batch report
 
     def validate(self, p: str) -> None:

@@ -272,11 +272,18 @@ def train_worker(config: dict) -> None:
         synthesizer = Synthesizer(teacher, normalize, cfg.data.num_classes, cfg.synthesis, cfg.data.image_size, device) if rank == 0 else object()
     source = RaySource(cfg, synthesizer, rank, world)
 
+    # Resume: Ray Train's checkpoint after a worker failure; else, on a rerun with
+    # run.resume=true, the run directory's state.pt (also what local mode relies on:
+    # num_workers=0 does not persist Ray checkpoints).
     start_epoch = 0
     ckpt = ray.train.get_checkpoint()
+    state_file = cfg.run_dir / "state.pt"
     if ckpt is not None:
         with ckpt.as_directory() as d:
             start_epoch, _ = load_training_state(Path(d) / "state.pt", distiller, gen)
+    elif cfg.run.resume and state_file.exists():
+        start_epoch, _ = load_training_state(state_file, distiller, gen)
+    if start_epoch:
         print(f"[rank {rank}] resuming after epoch {start_epoch}", flush=True)
 
     from .tracking import Tracker
@@ -293,6 +300,7 @@ def train_worker(config: dict) -> None:
             checkpoint = None
             if rank == 0:
                 save_training_state(Path(d) / "state.pt", distiller, epoch + 1, {"next_round": source.next_round}, gen)
+                save_training_state(state_file, distiller, epoch + 1, {"next_round": source.next_round}, gen)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, checkpoint=checkpoint)
 

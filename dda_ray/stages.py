@@ -142,8 +142,9 @@ class FilterStage:
         self.cfg = config_from_dict(cfg_dict)
         set_threads(self.cfg.resources.torch_threads)
         teacher, normalize, _ = load_teacher(self.cfg)
-        self.filter = CosineFilter(self.cfg.filter, teacher, normalize, drop_rejected=True, image_shape=_image_shape(self.cfg))
+        self.filter = CosineFilter(self.cfg.filter, teacher, normalize, image_shape=_image_shape(self.cfg))
         self.log = _stream_log(self.cfg, "filter")
+        self.grids_left = self.cfg.filter.grid_batches  # per actor; pools are rebuilt every epoch
 
     def __call__(self, batch: dict) -> dict:
         import warnings
@@ -156,11 +157,17 @@ class FilterStage:
             out, report = self.filter.filter(batch)
         for w in caught:  # surfaced in the job log, and counted per epoch
             print(f"warning: {w.message}", flush=True)
+        if self.grids_left > 0 and report.n_variations:
+            from .grids import save_grid
+
+            self.grids_left -= 1
+            save_grid(self.cfg.run_dir.resolve() / "grids", f"filter-{int(t0)}-{os.getpid()}", out, image_shape=_image_shape(self.cfg))
+        kept = np.asarray(out["kept"], dtype=bool)
         _append(
             self.log,
             {"t0": t0, "t1": time.time(), "variations": report.n_variations, "kept": report.n_kept, "rejected": report.n_variations - report.n_kept, "hist": report.to_dict().get("hist")},
         )
-        return {c: out[c] for c in ("id", "parent_id", "image", "label", "variation", "score")}
+        return {c: np.asarray(out[c])[kept] for c in ("id", "parent_id", "image", "label", "variation", "score")}
 
 
 def read_stream_stats(run_dir: Path, since: float = 0.0) -> dict:
