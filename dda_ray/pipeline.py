@@ -344,8 +344,12 @@ def init_ray(cfg: Config) -> None:
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
-def run_ray(cfg: Config, tracker=None) -> dict:
-    """Build the initial bank, then run the streaming Ray Train distillation; returns final metrics."""
+def run_ray(cfg: Config, tracker=None, callbacks: list | None = None) -> dict:
+    """Build the initial bank, then run the streaming Ray Train distillation; returns final metrics.
+
+    ``callbacks``: Ray Train ``UserCallback`` s for the trainer's RunConfig (a Tune trial passes
+    ``ray.tune.integration.ray_train.TuneReportCallback`` so Tune sees every epoch's report).
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -376,6 +380,7 @@ def run_ray(cfg: Config, tracker=None) -> dict:
             storage_path=str(run_dir / "ray"),
             failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks or []),
         ),
         datasets={"train": ds},
         dataset_config=uneven_data_config(),

@@ -11,7 +11,7 @@ import yaml
 from dda_ray.config import Config, ConfigError, config_from_dict, load_config, parse_override
 from dda_ray.runtime import RunDirExistsError, prepare_run_dir
 
-CONFIG_FILES = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIG_FILES = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 
 
 def test_defaults_validate():
