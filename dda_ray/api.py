@@ -6,6 +6,48 @@ from .config import Config
 from .tracking import Tracker, accuracy_curve
 
 
+def preflight(cfg: Config) -> None:
+    """Cheap checks of everything a distillation run will need, before Ray starts or anything is written.
+
+    Each failure raises a user error (one ``error:`` line, exit 2): missing data, a teacher
+    checkpoint that is missing/corrupt/unsafe/mismatched, a missing or wrong diffusion model,
+    xformers requested where it cannot run, a corrupt or foreign bank.
+    """
+    from pathlib import Path
+
+    from .checkpoint import load_teacher
+    from .data.datasets import CIFAR_URLS, DatasetError
+
+    data_path = Path(cfg.data.path).expanduser()
+    if cfg.data.dataset in CIFAR_URLS:
+        if not cfg.data.download and not data_path.exists():
+            raise DatasetError(f"data.path = {cfg.data.path} does not exist and data.download = false")
+    elif not data_path.exists():
+        raise DatasetError(f"data.path = {cfg.data.path} does not exist; point it at the {cfg.data.dataset} data (a folder or .tar.gz)")
+    load_teacher(cfg)  # every mode distils from the teacher
+    if cfg.run.mode == "dda":
+        from .augment import AugmentError, _check_pipeline_dir
+
+        model = Path(cfg.augment.model).expanduser()
+        if model.exists():
+            _check_pipeline_dir(model, cfg.augment)
+        elif cfg.augment.model.startswith((".", "/", "~")) or cfg.augment.model.count("/") != 1:
+            raise AugmentError(
+                f"augment.model = {cfg.augment.model!r} is neither an existing directory nor a hub id (owner/name); "
+                "train a local prior with jobs/train_prior.py or point it at a Stable Diffusion checkpoint"
+            )
+        if cfg.augment.xformers:
+            try:
+                import xformers  # noqa: F401
+            except ImportError as e:
+                raise AugmentError("augment.xformers=true but xformers is not installed; pip install 'dda_ray[gpu]' or set augment.xformers=false") from e
+    if cfg.synthesis.bank_dir and cfg.run.mode != "real_kd":
+        from .data.bank import bank_files, read_table
+
+        for path in bank_files(cfg.synthesis.bank_dir):
+            read_table(path)  # BankError for corrupt or foreign files
+
+
 def log_run_artifacts(tracker: Tracker, cfg: Config) -> None:
     """What every distillation run leaves in MLflow: config, metrics, curve, grids, student."""
     run_dir = cfg.run_dir

@@ -7,8 +7,8 @@ Starts an embedded local Ray unless RAY_ADDRESS points at a cluster; run.engine=
 everything in this process without Ray.
 """
 
-from dda_ray.api import distill
+from dda_ray.api import distill, preflight
 from dda_ray.cli import run_job
 
 if __name__ == "__main__":
-    run_job(distill, description=__doc__)
+    run_job(distill, description=__doc__, preflight=preflight)
