@@ -136,6 +136,12 @@ class Distiller:
         self.optimizer.load_state_dict(state["optimizer"])
         self.rot_optimizer.load_state_dict(state["rot_optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # The schedule follows this run's distill.epochs (resuming with more epochs extends it):
+        # put the closed-form cosine LR for the epochs done back into the optimiser.
+        done = self.scheduler.last_epoch
+        self.scheduler.T_max = self.cfg.epochs
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            group["lr"] = base * 0.5 * (1 + math.cos(math.pi * min(done, self.cfg.epochs) / self.cfg.epochs))
 
     def epoch_context(self):
         """DDP's uneven-input handling when wrapped: a worker whose shard ends first shadows

@@ -1,6 +1,7 @@
 """End-to-end runs of the single-process pipeline on the real CIFAR-10 test split (tiny budgets)."""
 
 import json
+import math
 
 import pytest
 
@@ -99,3 +100,19 @@ def test_shared_initial_bank_is_reused(tmp_path, tiny_teacher, cifar10_decoded):
     run_local(b, progress=False)
     assert [p.stat().st_mtime_ns for p in bank_files(shared)] == stamp  # not re-synthesised
     assert not (b.run_dir / "bank").exists()
+
+
+def test_resume_continues_after_the_last_epoch_and_extends_the_schedule(tmp_path, tiny_teacher, cifar10_decoded):
+    first = tiny_config(tmp_path, tiny_teacher, cifar10_decoded, **{"distill.epochs": 1})
+    run_local(first, progress=False)
+    resumed = load_config(None, [f"{k}={v}" for k, v in {**_overrides(first), "distill.epochs": 2, "run.resume": True}.items()])
+    prepare_run_dir(resumed)  # allowed: run.resume=true
+    final = run_local(resumed, progress=False)
+    lines = read_jsonl(first.run_dir / "metrics.jsonl")
+    assert [m["epoch"] for m in lines] == [1, 2] and final["epoch"] == 2
+    assert lines[1]["lr"] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi / 2)))  # epoch 2 of a 2-epoch cosine
+    assert len(bank_files(first.run_dir / "rounds")) == 2  # the round of epoch 1 is reused, one new
+
+
+def _overrides(cfg) -> dict:
+    return {k: ("null" if v is None else v) for k, v in cfg.flat().items() if not isinstance(v, (list, dict))}
