@@ -40,9 +40,8 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from .config import Config, config_from_dict
-from .data.bank import BANK_SCHEMA, bank_files, decode_images, read_table
-
-STREAM_COLUMNS = ("id", "parent_id", "image", "label", "teacher_embedding", "is_variation")
+from .data.bank import bank_files, decode_images, read_table
+from .runtime import append_jsonl
 
 
 # --------------------------------------------------------------------- reading
@@ -152,20 +151,6 @@ def build_dataset(cfg: Config, class_names: list[str] | None = None):
 
 
 # ------------------------------------------------------------ train workers
-class StreamLog:
-    """Per-batch JSON lines (time, rows, ids) that prove streaming and row accounting."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, **record) -> None:
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"t": time.time(), **record}) + "\n")
-
-
 class RaySource:
     """``TrainSource`` over this worker's Ray Data shard (+ rank-0 synthesis between epochs)."""
 
@@ -178,6 +163,8 @@ class RaySource:
         self.next_round = cfg.synthesis.init_rounds + len(bank_files(self.rounds_dir))
         self.shape = (cfg.data.image_size, cfg.data.image_size, 3)
         self.log_dir = cfg.run_dir / "stream" if cfg.run.stream_log else None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
 
     def _barrier(self) -> None:
         if self.world_size > 1 and torch.distributed.is_initialized():
@@ -212,12 +199,13 @@ class RaySource:
     def batches(self, epoch: int):
         """This worker's rows; with ``steps_per_epoch`` set, passes repeat until the loop stops
         (each pass re-executes the stream: re-lists the bank, reads cached variations)."""
-        log = StreamLog(self.log_dir / f"train-rank{self.rank}-epoch{epoch}.jsonl" if self.log_dir else None)
+        log = self.log_dir / f"train-rank{self.rank}-epoch{epoch}.jsonl" if self.log_dir else None
         collate = BankCollate(self.shape)
         passes = 0
         while True:
             for b in self.shard.iter_torch_batches(batch_size=self.cfg.distill.batch_size, collate_fn=collate, prefetch_batches=1):
-                log.write(rows=len(b["ids"]), ids=b["ids"], **{"pass": passes})
+                if log is not None:
+                    append_jsonl(log, {"t": time.time(), "rows": len(b["ids"]), "ids": b["ids"], "pass": passes})
                 yield b["image"], b["label"]
             passes += 1
             if self.cfg.distill.steps_per_epoch is None:
@@ -391,4 +379,4 @@ def run_ray(cfg: Config, tracker=None, callbacks: list | None = None) -> dict:
     return final
 
 
-__all__ = ["BANK_SCHEMA", "STREAM_COLUMNS", "build_dataset", "run_ray", "train_worker", "init_ray"]
+__all__ = ["build_dataset", "init_ray", "run_ray", "train_worker"]

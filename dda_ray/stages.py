@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import Config, config_from_dict
+from .runtime import append_jsonl
 
 ORIGINAL = -1
 
@@ -48,14 +49,10 @@ def augment_cache_dir(cfg: Config) -> Path:
 
 
 def _stream_log(cfg: Config, stage: str) -> Path:
+    """Each actor process appends to its own file, so writers never share one."""
     d = cfg.run_dir.resolve() / "stream"
     d.mkdir(parents=True, exist_ok=True)
     return d / f"{stage}-{os.getpid()}.jsonl"
-
-
-def _append(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def _image_shape(cfg: Config) -> tuple[int, int, int]:
@@ -124,7 +121,7 @@ class AugmentStage:
         }
         if emb is not None:
             result["parent_embedding"] = np.concatenate([emb, np.repeat(emb, k, axis=0)])
-        _append(self.log, {"t0": t0, "t1": time.time(), "parents": len(ids), "variations": len(ids) * k, "cache_hits": len(ids) - len(miss)})
+        append_jsonl(self.log, {"t0": t0, "t1": time.time(), "parents": len(ids), "variations": len(ids) * k, "cache_hits": len(ids) - len(miss)})
         return result
 
 
@@ -163,7 +160,7 @@ class FilterStage:
             self.grids_left -= 1
             save_grid(self.cfg.run_dir.resolve() / "grids", f"filter-{int(t0)}-{os.getpid()}", out, image_shape=_image_shape(self.cfg))
         kept = np.asarray(out["kept"], dtype=bool)
-        _append(
+        append_jsonl(
             self.log,
             {"t0": t0, "t1": time.time(), "variations": report.n_variations, "kept": report.n_kept, "rejected": report.n_variations - report.n_kept, "hist": report.to_dict().get("hist")},
         )
