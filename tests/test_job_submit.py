@@ -1,0 +1,286 @@
+"""The cluster flow for real, on this machine: ``ray start --head`` + ``ray job submit --working-dir``.
+
+What it pins down (DESIGN.md's pitfalls): the job runs the project's venv python (venv bin
+first on PATH for ``ray start``), auth is set the same way for head and submit and leaves no
+token file in the home directory, the uploaded working dir excludes the venv and outputs,
+``jobs/distill.py`` attaches to the cluster through ``RAY_ADDRESS`` and streams Ray Data into
+training, and the head is stopped through its own process group (never a bare ``ray stop``,
+which would stop every Ray on the machine). ``DDA_KEEP_RAY_TEMP=1`` keeps the head's temp dir
+(its logs) for debugging.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from dda_ray.checkpoint import load_classifier, save_classifier
+
+from ._tiny_pipelines import build_tiny_prior
+from .test_synthesis import teacher_with_stats
+
+pytestmark = pytest.mark.slow
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+EXCLUDES = [".venv", "outputs", ".git", ".logs", "mlruns", ".pytest_cache", ".ruff_cache", "**/__pycache__"]
+JOB_TIMEOUT_S = 300  # about 60-110 s on 2 idle-ish cores; the slack is for a busy machine
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_env() -> dict:
+    """Environment for both ``ray start`` and ``ray job submit``: venv first, auth off, no usage stats."""
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_AUTH_MODE"] = "disabled"  # the same for head and client: no token, so none is written to ~/.ray
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    env.pop("RAY_ADDRESS", None)  # the CLI gets --address explicitly
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def ray_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VENV_BIN / "ray"), *args], env=ray_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def http_json(url: str, timeout: float = 5) -> dict | list | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return json.loads(r.read().decode())
+    except (OSError, ValueError):
+        return None
+
+
+def home_ray_files() -> set[str]:
+    d = Path.home() / ".ray"
+    return {p.name for p in d.iterdir()} if d.is_dir() else set()
+
+
+def processes_of(pgid: int, temp_dir: Path) -> list[int]:
+    """PIDs of this head only: its process group, or a command line / working directory inside
+    its private temp dir (job drivers run in a session of their own, from the unpacked working dir)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        pid = int(proc.name)
+        try:
+            if os.getpgid(pid) == pgid or str(temp_dir).encode() in (proc / "cmdline").read_bytes() or os.readlink(proc / "cwd").startswith(str(temp_dir)):
+                pids.append(pid)
+        except OSError:
+            continue
+    return pids
+
+
+class RayHead:
+    def __init__(self, proc: subprocess.Popen, temp_dir: Path, dashboard_port: int, log: Path):
+        self.proc, self.temp_dir, self.log = proc, temp_dir, log
+        self.address = f"http://127.0.0.1:{dashboard_port}"
+
+    def processes(self) -> list[int]:
+        return processes_of(self.proc.pid, self.temp_dir)
+
+    def stop(self) -> None:
+        """Stop this head only, never a bare ``ray stop`` (it stops every Ray on the machine).
+
+        SIGTERM to ``ray start --block`` makes it tear down the daemons it started (draining is
+        off, see the fixture); whatever is left of its process group or temp dir is killed after.
+        """
+        try:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in self.processes():
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.time() + 10
+            while self.processes() and time.time() < deadline:
+                time.sleep(0.5)
+        if self.proc.poll() is None:
+            self.proc.wait(timeout=10)
+
+
+def start_head(timeout_s: float = 150) -> tuple[RayHead | None, str]:
+    """``ray start --head --block`` in a new session; returns (head, "") once the node and the job
+    API are up, or (None, log tail) after stopping a head that failed to start."""
+    # Short path: Ray's unix sockets live under the temp dir and must fit in 107 characters.
+    temp_dir = Path(tempfile.mkdtemp(prefix="ddajob-", dir="/tmp"))
+    dashboard_port = free_port()
+    log = temp_dir / "ray-start.log"
+    cmd = [
+        str(VENV_BIN / "ray"), "start", "--head", "--block",
+        "--num-cpus=2",
+        f"--port={free_port()}",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+        f"--ray-client-server-port={free_port()}",
+        # Every port chosen here: Ray's fixed defaults (6379, 8265, 10001, 52365) would collide
+        # with any other Ray on this machine.
+        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+        f"--temp-dir={temp_dir}", "--disable-usage-stats",
+    ]  # fmt: skip
+    env = ray_env()
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # SIGTERM stops at once instead of draining for 30 s
+    with open(log, "w") as out:
+        # A new session: its process group is this head's handle for stopping it.
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=temp_dir)
+    head = RayHead(proc, temp_dir, dashboard_port, log)
+    deadline = time.time() + timeout_s
+    raylet_crash = ""
+    while proc.poll() is None and time.time() < deadline and not raylet_crash:
+        if "Ray runtime started" in log.read_text() and http_json(f"{head.address}/api/jobs/") is not None:
+            return head, ""
+        # The raylet aborts when the dashboard agent takes over ~30 s to report its ports (slow
+        # imports on a busy machine); `ray start` would only notice much later.
+        for out in temp_dir.glob("session_*/logs/raylet.out"):
+            raylet_crash = "\n".join(line for line in out.read_text(errors="replace").splitlines() if "Check failed" in line)
+        time.sleep(1)
+    tail = log.read_text()[-2000:] + "\n" + raylet_crash[-1500:]
+    head.stop()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    return None, tail
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    home_before = home_ray_files()
+    t0 = time.time()
+    failures = []
+    head = None
+    for _ in range(2):  # a second try starts with a warm page cache
+        head, why = start_head()
+        if head is not None:
+            break
+        failures.append(why)
+    assert head is not None, "the test Ray head did not start:\n" + "\n---\n".join(failures)
+    print(f"ray head up in {time.time() - t0:.0f}s ({len(failures)} failed start(s))")
+    try:
+        yield head
+    finally:
+        head.stop()
+        left = head.processes()
+        start_log = head.log.read_text() if head.log.exists() else ""
+        if not os.environ.get("DDA_KEEP_RAY_TEMP"):
+            shutil.rmtree(head.temp_dir, ignore_errors=True)
+    assert not left, f"processes of the test head survived: {left}"
+    assert "Generated new authentication token" not in start_log
+    assert home_ray_files() == home_before, "the test cluster left files in ~/.ray"
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("job_assets")
+    save_classifier(teacher_with_stats(), root / "teacher", arch="wrn16_1", num_classes=10, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
+    build_tiny_prior(root / "prior", num_classes=10, image_size=32)
+    return root
+
+
+def tiny_overrides(out_dir: Path, assets: Path, cifar) -> list[str]:
+    """The CPU smoke preset cut to seconds: tiny teacher/prior, two small rounds, one short epoch."""
+    values = {
+        "run.output_dir": out_dir,
+        "run.name": "job",
+        "run.engine": "ray",
+        "run.stream_log": True,
+        "data.path": cifar.path,
+        "data.cache_dir": cifar.cache_dir,
+        "data.eval_subset": 100,
+        "teacher.arch": "wrn16_1",
+        "teacher.checkpoint": assets / "teacher",
+        "synthesis.nz": 32,
+        "synthesis.ngf": 16,
+        "synthesis.init_rounds": 2,
+        "synthesis.init_batch_size": 16,
+        "synthesis.init_g_steps": 2,
+        "synthesis.batch_size": 16,
+        "synthesis.g_steps": 2,
+        "distill.epochs": 1,  # epochs 2+ (rounds with the student, cache reuse): tests/test_pipeline.py
+        "distill.steps_per_epoch": "null",
+        "distill.batch_size": 16,
+        "distill.lr": 0.01,  # a random tiny teacher: keep the student's loss finite
+        "augment.model": assets / "prior",
+        "augment.num_variations": 1,
+        "augment.steps": 4,
+        "augment.strength": 0.5,
+        "augment.batch_size": 8,
+        "filter.threshold": 0.5,
+        "resources.num_workers": 0,
+        "resources.torch_threads": 1,
+        "tracking.enabled": "false",
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def test_ray_job_submit_runs_the_distillation_job(ray_head, assets, cifar10_decoded, tmp_path):
+    out_dir = tmp_path / "out"
+    job_id = f"dda-test-{uuid.uuid4().hex[:8]}"
+    submit = [
+        "job", "submit", "--address", ray_head.address, "--submission-id", job_id, "--no-wait",
+        "--working-dir", str(REPO_ROOT), "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
+        "--", "python", "jobs/distill.py", "--config", "configs/cifar10_cpu_smoke.yaml",
+        *tiny_overrides(out_dir, assets, cifar10_decoded),
+    ]  # fmt: skip
+    t0 = time.time()
+    r = ray_cli(*submit, timeout=120)
+    assert r.returncode == 0, f"ray job submit failed:\n{r.stdout}\n{r.stderr}"
+    status = None
+    try:
+        while time.time() - t0 < JOB_TIMEOUT_S:
+            info = http_json(f"{ray_head.address}/api/jobs/{job_id}")
+            status = info and info.get("status")
+            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+                break
+            time.sleep(2)
+    finally:
+        if status not in ("SUCCEEDED", "FAILED", "STOPPED"):
+            ray_cli("job", "stop", "--address", ray_head.address, job_id, timeout=60)
+    logs = ray_cli("job", "logs", "--address", ray_head.address, job_id, timeout=60).stdout
+    # SUCCEEDED also means PATH reached the job: the entrypoint's `python` is the venv's (the
+    # machine's other pythons have neither torch nor Ray; `ray job submit` shlex-quotes its
+    # arguments, so the entrypoint cannot chain a separate `sys.executable` probe with `&&`).
+    assert status == "SUCCEEDED", f"job {job_id} ended {status} after {time.time() - t0:.0f}s:\n{logs[-6000:]}"
+
+    # The driver attached to this head (RAY_ADDRESS from the job), not an embedded Ray of its own.
+    assert "Connecting to existing Ray cluster" in logs and "Started a local Ray instance" not in logs
+    # Per-epoch lines from rank 0 and Ray Data's progress through the augment/filter pools.
+    assert re.search(r"epoch 1/1: test_acc \d", logs), f"no per-epoch line in the job logs:\n{logs[-4000:]}"
+    assert "Execution plan of Dataset" in logs and "MapBatches(AugmentStage)" in logs and "MapBatches(FilterStage)" in logs
+    assert re.search(r"Running Dataset|Total Progress", logs), "no Ray Data progress in the job logs"
+    assert "Generated new authentication token" not in logs
+
+    run_dir = out_dir / "job"
+    final = json.loads((run_dir / "metrics.json").read_text())
+    assert final["epoch"] == 1 and 0 <= final["test_acc"] <= 100 and math.isfinite(final["test_loss"])
+    load_classifier(run_dir / "student", "wrn16_1", 10)
+    # The upload left the venv and outputs behind (the job's own outputs went to run.output_dir).
+    pkgs = {p.resolve() for p in ray_head.temp_dir.glob("session_*/runtime_resources/working_dir_files/*") if p.is_dir()}
+    assert pkgs, "no unpacked working dir found under the head's temp dir"
+    for pkg in pkgs:
+        assert (pkg / "jobs" / "distill.py").exists()
+        for name in (".venv", "outputs", ".git", ".logs", "mlruns"):
+            assert not (pkg / name).exists(), f"{name} was uploaded with the working dir"
+    print(f"job {job_id} succeeded in {time.time() - t0:.0f}s")
