@@ -12,6 +12,7 @@ refused. Arch and class count then come from the config.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -33,14 +34,24 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, unsafe or does not match the config."""
 
 
-def save_classifier(model: nn.Module, path: str | Path, *, arch: str, num_classes: int, mean, std, accuracy: float | None = None, **extra) -> Path:
+def save_classifier(
+    model: nn.Module, path: str | Path, *, arch: str, num_classes: int, mean, std, accuracy: float | None = None, **extra
+) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, tmp / WEIGHTS)
-        meta = {"format": "dda_ray.classifier/1", "arch": arch, "num_classes": num_classes, "mean": list(mean), "std": list(std), "accuracy": accuracy, **extra}
+        meta = {
+            "format": "dda_ray.classifier/1",
+            "arch": arch,
+            "num_classes": num_classes,
+            "mean": list(mean),
+            "std": list(std),
+            "accuracy": accuracy,
+            **extra,
+        }
         (tmp / META).write_text(json.dumps(meta, indent=2))
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -53,6 +64,19 @@ def save_classifier(model: nn.Module, path: str | Path, *, arch: str, num_classe
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def fingerprint(model: nn.Module) -> str:
+    """Short content hash of a model's weights and buffers (names, dtypes, shapes, values).
+
+    Identifies the teacher a bank was synthesised with, whatever file it was loaded from.
+    """
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
 
 
 def read_meta(path: str | Path) -> dict | None:
@@ -101,7 +125,9 @@ def load_classifier(path: str | Path, arch: str, num_classes: int) -> tuple[nn.M
     meta = read_meta(path) or {}
     if meta:
         if meta.get("arch") != arch:
-            raise CheckpointError(f"checkpoint {path} holds a {meta.get('arch')!r} but the config asks for {arch!r}; fix teacher.arch or the checkpoint path")
+            raise CheckpointError(
+                f"checkpoint {path} holds a {meta.get('arch')!r} but the config asks for {arch!r}; fix teacher.arch or the checkpoint path"
+            )
         if meta.get("num_classes") != num_classes:
             raise CheckpointError(f"checkpoint {path} has {meta.get('num_classes')} classes but data.num_classes = {num_classes}")
     model = build_model(arch, num_classes)

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .checkpoint import fingerprint
 from .config import Config
-from .data.bank import BankBatch, bank_files, from_table, read_bank, read_table, write_round
+from .data.bank import BankBatch, bank_files, check_provenance, from_table, read_bank, read_table, write_round
 from .data.datasets import ImageArrays
 from .distill import Distiller, cycle_batches
 from .runtime import derive_seed
@@ -27,19 +28,32 @@ def initial_bank_dir(cfg: Config) -> Path:
     return Path(cfg.synthesis.bank_dir) if cfg.synthesis.bank_dir else cfg.run_dir / "bank"
 
 
+def bank_provenance(cfg: Config, synthesizer: Synthesizer, initial: bool = True) -> dict[str, str]:
+    """What made a bank's rounds: the teacher's weights and the synthesis settings and seed."""
+    sc = cfg.synthesis
+    size, steps = (sc.init_batch_size, sc.init_g_steps) if initial else (sc.batch_size, sc.g_steps)
+    settings = f"batch_size={size} g_steps={steps} lr_g={sc.lr_g} nz={sc.nz} ngf={sc.ngf} bn={sc.bn} oh={sc.oh} seed={cfg.run.seed}"
+    return {"teacher": fingerprint(synthesizer.teacher), "synthesis": settings}
+
+
 def build_initial_bank(cfg: Config, synthesizer: Synthesizer, progress: bool = True) -> Path:
     """Synthesise the initial bank (no student, adv = 0), skipping rounds already on disk.
 
     Rounds are independent and seeded by (run seed, round), so a bank shared between runs or
-    finished after an interruption is identical to one made in one go.
+    finished after an interruption is identical to one made in one go. Rounds on disk made by
+    another teacher or with other settings are refused (:func:`check_provenance`).
     """
     sc = cfg.synthesis
     bank_dir = initial_bank_dir(cfg)
-    done = {int(p.stem.split("-")[1]) for p in bank_files(bank_dir)}
+    provenance = bank_provenance(cfg, synthesizer)
+    existing = bank_files(bank_dir)
+    for path in existing:
+        check_provenance(path, provenance)
+    done = {int(p.stem.split("-")[1]) for p in existing}
     todo = [r for r in range(sc.init_rounds) if r not in done]
     for r in tqdm(todo, desc="initial bank", unit="round", disable=not progress or not todo):
         res = synthesizer.run_round(r, derive_seed(cfg.run.seed, "bank", r), sc.init_batch_size, sc.init_g_steps, adv=0.0)
-        write_round(bank_dir, res.batch, r)
+        write_round(bank_dir, res.batch, r, provenance)
     return bank_dir
 
 
@@ -57,6 +71,7 @@ class BankSource:
     ):
         self.cfg, self.synthesizer, self.generator, self.augment, self.progress = cfg, synthesizer, generator, augment, progress
         self.rounds_dir = cfg.run_dir / "rounds"
+        self.provenance = bank_provenance(cfg, synthesizer, initial=False) if synthesizer is not None else None
         self.images: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []
         self.stats: dict = {}
@@ -87,8 +102,14 @@ class BankSource:
         if self.synthesizer is not None:
             for _ in range(sc.rounds_per_epoch):
                 r = self.next_round
-                res = self.synthesizer.run_round(r, derive_seed(self.cfg.run.seed, "round", r), student=distiller.student_module, rot_head=distiller.rot_head, progress=self.progress)
-                write_round(self.rounds_dir, res.batch, r)
+                res = self.synthesizer.run_round(
+                    r,
+                    derive_seed(self.cfg.run.seed, "round", r),
+                    student=distiller.student_module,
+                    rot_head=distiller.rot_head,
+                    progress=self.progress,
+                )
+                write_round(self.rounds_dir, res.batch, r, self.provenance)
                 self.next_round = r + 1
                 distiller.reset_rotation_head()
                 self._add(res.batch)

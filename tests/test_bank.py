@@ -173,3 +173,17 @@ def test_empty_or_missing_bank_is_refused(tmp_path):
     with pytest.raises(BankError, match="no bank files"):
         read_bank(tmp_path / "missing")
     assert num_rounds(tmp_path / "missing") == 0
+
+
+def test_provenance_round_trips_and_mismatches_are_refused(tmp_path):
+    from dda_ray.data.bank import check_provenance, read_provenance
+
+    prov = {"teacher": "abc123", "synthesis": "batch_size=4 g_steps=2 seed=0"}
+    path = write_round(tmp_path, make_batch(0, 3, seed=0), 0, prov)
+    assert read_provenance(path) == prov
+    check_provenance(path, prov)  # same teacher and settings: accepted
+    with pytest.raises(BankError, match=r"teacher: bank has 'abc123', this run has 'fff000'.*fresh directory"):
+        check_provenance(path, {**prov, "teacher": "fff000"})
+    legacy = write_round(tmp_path / "old", make_batch(0, 3, seed=0), 0)
+    assert read_provenance(legacy) == {}  # files without provenance stay readable
+    check_provenance(legacy, prov)

@@ -17,7 +17,9 @@ from .test_synthesis import teacher_with_stats
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory):
     path = tmp_path_factory.mktemp("teacher") / "wrn16_1"
-    save_classifier(teacher_with_stats(), path, arch="wrn16_1", num_classes=10, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26), accuracy=None)
+    save_classifier(
+        teacher_with_stats(), path, arch="wrn16_1", num_classes=10, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26), accuracy=None
+    )
     return path
 
 
@@ -116,3 +118,28 @@ def test_resume_continues_after_the_last_epoch_and_extends_the_schedule(tmp_path
 
 def _overrides(cfg) -> dict:
     return {k: ("null" if v is None else v) for k, v in cfg.flat().items() if not isinstance(v, (list, dict))}
+
+
+def test_shared_bank_is_reused_only_with_the_same_teacher_and_settings(tmp_path, tiny_teacher, cifar10_decoded):
+    from dda_ray.data.bank import BankError, read_provenance
+
+    shared = tmp_path / "shared_bank"
+    first = tiny_config(tmp_path / "a", tiny_teacher, cifar10_decoded, **{"distill.epochs": 1, "synthesis.bank_dir": shared})
+    run_local(first, progress=False)
+    files = bank_files(shared)
+    assert len(files) == 2 and read_provenance(files[0])["teacher"]
+    stamps = [f.stat().st_mtime_ns for f in files]
+    run_local(
+        tiny_config(tmp_path / "b", tiny_teacher, cifar10_decoded, **{"distill.epochs": 1, "synthesis.bank_dir": shared}), progress=False
+    )
+    assert [f.stat().st_mtime_ns for f in bank_files(shared)] == stamps  # reused, not re-synthesised
+
+    other = tmp_path / "other_teacher"
+    save_classifier(teacher_with_stats(seed=1), other, arch="wrn16_1", num_classes=10, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
+    with pytest.raises(BankError, match=r"teacher: bank has '[0-9a-f]{16}', this run has '[0-9a-f]{16}'"):
+        run_local(tiny_config(tmp_path / "c", other, cifar10_decoded, **{"synthesis.bank_dir": shared}), progress=False)
+    with pytest.raises(BankError, match=r"synthesis: bank has '.*g_steps=3.*', this run has '.*g_steps=5"):
+        run_local(
+            tiny_config(tmp_path / "d", tiny_teacher, cifar10_decoded, **{"synthesis.bank_dir": shared, "synthesis.init_g_steps": 5}),
+            progress=False,
+        )

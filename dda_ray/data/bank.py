@@ -14,6 +14,11 @@ round              int32                synthesis round (initial bank rounds fir
 seed               int64                seed of the round
 =================  ===================  ==================================================
 
+Rounds also carry provenance metadata (``provenance.teacher``: a hash of the teacher's weights;
+``provenance.synthesis``: the settings and seed that made them), so a bank shared between runs
+(``synthesis.bank_dir``) is never silently reused with another teacher or budget: its stored
+teacher embeddings are what the cosine filter compares against.
+
 Files are named ``round-{round:05d}.parquet`` and written to a temporary name then renamed,
 so a reader (Ray Data included, which reads the directory as one dataset) never sees a
 half-written round. Appending a round means writing one more file.
@@ -81,7 +86,10 @@ def decode_images(column, shape: tuple[int, int, int]) -> np.ndarray:
     return np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), *shape)
 
 
-def to_table(batch: BankBatch) -> pa.Table:
+PROVENANCE_PREFIX = "provenance."
+
+
+def to_table(batch: BankBatch, provenance: dict[str, str] | None = None) -> pa.Table:
     shape = batch.images.shape[1:]
     table = pa.table(
         {
@@ -95,16 +103,18 @@ def to_table(batch: BankBatch) -> pa.Table:
         },
         schema=BANK_SCHEMA,
     )
-    return table.replace_schema_metadata({"dda_ray.bank": BANK_VERSION, "image_shape": ",".join(map(str, shape))})
+    meta = {"dda_ray.bank": BANK_VERSION, "image_shape": ",".join(map(str, shape))}
+    meta.update({PROVENANCE_PREFIX + k: str(v) for k, v in (provenance or {}).items()})
+    return table.replace_schema_metadata(meta)
 
 
-def write_round(bank_dir: str | Path, batch: BankBatch, round_idx: int) -> Path:
+def write_round(bank_dir: str | Path, batch: BankBatch, round_idx: int, provenance: dict[str, str] | None = None) -> Path:
     """Append one round to the bank (atomically: temp file, then rename)."""
     bank_dir = Path(bank_dir)
     bank_dir.mkdir(parents=True, exist_ok=True)
     path = bank_dir / f"round-{round_idx:05d}.parquet"
     tmp = bank_dir / f".round-{round_idx:05d}.parquet.tmp"
-    pq.write_table(to_table(batch), tmp)
+    pq.write_table(to_table(batch, provenance), tmp)
     os.replace(tmp, path)
     return path
 
@@ -116,6 +126,29 @@ def bank_files(bank_dir: str | Path) -> list[Path]:
     if bank_dir.is_file():
         return [bank_dir]
     return sorted(bank_dir.glob("round-*.parquet"))
+
+
+def read_provenance(path: str | Path) -> dict[str, str]:
+    """The provenance metadata of one bank file (empty for files written before it existed)."""
+    path = Path(path)
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (pa.ArrowException, OSError) as e:
+        raise BankError(f"bank file {path} is corrupt or not Parquet: {e}") from e
+    _image_shape(meta, path)
+    n = len(PROVENANCE_PREFIX)
+    return {k.decode()[n:]: v.decode() for k, v in meta.items() if k.decode().startswith(PROVENANCE_PREFIX)}
+
+
+def check_provenance(path: str | Path, expected: dict[str, str]) -> None:
+    """Refuse a bank file made by another teacher or with other synthesis settings."""
+    found = read_provenance(path)
+    diff = {k: (found[k], v) for k, v in expected.items() if k in found and found[k] != v}
+    if diff:
+        what = "; ".join(f"{k}: bank has {a!r}, this run has {b!r}" for k, (a, b) in diff.items())
+        raise BankError(
+            f"bank file {path} was made differently ({what}). Point synthesis.bank_dir at a fresh directory or delete {Path(path).parent}."
+        )
 
 
 def _image_shape(meta: dict | None, path: Path) -> tuple[int, int, int]:
