@@ -1,0 +1,644 @@
+"""How fast is the pipeline? Ratios measured side by side, in one run, on the same work (issue #7: 4, 5, 6, 8).
+
+    RAY_AUTH_MODE=disabled python benchmarks/perf.py streaming [--repeats 3]   # (4) streaming vs augment-everything-first
+    RAY_AUTH_MODE=disabled python benchmarks/perf.py step [--repeats 3]        # (5) Ray Train per step vs a plain PyTorch loop
+    RAY_AUTH_MODE=disabled python benchmarks/perf.py augment [--repeats 3]     # (6) batched vs per-image diffusion; pool size 1 vs 2
+    RAY_AUTH_MODE=disabled python benchmarks/perf.py memory                    # (8) peak RSS per stage
+    common options: [--config configs/cifar10_cpu_smoke.yaml] [--output-dir outputs/bench_perf] [--quick] [section.field=value ...]
+
+Every benchmark starts from the smoke preset (shipped wrn16_2 teacher -> wrn16_1 student, shipped prior
+``checkpoints/cifar10_prior``, CIFAR-10 JPEG copy) made small (``SMALL`` below: one torch thread per process,
+no tracking, one epoch, no synthesis rounds during training) and one shared synthetic bank under
+``<output-dir>/bank-*`` (made once, skipped when present). Arms alternate inside every repeat, so a
+change of load on a shared machine hits all arms alike; tables give medians over the repeats and the
+per-repeat values.
+
+  streaming  ``dda_ray.pipeline.run_ray`` twice per repeat on the same bank, one pass over the stream
+             (``distill.steps_per_epoch=null``: every original and every kept variation once): as
+             shipped (augment/filter actors stream into the trainer), and with ``build_dataset``
+             wrapped to ``.materialize()`` the same Ray Data graph first (sequential: diffuse and
+             filter everything, then train). Each arm of each repeat has its own empty
+             ``augment.cache_dir``, so diffusion is really recomputed.
+  step       per KD step: ``Distiller.train_step`` in a plain loop in this process, vs the same step
+             inside ``run_ray`` (``TorchTrainer``, ``num_workers=0`` local mode and ``num_workers=1``),
+             on the same batches (``run.mode=real_kd`` on ``data.train_subset`` real images: one
+             in-memory block, read in order, so the Ray loop sees the plain loop's batches).
+             Ray's per-step time is the median gap between the stream log's batch timestamps.
+  augment    ``Augmenter.augment`` on bank images, batched (``augment.batch_size``) vs one image per
+             call, in this process; then ``AugmentStage`` through ``map_batches`` with an actor pool of
+             1 and 2 (fresh cache per run).
+  memory     one shipped-shape streaming run (``run_ray``) while a sampler reads the peak RSS
+             (``VmHWM``) of every process of this Ray instance; a synthesis round and a bare import
+             run in child processes (``ru_maxrss``).
+
+Ray is started here, embedded, with ``address="local"`` (never someone else's cluster on the same machine) and
+without the dashboard unless ``--dashboard`` (``init_ray`` turns it on for Tune; Train and Data do not need it,
+and on a loaded 2-core machine it is slow to come up). ``run_ray`` then finds Ray initialised and uses it.
+
+Prints one Markdown table per benchmark (machine line, date, command) and appends it to
+``<output-dir>/results.md``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # an embedded test cluster: no token file in ~/.ray
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import multiprocessing as mp  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import shlex  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+BENCHMARKS = ("streaming", "step", "augment", "memory")
+RAY_NOTE = "no Ray"
+
+# Small enough for minutes on 2 shared cores; the same components as the presets.
+SMALL = [
+    "tracking.enabled=false",
+    "resources.torch_threads=1",
+    "synthesis.init_rounds=2",
+    "synthesis.init_batch_size=32",
+    "synthesis.init_g_steps=10",
+    "synthesis.rounds_per_epoch=0",
+    "distill.epochs=1",
+    "distill.steps_per_epoch=null",
+    "distill.batch_size=32",
+    "data.eval_subset=200",
+]
+# --quick: seconds, for tests and a first look (the numbers mean little).
+QUICK = [
+    "synthesis.init_rounds=1",
+    "synthesis.init_batch_size=8",
+    "synthesis.init_g_steps=2",
+    "augment.batch_size=4",
+    "distill.batch_size=8",
+    "data.eval_subset=50",
+]
+
+
+# ---------------------------------------------------------------- helpers
+def machine_line() -> str:
+    import ray
+    import torch
+
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    return f"{platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}; load average (1/5/15 min) at start {load}"
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def fmt(x: float, nd: int = 2) -> str:
+    return "n/a" if x is None or x != x else f"{x:.{nd}f}"
+
+
+def fmt_list(xs: list[float], nd: int = 1) -> str:
+    return ", ".join(fmt(x, nd) for x in xs)
+
+
+class Report:
+    """Collects one benchmark's Markdown and prints / appends it at the end."""
+
+    def __init__(self, args, title: str):
+        self.args, self.lines = args, [f"### {title}", ""]
+        self.lines += [f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}", f"- machine: {machine_line()}", f"- command: `{command_line()}`", ""]
+
+    def add(self, *lines: str) -> None:
+        self.lines.extend(lines)
+
+    def table(self, header: list[str], rows: list[list[str]]) -> None:
+        self.lines.append("| " + " | ".join(header) + " |")
+        self.lines.append("|" + "---|" * len(header))
+        self.lines += ["| " + " | ".join(r) + " |" for r in rows]
+        self.lines.append("")
+
+    def emit(self) -> str:
+        load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+        self.lines.append(f"- load average at end: {load}; {RAY_NOTE}")
+        text = "\n".join(self.lines) + "\n"
+        print("\n" + text, flush=True)
+        out = Path(self.args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "results.md", "a") as f:
+            f.write(text + "\n")
+        return text
+
+
+def command_line() -> str:
+    return "python benchmarks/perf.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def make_cfg(args, *extra: str):
+    from dda_ray.config import load_config
+
+    quick = QUICK if args.quick else []
+    base = [*SMALL, *quick, *args.overrides]
+    probe = load_config(args.config, base)
+    s = probe.synthesis
+    bank = Path(args.output_dir).resolve() / f"bank-r{s.init_rounds}x{s.init_batch_size}-g{s.init_g_steps}-s{probe.run.seed}"
+    return load_config(args.config, [*base, f"run.output_dir={Path(args.output_dir).resolve()}", f"synthesis.bank_dir={bank}", *extra])
+
+
+def fresh(cfg_overrides_fn, args, tag: str, *extra: str):
+    """A config with its own run directory and augment cache (nothing shared with other arms)."""
+    name = f"{time.strftime('%H%M%S')}-{tag}-{os.getpid()}"
+    cache = Path(args.output_dir).resolve() / "caches" / name
+    return cfg_overrides_fn(args, f"run.name={name}", f"augment.cache_dir={cache}", *extra), cache
+
+
+def start_ray(args) -> None:
+    """Our own local Ray (never attach to someone else's cluster on this machine), dashboard on as init_ray does."""
+    import ray
+    from ray.data import DataContext
+
+    if ray.is_initialized():
+        return
+    global RAY_NOTE
+    address = args.ray_address or "local"
+    if address != "local":
+        ray.init(address=address, log_to_driver=True)
+        RAY_NOTE = f"Ray cluster at {address}"
+    else:
+        RAY_NOTE = "embedded local Ray, dashboard off"
+        try:
+            ray.init(address="local", include_dashboard=args.dashboard, dashboard_host="127.0.0.1", num_cpus=os.cpu_count(), log_to_driver=True)
+            if args.dashboard:
+                RAY_NOTE = "embedded local Ray, dashboard on (as dda_ray.pipeline.init_ray)"
+        except Exception as e:  # the dashboard can fail to come up in time on a loaded machine
+            if not args.dashboard:
+                raise
+            print(f"ray.init with the dashboard failed ({type(e).__name__}); starting without it", flush=True)
+            ray.shutdown()
+            ray.init(address="local", include_dashboard=False, num_cpus=os.cpu_count(), log_to_driver=True)
+            RAY_NOTE = "embedded local Ray, dashboard off (it failed to start)"
+    DataContext.get_current().enable_progress_bars = False
+
+
+def ensure_bank(args) -> Path:
+    """The shared initial bank (``build_initial_bank``: skips rounds already on disk)."""
+    from dda_ray.checkpoint import load_teacher
+    from dda_ray.runtime import seed_everything, set_threads
+    from dda_ray.sources import build_initial_bank
+    from dda_ray.synthesis import Synthesizer
+
+    cfg = make_cfg(args)
+    set_threads(cfg.resources.torch_threads)
+    seed_everything(cfg.run.seed)
+    teacher, normalize, _ = load_teacher(cfg)
+    t0 = time.perf_counter()
+    path = build_initial_bank(cfg, Synthesizer(teacher, normalize, cfg.data.num_classes, cfg.synthesis, cfg.data.image_size, "cpu"), progress=False)
+    print(f"bank {path} ready ({time.perf_counter() - t0:.1f}s)", flush=True)
+    return path
+
+
+def run_ray_timed(cfg, materialize: bool = False) -> dict:
+    """``dda_ray.pipeline.run_ray`` on ``cfg``; ``materialize``: execute the whole Ray Data graph before training."""
+    from dda_ray import pipeline
+    from dda_ray.runtime import prepare_run_dir
+
+    prepare_run_dir(cfg)
+    timing: dict = {}
+    original = pipeline.build_dataset
+
+    def materialized(c, class_names=None):
+        t0 = time.perf_counter()
+        ds = original(c, class_names).materialize()
+        timing["augment_filter_s"] = time.perf_counter() - t0
+        timing["materialized_rows"] = ds.count()
+        return ds
+
+    if materialize:
+        pipeline.build_dataset = materialized
+    try:
+        t0 = time.perf_counter()
+        final = pipeline.run_ray(cfg)
+        timing["wall_s"] = time.perf_counter() - t0
+    finally:
+        pipeline.build_dataset = original
+    return {**final, **timing}
+
+
+def stream_log_step_s(run_dir: Path, skip: int = 2) -> list[float]:
+    """Gaps between consecutive trained batches (rank 0's stream log): one KD step + the next batch's fetch."""
+    files = sorted((run_dir / "stream").glob("train-rank0-epoch*.jsonl"))
+    ts = [json.loads(line)["t"] for f in files for line in f.read_text().splitlines() if line.strip()]
+    gaps = [b - a for a, b in zip(ts, ts[1:], strict=False)]
+    return gaps[skip:]
+
+
+def augment_busy(run_dir: Path) -> tuple[float, int]:
+    """(first batch start -> last batch end, parents) from the augment actors' stream logs."""
+    t0, t1, parents = float("inf"), 0.0, 0
+    for path in (run_dir / "stream").glob("augment-*.jsonl"):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            t0, t1, parents = min(t0, rec["t0"]), max(t1, rec["t1"]), parents + rec["parents"]
+    return (t1 - t0 if parents else float("nan")), parents
+
+
+# ---------------------------------------------------------------- (4) streaming vs sequential
+def bench_streaming(args) -> str:
+    start_ray(args)
+    arms = {"streaming": False, "sequential": True}
+    res: dict[str, list[dict]] = {a: [] for a in arms}
+    for r in range(args.repeats):
+        order = list(arms) if r % 2 == 0 else list(arms)[::-1]
+        for arm in order:
+            cfg, cache = fresh(make_cfg, args, f"stream-{arm}-{r}", "run.mode=dda")
+            out = run_ray_timed(cfg, materialize=arms[arm])
+            shutil.rmtree(cache, ignore_errors=True)
+            out["run_dir"] = str(cfg.run_dir)
+            res[arm].append(out)
+            print(json.dumps({"bench": "streaming", "arm": arm, "repeat": r, **{k: out.get(k) for k in ("wall_s", "augment_filter_s", "train_s", "rows", "steps", "test_acc", "materialized_rows")}}), flush=True)
+    cfg = make_cfg(args)
+    rep = Report(args, "(4) End-to-end: streaming vs augment-and-filter-first (sequential)")
+    rep.add(
+        f"Same bank ({cfg.synthesis.init_rounds} x {cfg.synthesis.init_batch_size} images), {cfg.augment.num_variations} variations per image "
+        f"(strength {cfg.augment.strength}, {cfg.augment.steps} DDIM steps, guidance {cfg.augment.guidance}), filter {cfg.filter.threshold}, "
+        f"one pass (every original and kept variation trained on once, batch {cfg.distill.batch_size}), Ray Train local mode "
+        f"(num_workers={cfg.resources.num_workers}), pools of {cfg.resources.augment_actors}/{cfg.resources.filter_actors} actors, "
+        f"fresh augment cache per arm and repeat; {args.repeats} repeats, arms alternate.",
+        "",
+    )
+    rows = []
+    for arm in arms:
+        rs = res[arm]
+        rows.append([
+            arm,
+            fmt(median([x["wall_s"] for x in rs]), 1),
+            fmt_list([x["wall_s"] for x in rs]),
+            fmt(median([x["augment_filter_s"] for x in rs]), 1) if arm == "sequential" else "(overlapped)",
+            fmt(median([x.get("train_s", float("nan")) for x in rs]), 1),
+            "/".join(str(x.get("rows")) for x in rs),
+            "/".join(str(x.get("steps")) for x in rs),
+        ])
+    rep.table(["arm", "wall s (median)", "wall s per repeat", "augment+filter s", "train loop s", "rows trained", "steps"], rows)
+    ratio = [s["wall_s"] / t["wall_s"] for s, t in zip(res["sequential"], res["streaming"], strict=True)]
+    rep.add(f"**sequential / streaming wall time: {fmt(median(ratio))}** (per repeat: {fmt_list(ratio, 2)}; > 1 means streaming is faster).", "")
+    return rep.emit()
+
+
+# ---------------------------------------------------------------- (5) per-step cost
+def plain_steps(cfg, n_steps: int, skip: int = 2) -> list[float]:
+    """``Distiller.train_step`` over the same rows Ray reads (``real_dataset``'s subset, in order)."""
+    import torch
+
+    from dda_ray.checkpoint import load_teacher
+    from dda_ray.data import load_data
+    from dda_ray.distill import Distiller
+    from dda_ray.models import build_model
+    from dda_ray.runtime import seed_everything, set_threads
+
+    set_threads(cfg.resources.torch_threads)
+    gen = seed_everything(cfg.run.seed)
+    teacher, normalize, _ = load_teacher(cfg)
+    data = load_data(cfg.data, progress=False).train.subset(cfg.data.train_subset, cfg.run.seed)
+    student = build_model(cfg.student.arch, cfg.data.num_classes)
+    distiller = Distiller(student, teacher, normalize, cfg.data.num_classes, cfg.distill, cfg.synthesis.rotation_lr, "cpu")
+    bs = cfg.distill.batch_size
+    times = []
+    for s in range(n_steps):
+        images = torch.from_numpy(data.images[s * bs : (s + 1) * bs].copy())
+        labels = torch.from_numpy(data.labels[s * bs : (s + 1) * bs].astype("int64"))
+        t0 = time.perf_counter()
+        distiller.train_step(images, labels, gen)
+        times.append(time.perf_counter() - t0)
+    return times[skip:]
+
+
+def bench_step(args) -> str:
+    start_ray(args)
+    probe = make_cfg(args)
+    n = args.steps or (6 if args.quick else 20)
+    subset = n * probe.distill.batch_size
+    common = ["run.mode=real_kd", f"data.train_subset={subset}", "run.stream_log=true"]
+    arms = ["plain", "ray_local", "ray_worker"]
+    res: dict[str, list[dict]] = {a: [] for a in arms}
+    for r in range(args.repeats):
+        order = arms[r % 3 :] + arms[: r % 3]
+        for arm in order:
+            if arm == "plain":
+                cfg, _ = fresh(make_cfg, args, f"step-{arm}-{r}", *common)
+                t0 = time.perf_counter()
+                gaps = plain_steps(cfg, n)
+                out = {"step_s": median(gaps), "mean_step_s": sum(gaps) / len(gaps), "wall_s": time.perf_counter() - t0, "steps": n}
+            else:
+                workers = 0 if arm == "ray_local" else 1
+                cfg, _ = fresh(make_cfg, args, f"step-{arm}-{r}", *common, f"resources.num_workers={workers}")
+                final = run_ray_timed(cfg)
+                gaps = stream_log_step_s(cfg.run_dir)
+                out = {"step_s": median(gaps), "mean_step_s": final["train_s"] / max(final["steps"], 1), "wall_s": final["wall_s"], "steps": final["steps"]}
+            res[arm].append(out)
+            print(json.dumps({"bench": "step", "arm": arm, "repeat": r, **out}), flush=True)
+    rep = Report(args, "(5) Per KD step: Ray Train vs a plain PyTorch loop")
+    rep.add(
+        f"{probe.student.arch} student, {probe.teacher.arch} teacher, batch {probe.distill.batch_size}, {n} steps per run on the same "
+        f"{subset} real images in the same order (`run.mode=real_kd`), one torch thread; first 2 steps dropped as warm-up; "
+        f"{args.repeats} repeats, arm order rotates. Step = `Distiller.train_step` (plain) or the gap between consecutive "
+        "batches in the Ray worker's stream log (train step + fetching the next batch through Ray Data). "
+        "'mean incl. startup' = the train loop's `train_s / steps` (includes waiting for the first batch). "
+        "'run wall s' = whole run (plain: the steps only; Ray: `run_ray`, i.e. trainer start, data, steps, evaluation).",
+        "",
+    )
+    base = median([x["step_s"] for x in res["plain"]])
+    rows = []
+    for arm in arms:
+        rs = res[arm]
+        m = median([x["step_s"] for x in rs])
+        rows.append([
+            {"plain": "plain loop (`Distiller.train_step`)", "ray_local": "Ray Train, num_workers=0 (local mode)", "ray_worker": "Ray Train, num_workers=1"}[arm],
+            fmt(m * 1000, 0),
+            fmt_list([x["step_s"] * 1000 for x in rs], 0),
+            fmt(m / base, 2),
+            fmt(median([x["mean_step_s"] for x in rs]) * 1000, 0),
+            fmt(median([x["wall_s"] for x in rs]), 1),
+        ])
+    rep.table(["arm", "ms/step (median)", "per repeat", "vs plain", "mean incl. startup ms/step", "run wall s"], rows)
+    return rep.emit()
+
+
+# ---------------------------------------------------------------- (6) augmentation throughput
+def bench_augment(args) -> str:
+    from dda_ray.augment import Augmenter
+    from dda_ray.checkpoint import load_teacher
+    from dda_ray.data.bank import read_bank
+    from dda_ray.runtime import set_threads
+    from dda_ray.sources import initial_bank_dir
+
+    cfg = make_cfg(args, "run.mode=dda")
+    set_threads(cfg.resources.torch_threads)
+    bank = read_bank(initial_bank_dir(cfg))
+    n = min(args.images or (4 if args.quick else 16), len(bank.ids))
+    images, labels, ids = bank.images[:n], bank.labels[:n], bank.ids[:n]
+    _, _, meta = load_teacher(cfg)
+    aug = Augmenter(cfg.augment, meta.get("classes"), image_shape=(cfg.data.image_size, cfg.data.image_size, 3))
+    aug.augment(images[:1], labels[:1], ids[:1])  # warm-up (first-call allocations)
+
+    def batched():
+        aug.augment(images, labels, ids)
+
+    def per_image():
+        for i in range(n):
+            aug.augment(images[i : i + 1], labels[i : i + 1], ids[i : i + 1])
+
+    local: dict[str, list[float]] = {"batched": [], "per_image": []}
+    for r in range(args.repeats):
+        for arm in (["batched", "per_image"] if r % 2 == 0 else ["per_image", "batched"]):
+            t0 = time.perf_counter()
+            (batched if arm == "batched" else per_image)()
+            local[arm].append(n / (time.perf_counter() - t0))
+            print(json.dumps({"bench": "augment", "arm": arm, "repeat": r, "img_s": local[arm][-1]}), flush=True)
+
+    pools: dict[int, list[dict]] = {}
+    if not args.no_pool:
+        import ray
+        from ray.data import ActorPoolStrategy
+
+        from dda_ray.pipeline import make_bank_datasource
+        from dda_ray.stages import AugmentStage
+
+        start_ray(args)
+        sizes = args.pool_sizes
+        for r in range(args.repeats):
+            for size in (sizes if r % 2 == 0 else sizes[::-1]):
+                pcfg, cache = fresh(make_cfg, args, f"pool{size}-{r}", "run.mode=dda", f"resources.augment_actors={size}")
+                pcfg = pcfg.with_absolute_paths()
+                pcfg.run_dir.mkdir(parents=True, exist_ok=True)
+                res = pcfg.resources
+                t0 = time.perf_counter()
+                ds = ray.data.read_datasource(make_bank_datasource([str(initial_bank_dir(pcfg))]), num_cpus=res.filter_cpus or 0.25)
+                ds = ds.map_batches(  # as dda_ray.pipeline.build_dataset maps it
+                    AugmentStage,
+                    fn_constructor_kwargs={"cfg_dict": pcfg.to_dict(), "class_names": meta.get("classes")},
+                    compute=ActorPoolStrategy(size=size),
+                    batch_size=pcfg.augment.batch_size,
+                    num_cpus=res.augment_cpus,
+                    batch_format="numpy",
+                )
+                rows = ds.materialize().count()
+                wall = time.perf_counter() - t0
+                busy, parents = augment_busy(pcfg.run_dir)
+                shutil.rmtree(cache, ignore_errors=True)
+                out = {"wall_img_s": parents / wall, "busy_img_s": parents / busy, "parents": parents, "rows": rows, "wall_s": wall}
+                pools.setdefault(size, []).append(out)
+                print(json.dumps({"bench": "augment", "arm": f"pool{size}", "repeat": r, **out}), flush=True)
+
+    rep = Report(args, "(6) Augmentation throughput: batched vs one image per call; actor pool size")
+    a = cfg.augment
+    rep.add(
+        f"`Augmenter` with `{a.model}` ({a.backend}), {a.num_variations} variations per image, strength {a.strength}, "
+        f"{a.steps} DDIM steps (so {max(int(a.steps * a.strength), 1)} UNet passes), guidance {a.guidance} (cond + uncond in one "
+        f"pass), one torch thread per process; images/s counts input images (x{a.num_variations} variations each). "
+        f"{args.repeats} repeats, arm order alternates.",
+        "",
+    )
+    b = median(local["batched"])
+    rows = [
+        [f"in-process, batched (`augment.batch_size={a.batch_size}`: {max(1, a.batch_size // a.num_variations)} images per UNet call)", str(n), fmt(b, 2), fmt_list(local["batched"], 2), "1.00"],
+        ["in-process, one image per call", str(n), fmt(median(local["per_image"]), 2), fmt_list(local["per_image"], 2), fmt(median(local["per_image"]) / b, 2)],
+    ]
+    rep.table(["arm", "images", "images/s (median)", "per repeat", "vs batched"], rows)
+    if pools:
+        p1 = median([x["busy_img_s"] for x in pools[min(pools)]])
+        prow = []
+        for size, rs in sorted(pools.items()):
+            busy = median([x["busy_img_s"] for x in rs])
+            prow.append([
+                f"map_batches(AugmentStage), ActorPoolStrategy(size={size}), {cfg.resources.augment_cpus} CPU/actor",
+                str(rs[0]["parents"]),
+                fmt(busy, 2),
+                fmt_list([x["busy_img_s"] for x in rs], 2),
+                fmt(busy / p1, 2),
+                fmt(median([x["wall_img_s"] for x in rs]), 2),
+            ])
+        rep.add("Through Ray Data (bank Parquet -> `AugmentStage` actors, fresh cache per run). 'busy' = images / (first batch start -> last batch end) from the actors' stream logs; 'end to end' includes actor start-up (loading the pipeline) and the read.", "")
+        rep.table(["pool", "images", "busy images/s (median)", "per repeat", "vs pool 1", "end-to-end images/s"], prow)
+    return rep.emit()
+
+
+# ---------------------------------------------------------------- (8) peak memory
+def _children_map() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        kids.setdefault(ppid, []).append(int(p))
+    return kids
+
+
+def descendants(pid: int) -> list[int]:
+    kids, out, todo = _children_map(), [], [pid]
+    while todo:
+        for c in kids.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def vm_hwm_mb(pid: int | str = "self") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+STAGE_PATTERNS = [("AugmentStage", "augment actor"), ("FilterStage", "filter actor"), ("RayTrainWorker", "train worker"), ("TrainController", "Ray Train controller"), ("ReadDDABank", "bank read task")]
+
+
+class PeakSampler(threading.Thread):
+    """Polls the peak RSS (VmHWM) of every process under this one, by what it runs."""
+
+    def __init__(self, interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.interval, self.stop, self.peaks = interval, threading.Event(), {}
+
+    def poll(self) -> None:
+        for pid in descendants(os.getpid()):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                hwm = vm_hwm_mb(pid)
+            except (OSError, ValueError):
+                continue
+            label = next((name for pat, name in STAGE_PATTERNS if pat in cmd), None)
+            if label is None:
+                continue
+            self.peaks[label] = max(self.peaks.get(label, 0.0), hwm)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.poll()
+            self.stop.wait(self.interval)
+
+
+def _child_synthesis(cfg_dict: dict, bank_dir: str) -> dict:
+    """In a fresh process: load the teacher, run one initial-bank synthesis round; peak RSS."""
+    from dda_ray.checkpoint import load_teacher
+    from dda_ray.config import config_from_dict
+    from dda_ray.runtime import seed_everything, set_threads
+    from dda_ray.synthesis import Synthesizer
+
+    cfg = config_from_dict(cfg_dict)
+    set_threads(cfg.resources.torch_threads)
+    seed_everything(cfg.run.seed)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    teacher, normalize, _ = load_teacher(cfg)
+    sc = cfg.synthesis
+    t0 = time.perf_counter()
+    Synthesizer(teacher, normalize, cfg.data.num_classes, sc, cfg.data.image_size, "cpu").run_round(0, 0, sc.init_batch_size, sc.init_g_steps, adv=0.0)
+    return {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "after_imports_mb": before, "seconds": time.perf_counter() - t0}
+
+
+def _child_imports() -> dict:
+    import ray  # noqa: F401
+    import torch  # noqa: F401
+
+    import dda_ray.pipeline  # noqa: F401
+
+    return {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def in_child(fn, *a):
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, a)
+
+
+def bench_memory(args) -> str:
+    cfg0 = make_cfg(args)
+    base = in_child(_child_imports)
+    synth = in_child(_child_synthesis, cfg0.to_dict(), str(cfg0.synthesis.bank_dir))
+    print(json.dumps({"bench": "memory", "imports": base, "synthesis": synth}), flush=True)
+    start_ray(args)
+    runs = []
+    for workers in args.memory_workers:
+        cfg, cache = fresh(make_cfg, args, f"mem-w{workers}", "run.mode=dda", f"resources.num_workers={workers}")
+        sampler = PeakSampler()
+        sampler.start()
+        out = run_ray_timed(cfg)
+        sampler.poll()
+        sampler.stop.set()
+        sampler.join()
+        shutil.rmtree(cache, ignore_errors=True)
+        runs.append((workers, dict(sampler.peaks), vm_hwm_mb(), out["wall_s"]))
+        print(json.dumps({"bench": "memory", "num_workers": workers, "peaks": sampler.peaks, "driver_mb": runs[-1][2]}), flush=True)
+
+    rep = Report(args, "(8) Peak memory (RSS) per stage")
+    sc, a = cfg0.synthesis, cfg0.augment
+    rep.add(
+        f"Peak resident set (Linux `VmHWM` / `ru_maxrss`) of the process that runs each stage, one torch thread; "
+        f"synthesis round: {sc.init_batch_size} images x {sc.init_g_steps} generator steps with {cfg0.teacher.arch}; "
+        f"pipeline: `run_ray` in dda mode over the {sc.init_rounds}x{sc.init_batch_size}-image bank (augment batch {a.batch_size}, "
+        f"{a.num_variations} variations, filter batch {a.batch_size * (a.num_variations + 1)}, KD batch {cfg0.distill.batch_size}). "
+        "The driver's peak is this benchmark process's (it also ran Ray's driver side and Ray Data's executor; "
+        "in local mode, num_workers=0, the train loop runs in it). One run each.",
+        "",
+    )
+    rows = [
+        ["bare process: `import torch, ray, dda_ray.pipeline`", fmt(base["peak_mb"], 0), "child process"],
+        [f"synthesis round ({sc.init_batch_size} images, {sc.init_g_steps} steps; {synth['seconds']:.1f}s)", fmt(synth["peak_mb"], 0), "child process"],
+    ]
+    for workers, peaks, driver, wall in runs:
+        where = f"run_ray, num_workers={workers} ({wall:.0f}s)"
+        for label in ("augment actor", "filter actor", "train worker", "Ray Train controller", "bank read task"):
+            if label in peaks:
+                rows.append([label, fmt(peaks[label], 0), where])
+        rows.append(["driver" + (" = train loop (local mode)" if workers == 0 else ""), fmt(driver, 0), where])
+    rep.table(["stage / process", "peak RSS MB", "run"], rows)
+    return rep.emit()
+
+
+# ---------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("benchmark", choices=[*BENCHMARKS, "all"])
+    p.add_argument("--config", default="configs/cifar10_cpu_smoke.yaml")
+    p.add_argument("--output-dir", default="outputs/bench_perf")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="tiny sizes (seconds; for tests, numbers mean little)")
+    p.add_argument("--steps", type=int, default=None, help="step: KD steps per run (default 20; quick 6)")
+    p.add_argument("--images", type=int, default=None, help="augment: bank images per in-process run (default 16; quick 4)")
+    p.add_argument("--pool-sizes", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--no-pool", action="store_true", help="augment: skip the Ray actor-pool part")
+    p.add_argument("--memory-workers", type=int, nargs="+", default=[0, 1], help="memory: run_ray with these num_workers")
+    p.add_argument("--dashboard", action="store_true", help="start the embedded Ray with its dashboard, as init_ray does (slow to start, and flaky, on a loaded 2-core machine; Train and Data do not need it)")
+    p.add_argument("--ray-address", default=None, help="attach to this cluster instead of starting a local one")
+    p.add_argument("overrides", nargs="*", help="section.field=value (applied after the small-budget defaults)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_intermixed_args(argv)
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be >= 1")
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    ensure_bank(args)
+    todo = BENCHMARKS if args.benchmark == "all" else (args.benchmark,)
+    try:
+        for name in todo:
+            {"streaming": bench_streaming, "step": bench_step, "augment": bench_augment, "memory": bench_memory}[name](args)
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        with contextlib.suppress(Exception):
+            shutil.rmtree(Path(args.output_dir).resolve() / "caches", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""benchmarks/perf.py: its parser, configs, and the measurement helpers (no Ray, a few seconds)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def perf():
+    spec = importlib.util.spec_from_file_location("bench_perf", ROOT / "benchmarks" / "perf.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_parser_subcommands_and_overrides(perf):
+    p = perf.build_parser()
+    for name in (*perf.BENCHMARKS, "all"):
+        assert p.parse_intermixed_args([name]).benchmark == name
+    args = p.parse_intermixed_args(["step", "--repeats", "5", "--quick", "distill.batch_size=16"])
+    assert (args.repeats, args.quick, args.overrides) == (5, True, ["distill.batch_size=16"])
+    assert p.parse_intermixed_args(["augment"]).pool_sizes == [1, 2]
+    with pytest.raises(SystemExit):
+        p.parse_intermixed_args(["nonsense"])
+
+
+def test_configs_are_small_and_the_bank_is_keyed_by_its_settings(perf, tmp_path):
+    p = perf.build_parser()
+    small = perf.make_cfg(p.parse_intermixed_args(["streaming", "--config", str(ROOT / "configs/cifar10_cpu_smoke.yaml"), "--output-dir", str(tmp_path)]))
+    quick = perf.make_cfg(p.parse_intermixed_args(["streaming", "--quick", "--config", str(ROOT / "configs/cifar10_cpu_smoke.yaml"), "--output-dir", str(tmp_path), "distill.batch_size=4"]))
+    assert small.resources.torch_threads == 1 and not small.tracking.enabled
+    assert small.distill.epochs == 1 and small.distill.steps_per_epoch is None and small.synthesis.rounds_per_epoch == 0
+    assert quick.distill.batch_size == 4  # command-line overrides win over --quick
+    assert quick.synthesis.init_batch_size < small.synthesis.init_batch_size
+    assert small.synthesis.bank_dir != quick.synthesis.bank_dir  # a bank made with other settings is never reused
+    assert Path(small.synthesis.bank_dir).parent == tmp_path.resolve()
+
+
+def test_step_gaps_from_the_stream_log(perf, tmp_path):
+    d = tmp_path / "stream"
+    d.mkdir()
+    ts = [100.0, 101.0, 101.5, 102.0, 102.5, 103.0]
+    (d / "train-rank0-epoch0.jsonl").write_text("".join(json.dumps({"t": t, "rows": 8}) + "\n" for t in ts))
+    assert perf.stream_log_step_s(tmp_path, skip=2) == pytest.approx([0.5, 0.5, 0.5])
+    (d / "augment-1.jsonl").write_text(json.dumps({"t0": 10.0, "t1": 12.0, "parents": 4}) + "\n")
+    (d / "augment-2.jsonl").write_text(json.dumps({"t0": 11.0, "t1": 14.0, "parents": 4}) + "\n")
+    assert perf.augment_busy(tmp_path) == (pytest.approx(4.0), 8)
+
+
+def test_report_writes_a_markdown_table(perf, tmp_path):
+    args = perf.build_parser().parse_intermixed_args(["step", "--output-dir", str(tmp_path)])
+    rep = perf.Report(args, "title")
+    rep.table(["arm", "ms"], [["plain", "10"], ["ray", "12"]])
+    text = rep.emit()
+    assert "| arm | ms |\n|---|---|\n| plain | 10 |\n| ray | 12 |" in text
+    assert "torch" in text and "CPUs" in text and "command: `python benchmarks/perf.py" in text
+    assert (tmp_path / "results.md").read_text().strip() == text.strip()
+
+
+def test_peak_sampler_finds_a_stage_process_under_this_one(perf):
+    # A child whose command line names a stage, as a Ray actor's process title does.
+    child = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(64 << 20); time.sleep(30)", "AugmentStage"])
+    try:
+        sampler = perf.PeakSampler()
+        deadline = time.time() + 10
+        while time.time() < deadline and sampler.peaks.get("augment actor", 0) < 64:
+            time.sleep(0.2)
+            sampler.poll()
+        assert child.pid in perf.descendants(perf.os.getpid())
+        assert sampler.peaks["augment actor"] >= 64  # MB: the 64 MiB buffer is resident
+    finally:
+        child.kill()
+        child.wait()
