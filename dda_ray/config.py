@@ -251,6 +251,10 @@ class ResourcesConfig:
     filter_actors: int = 1
     filter_gpus: float = 0.0
     filter_cpus: float = 0.25
+    synthesis_tasks: int = 0  # initial bank: concurrent Ray tasks (0: in the driver, one round after another)
+    synthesis_cpus: float = 1.0  # per synthesis task
+    synthesis_gpus: float = 0.0  # per synthesis task
+    fused_stages: bool = False  # one actor pool running augment then filter (sized by augment_*) instead of two
     torch_threads: int = 0  # 0: leave torch's default
     max_failures: int = 1  # Ray Train restarts from the last checkpoint after a worker failure
     max_concurrent_trials: int | None = None  # Tune; None: derived from the above
@@ -259,7 +263,8 @@ class ResourcesConfig:
         _check(self.num_workers >= 0, f"{p}.num_workers", self.num_workers, "an integer >= 0")
         for n in ("augment_actors", "filter_actors"):
             _check(1 <= getattr(self, n) <= 1024, f"{p}.{n}", getattr(self, n), "an integer in [1, 1024] (pools are bounded)")
-        for n in ("cpus_per_worker", "augment_gpus", "augment_cpus", "filter_gpus", "filter_cpus"):
+        _check(0 <= self.synthesis_tasks <= 1024, f"{p}.synthesis_tasks", self.synthesis_tasks, "an integer in [0, 1024] (0: in the driver)")
+        for n in ("cpus_per_worker", "augment_gpus", "augment_cpus", "filter_gpus", "filter_cpus", "synthesis_cpus", "synthesis_gpus"):
             _check(getattr(self, n) >= 0, f"{p}.{n}", getattr(self, n), "a number >= 0")
 
 

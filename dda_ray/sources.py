@@ -41,7 +41,10 @@ def build_initial_bank(cfg: Config, synthesizer: Synthesizer, progress: bool = T
 
     Rounds are independent and seeded by (run seed, round), so a bank shared between runs or
     finished after an interruption is identical to one made in one go. Rounds on disk made by
-    another teacher or with other settings are refused (:func:`check_provenance`).
+    another teacher or with other settings are refused (:func:`check_provenance`). With
+    ``resources.synthesis_tasks > 0`` and Ray running, the missing rounds are spread over that many
+    concurrent Ray tasks (:func:`synthesize_rounds`, each with ``synthesis_cpus`` / ``synthesis_gpus``);
+    otherwise they run here, one after another.
     """
     sc = cfg.synthesis
     bank_dir = initial_bank_dir(cfg)
@@ -51,10 +54,55 @@ def build_initial_bank(cfg: Config, synthesizer: Synthesizer, progress: bool = T
         check_provenance(path, provenance)
     done = {int(p.stem.split("-")[1]) for p in existing}
     todo = [r for r in range(sc.init_rounds) if r not in done]
+    if todo and cfg.resources.synthesis_tasks > 0:
+        import ray
+
+        if ray.is_initialized():
+            _build_with_ray_tasks(cfg, bank_dir, todo, provenance, progress)
+            return bank_dir
     for r in tqdm(todo, desc="initial bank", unit="round", disable=not progress or not todo):
         res = synthesizer.run_round(r, derive_seed(cfg.run.seed, "bank", r), sc.init_batch_size, sc.init_g_steps, adv=0.0)
         write_round(bank_dir, res.batch, r, provenance)
     return bank_dir
+
+
+def synthesize_rounds(cfg_dict: dict, bank_dir: str, rounds: list[int], provenance: dict[str, str]) -> list[int]:
+    """Body of one Ray task: load the teacher, synthesise ``rounds`` of the initial bank, write them."""
+    from .checkpoint import load_teacher
+    from .config import config_from_dict
+    from .runtime import resolve_device, set_threads
+
+    cfg = config_from_dict(cfg_dict)
+    set_threads(cfg.resources.torch_threads)
+    teacher, normalize, _ = load_teacher(cfg)
+    device = resolve_device("auto" if cfg.resources.synthesis_gpus > 0 else "cpu")
+    synthesizer = Synthesizer(teacher, normalize, cfg.data.num_classes, cfg.synthesis, cfg.data.image_size, device)
+    if fingerprint(synthesizer.teacher) != provenance["teacher"]:
+        raise RuntimeError(f"the task's teacher ({cfg.teacher.checkpoint}) is not the driver's: is the checkpoint on storage every node sees?")
+    sc = cfg.synthesis
+    for r in rounds:
+        res = synthesizer.run_round(r, derive_seed(cfg.run.seed, "bank", r), sc.init_batch_size, sc.init_g_steps, adv=0.0)
+        write_round(bank_dir, res.batch, r, provenance)
+    return rounds
+
+
+def _build_with_ray_tasks(cfg: Config, bank_dir: Path, todo: list[int], provenance: dict[str, str], progress: bool) -> None:
+    """At most ``synthesis_tasks`` tasks in flight, each taking an equal share of the missing rounds."""
+    import ray
+
+    res = cfg.resources
+    n = min(res.synthesis_tasks, len(todo))
+    chunks = [todo[i::n] for i in range(n)]
+    task = ray.remote(synthesize_rounds).options(num_cpus=res.synthesis_cpus, num_gpus=res.synthesis_gpus, max_retries=2)
+    cfg_dict = cfg.to_dict()
+    pending = [task.remote(cfg_dict, str(bank_dir), chunk, provenance) for chunk in chunks]
+    with tqdm(total=len(todo), desc=f"initial bank ({n} Ray tasks)", unit="round", disable=not progress) as bar:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            bar.update(len(ray.get(ready[0])))
+    missing = sorted(set(range(cfg.synthesis.init_rounds)) - {int(p.stem.split("-")[1]) for p in bank_files(bank_dir)})
+    if missing:
+        raise RuntimeError(f"initial bank rounds {missing} are missing under {bank_dir} after the Ray tasks finished")
 
 
 class BankSource:

@@ -167,6 +167,24 @@ class FilterStage:
         return {c: np.asarray(out[c])[kept] for c in ("id", "parent_id", "image", "label", "variation", "score")}
 
 
+class FusedStage:
+    """Ray Data actor running :class:`AugmentStage` then :class:`FilterStage` in one process.
+
+    Selected by ``resources.fused_stages`` (sized by the ``augment_*`` resources). One pool
+    instead of two: the unfiltered rows (``num_variations + 1`` times the input) never cross
+    the object store, but augmentation and filtering of consecutive batches no longer overlap
+    on different actors, and both models share one actor's memory (and GPU). Output columns
+    are :class:`FilterStage`'s.
+    """
+
+    def __init__(self, cfg_dict: dict, class_names: list[str] | None = None):
+        self.augment = AugmentStage(cfg_dict, class_names)
+        self.filter = FilterStage(cfg_dict)
+
+    def __call__(self, batch: dict) -> dict:
+        return self.filter(self.augment(batch))
+
+
 def read_stream_stats(run_dir: Path, since: float = 0.0) -> dict:
     """Totals of the augment/filter lines written after ``since`` (epoch start)."""
     d = Path(run_dir) / "stream"

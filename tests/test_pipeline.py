@@ -120,3 +120,28 @@ def test_two_ddp_workers_split_the_stream_without_losing_rows(tmp_path, assets, 
     originals = 15 * 3 + 16  # an odd total: the uneven tail is kept, not dropped
     assert len(ids) == len(set(ids)) == originals + m["kept"]
     assert list((cfg.run_dir / "ray").rglob("state.pt"))  # Ray Train persisted the epoch's checkpoint
+
+
+def test_initial_bank_from_ray_tasks_matches_the_driver_built_one(tmp_path, assets, cifar10_decoded, ray_cluster, monkeypatch):
+    import numpy as np
+    import torch
+
+    from dda_ray.checkpoint import load_teacher
+    from dda_ray.data.bank import bank_files, read_bank, read_provenance
+    from dda_ray.sources import build_initial_bank
+    from dda_ray.synthesis import Synthesizer
+
+    banks = {}
+    for tasks in (0, 2):
+        cfg = ray_config(tmp_path / f"t{tasks}", assets, cifar10_decoded, **{"resources.synthesis_tasks": tasks, "resources.synthesis_cpus": 0.5}).with_absolute_paths()
+        teacher, normalize, _ = load_teacher(cfg)
+        torch.set_num_threads(1)
+        if tasks:  # the driver must not synthesise: the rounds come from the Ray tasks' processes
+            monkeypatch.setattr(Synthesizer, "run_round", lambda *a, **k: pytest.fail("synthesised in the driver"))
+        bank_dir = build_initial_bank(cfg, Synthesizer(teacher, normalize, 10, cfg.synthesis), progress=False)
+        assert len(bank_files(bank_dir)) == 3
+        banks[tasks] = (read_bank(bank_dir), read_provenance(bank_files(bank_dir)[0]))
+    (local, prov_local), (remote, prov_remote) = banks[0], banks[2]
+    assert prov_local == prov_remote
+    assert local.ids.tolist() == remote.ids.tolist() and np.array_equal(local.labels, remote.labels)
+    assert np.abs(local.images.astype(int) - remote.images.astype(int)).mean() < 1.0  # same seeds per round
