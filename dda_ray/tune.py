@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
 from .config import Config, ConfigError, config_from_dict
 
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice")
@@ -273,6 +275,37 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
     tracker.finish()
 
 
+class FinalEpochASHA(ASHAScheduler):
+    """ASHA on the per-epoch report, except that a trial's *last* epoch is never stopped.
+
+    Tune kills a stopped trial's actor at once; at the last epoch that would cut off what the trial
+    does after ``fit()`` (artifacts, ending its MLflow run) and saves no compute.
+    """
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == TrialScheduler.STOP and result.get(self._time_attr, 0) >= self._max_t:
+            self._num_stopped -= 1
+            return TrialScheduler.CONTINUE
+        return action
+
+
+def make_searcher(name: str, seed: int, concurrent: int):
+    """(search_alg, TuneConfig.max_concurrent_trials) with the concurrency cap actually applied.
+
+    Tune wraps a ``Searcher`` (Optuna) in a ``ConcurrencyLimiter`` from ``max_concurrent_trials``,
+    but silently ignores that setting for a ``BasicVariantGenerator`` instance (random search):
+    that one takes the cap itself, or every sample starts at once and starves the cluster.
+    """
+    if name == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=seed), concurrent
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=seed, max_concurrent=concurrent), None
+
+
 def _trial_dirname(trial) -> str:
     return trial.trial_id
 
@@ -454,18 +487,8 @@ def tune_search(cfg: Config) -> dict:
 
         scheduler = None
         if spec.scheduler == "asha":
-            from ray.tune.schedulers import ASHAScheduler
-
-            scheduler = ASHAScheduler(time_attr="epoch", max_t=base.distill.epochs, grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
-        seed = base.run.seed if spec.seed is None else spec.seed
-        if spec.searcher == "optuna":
-            from ray.tune.search.optuna import OptunaSearch
-
-            search_alg = OptunaSearch(seed=seed)
-        else:
-            from ray.tune.search import BasicVariantGenerator
-
-            search_alg = BasicVariantGenerator(random_state=seed)
+            scheduler = FinalEpochASHA(time_attr="epoch", max_t=base.distill.epochs, grace_period=spec.grace_period, reduction_factor=spec.reduction_factor, stop_last_trials=False)
+        search_alg, limit = make_searcher(spec.searcher, base.run.seed if spec.seed is None else spec.seed, concurrent)
         setup = TrialSetup(base=base.to_dict(), search_name=base.run.name, parent_run_id=parent.run_id)
         trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": spec.trial_cpus})
         tuner = tune.Tuner(
@@ -477,7 +500,7 @@ def tune_search(cfg: Config) -> dict:
                 search_alg=search_alg,
                 scheduler=scheduler,
                 num_samples=spec.num_samples,
-                max_concurrent_trials=concurrent,
+                max_concurrent_trials=limit,
                 trial_dirname_creator=_trial_dirname,
             ),
             run_config=tune.RunConfig(name="search", storage_path=str(run_dir / "tune"), failure_config=tune.FailureConfig(max_failures=0), verbose=1),
@@ -492,7 +515,7 @@ def tune_search(cfg: Config) -> dict:
         best = pick_best(rows, spec)
         best_path = run_dir / "best.yaml"
         write_best_yaml(base_for_best(cfg, base), spec, best, best_path)
-        summary = {**{k: v for k, v in best.items() if k != "history"}, "best_yaml": str(best_path), "search_s": search_s, "initial_bank_s": bank_s}
+        summary = {**{k: v for k, v in best.items() if k != "history"}, "best_yaml": str(best_path), "search_s": search_s, "initial_bank_s": bank_s, "max_concurrent_trials": concurrent, "trials": len(rows)}
         (run_dir / "best.json").write_text(json.dumps(summary, indent=2))
         _print_summary(rows, best, spec, best_path)
 

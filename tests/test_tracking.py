@@ -40,7 +40,8 @@ class MlflowServer:
             stdout=self.log, stderr=subprocess.STDOUT, cwd=root,
         )  # fmt: skip
 
-    def wait(self, timeout: float = 180.0) -> None:
+    def wait(self, timeout: float = 420.0) -> None:
+        # usually well under a minute; seen taking over 3 minutes (imports, DB migrations) while the 2 cores ran other test sessions
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -63,14 +64,33 @@ class MlflowServer:
         self.log.close()
 
 
+_SHARED: dict = {"server": None, "users": 0}
+
+
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
+def mlflow_server_started(tmp_path_factory):
+    """The server process, started but maybe not answering yet (it takes ~30 s on a busy machine:
+    request this fixture first and ``wait()`` late, so the start overlaps other setup).
+
+    Other test modules import this fixture, and pytest then runs it once per importing module:
+    they all share one server (a second one costs another start and its DB migrations), which the
+    last user stops through its own process handle."""
+    if _SHARED["server"] is None:
+        _SHARED["server"] = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
+    _SHARED["users"] += 1
     try:
-        server.wait()
-        yield server
+        yield _SHARED["server"]
     finally:
-        server.stop()
+        _SHARED["users"] -= 1
+        if _SHARED["users"] == 0:
+            _SHARED["server"].stop()
+            _SHARED["server"] = None
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_server_started):
+    mlflow_server_started.wait()
+    return mlflow_server_started
 
 
 def closed_port_uri() -> str:
