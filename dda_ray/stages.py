@@ -2,8 +2,12 @@
 
 :class:`AugmentStage` wraps the :class:`~dda_ray.augment.Augmenter` with a disk cache of
 variations, one ``.npy`` file per original image under
-``<cache_dir>/<key>/<parent id>.npy``, where ``key`` hashes everything that determines the
-pixels: backend, model, strength, guidance, steps, number of variations, seed and image size.
+``<cache_dir>/<key>/<image id>-<hash of its pixels>.npy``, where ``key`` hashes everything else
+that determines the variations: backend, model (for a local directory also its files' sizes and
+modification times, so a retrained prior at the same path is a new key), strength, guidance,
+steps, number of variations, seed and image size. The pixel hash matters because ids repeat
+across runs sharing the cache: rounds with the student are numbered alike in every run, but each
+run's student makes different images.
 A hit skips diffusion; a miss is computed and written atomically. So:
 
 * later epochs only diffuse images they have not seen (the new round's),
@@ -38,7 +42,9 @@ def augment_cache_key(cfg: Config) -> str:
     a = cfg.augment
     model = a.model
     if Path(model).exists():
-        model = str(Path(model).resolve())
+        root = Path(model).resolve()
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        model = [str(root), [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]]
     raw = json.dumps([a.backend, model, a.strength, a.guidance, a.steps, a.num_variations, a.seed, a.prompt_template, a.image_resolution, cfg.data.image_size])
     return hashlib.sha1(raw.encode()).hexdigest()[:16]
 
@@ -77,8 +83,13 @@ class AugmentStage:
         self.cache.mkdir(parents=True, exist_ok=True)
         self.log = _stream_log(self.cfg, "augment")
 
-    def _cached(self, pid: str) -> np.ndarray | None:
-        path = self.cache / f"{pid}.npy"
+    def _entry(self, pid: str, image: np.ndarray) -> str:
+        # Ids repeat across runs and trials sharing the cache (a round with the student is numbered
+        # alike everywhere, but each run's student makes different pixels): key on the content too.
+        return f"{pid}-{hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()[:16]}"
+
+    def _cached(self, entry: str) -> np.ndarray | None:
+        path = self.cache / f"{entry}.npy"
         if not path.exists():
             return None
         try:
@@ -87,10 +98,10 @@ class AugmentStage:
             return None  # a damaged entry is recomputed
         return arr if arr.shape == (self.cfg.augment.num_variations, *_image_shape(self.cfg)) else None
 
-    def _store(self, pid: str, variations: np.ndarray) -> None:
-        tmp = self.cache / f".{pid}.{os.getpid()}.tmp.npy"
+    def _store(self, entry: str, variations: np.ndarray) -> None:
+        tmp = self.cache / f".{entry}.{os.getpid()}.tmp.npy"
         np.save(tmp, variations)
-        os.replace(tmp, self.cache / f"{pid}.npy")
+        os.replace(tmp, self.cache / f"{entry}.npy")
 
     def __call__(self, batch: dict) -> dict:
         from .augment import decode_image_column, encode_image_column, stack_vector_column
@@ -100,13 +111,14 @@ class AugmentStage:
         ids = np.asarray(batch["id"]).astype(str)
         labels = np.asarray(batch["label"], dtype=np.int64)
         k = self.cfg.augment.num_variations
-        variations: list[np.ndarray | None] = [self._cached(pid) for pid in ids]
+        entries = [self._entry(pid, img) for pid, img in zip(ids, images, strict=True)]
+        variations: list[np.ndarray | None] = [self._cached(e) for e in entries]
         miss = [i for i, v in enumerate(variations) if v is None]
         if miss:
             out = self.augmenter.augment(images[miss], labels[miss], ids[miss])
             fresh = out["image"].reshape(len(miss), k, *images.shape[1:])
             for j, i in enumerate(miss):
-                self._store(ids[i], fresh[j])
+                self._store(entries[i], fresh[j])
                 variations[i] = fresh[j]
         var_images = np.concatenate([v for v in variations]) if len(ids) else images[:0]
         parent = np.repeat(ids, k)

@@ -1,0 +1,83 @@
+"""The augment/filter stages in-process: the variation cache and the fused stage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dda_ray.augment import decode_image_column, encode_image_column
+from dda_ray.checkpoint import save_classifier
+from dda_ray.config import load_config
+from dda_ray.stages import AugmentStage, FilterStage, FusedStage, augment_cache_dir
+
+from ._tiny_pipelines import build_tiny_prior
+from .test_synthesis import teacher_with_stats
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage_assets")
+    build_tiny_prior(root / "prior", num_classes=10, image_size=16)
+    save_classifier(teacher_with_stats(), root / "teacher", arch="wrn16_1", num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3)
+    return root
+
+
+def stage_cfg(tmp_path, assets, **overrides):
+    base = {
+        "run.output_dir": str(tmp_path),
+        "data.image_size": 16,
+        "teacher.arch": "wrn16_1",
+        "teacher.checkpoint": str(assets / "teacher"),
+        "augment.model": str(assets / "prior"),
+        "augment.num_variations": 2,
+        "augment.steps": 4,
+        "augment.strength": 0.5,
+        "filter.threshold": 0.0,
+        "filter.grid_batches": 0,
+        "resources.torch_threads": 1,
+    }
+    base.update(overrides)
+    return load_config(None, [f"{k}={v}" for k, v in base.items()])
+
+
+def bank_batch(ids, seed):
+    images = np.random.default_rng(seed).integers(0, 256, (len(ids), 16, 16, 3), dtype=np.uint8)
+    return {"id": np.array(ids), "image": encode_image_column(images), "label": np.arange(len(ids)) % 10}
+
+
+def test_cache_hits_need_the_same_id_and_the_same_pixels(tmp_path, assets):
+    cfg = stage_cfg(tmp_path, assets)
+    stage = AugmentStage(cfg.to_dict())
+    first = stage(bank_batch(["a", "b"], seed=0))
+    again = AugmentStage(cfg.to_dict())(bank_batch(["a", "b"], seed=0))  # a restarted actor: all from the cache
+    assert np.array_equal(np.stack(first["image"]), np.stack(again["image"]))
+    assert len(list(augment_cache_dir(cfg).glob("*.npy"))) == 2
+    # Same ids, other pixels (another run's round with its own student): recomputed, not served stale.
+    other = AugmentStage(cfg.to_dict())(bank_batch(["a", "b"], seed=1))
+    assert len(list(augment_cache_dir(cfg).glob("*.npy"))) == 4
+    v_first, _ = decode_image_column(first["image"][2:], (16, 16, 3))
+    v_other, _ = decode_image_column(other["image"][2:], (16, 16, 3))
+    assert not np.array_equal(v_first, v_other)
+
+
+def test_a_retrained_model_at_the_same_path_gets_a_new_cache_key(tmp_path, assets):
+    import shutil
+
+    prior = tmp_path / "prior"
+    shutil.copytree(assets / "prior", prior)
+    cfg = stage_cfg(tmp_path, assets, **{"augment.model": str(prior)})
+    before = augment_cache_dir(cfg)
+    weights = next(prior.rglob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes())  # rewritten in place, as a retraining would
+    assert augment_cache_dir(cfg) != before
+
+
+def test_fused_stage_equals_augment_then_filter(tmp_path, assets):
+    cfg = stage_cfg(tmp_path, assets)
+    batch = bank_batch(["a", "b", "c"], seed=2)
+    separate = FilterStage(cfg.to_dict())(AugmentStage(cfg.to_dict())(batch))
+    fused = FusedStage(cfg.to_dict())(batch)
+    assert set(fused) == set(separate) == {"id", "parent_id", "image", "label", "variation", "score"}
+    assert fused["id"].tolist() == separate["id"].tolist()
+    assert np.allclose(fused["score"], separate["score"])
+    assert sum(v == -1 for v in fused["variation"]) == 3  # originals always pass
