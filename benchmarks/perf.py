@@ -66,14 +66,14 @@ RAY_NOTE = "no Ray"
 SMALL = [
     "tracking.enabled=false",
     "resources.torch_threads=1",
-    "synthesis.init_rounds=2",
+    "synthesis.init_rounds=1",
     "synthesis.init_batch_size=32",
     "synthesis.init_g_steps=10",
     "synthesis.rounds_per_epoch=0",
     "distill.epochs=1",
     "distill.steps_per_epoch=null",
     "distill.batch_size=32",
-    "data.eval_subset=200",
+    "data.eval_subset=100",
 ]
 # --quick: seconds, for tests and a first look (the numbers mean little).
 QUICK = [
@@ -158,7 +158,7 @@ def fresh(cfg_overrides_fn, args, tag: str, *extra: str):
 
 
 def start_ray(args) -> None:
-    """Our own local Ray (never attach to someone else's cluster on this machine), dashboard on as init_ray does."""
+    """Our own local Ray (never someone else's cluster on this machine); dashboard only with --dashboard."""
     import ray
     from ray.data import DataContext
 
@@ -170,18 +170,22 @@ def start_ray(args) -> None:
         ray.init(address=address, log_to_driver=True)
         RAY_NOTE = f"Ray cluster at {address}"
     else:
-        RAY_NOTE = "embedded local Ray, dashboard off"
-        try:
-            ray.init(address="local", include_dashboard=args.dashboard, dashboard_host="127.0.0.1", num_cpus=os.cpu_count(), log_to_driver=True)
-            if args.dashboard:
-                RAY_NOTE = "embedded local Ray, dashboard on (as dda_ray.pipeline.init_ray)"
-        except Exception as e:  # the dashboard can fail to come up in time on a loaded machine
-            if not args.dashboard:
-                raise
-            print(f"ray.init with the dashboard failed ({type(e).__name__}); starting without it", flush=True)
-            ray.shutdown()
-            ray.init(address="local", include_dashboard=False, num_cpus=os.cpu_count(), log_to_driver=True)
-            RAY_NOTE = "embedded local Ray, dashboard off (it failed to start)"
+        dashboard = args.dashboard
+        # Ray starts its worker processes (actors, train workers) at niceness 15: on a machine shared with
+        # other jobs they then lose the CPU to every un-niced process while the driver does not, which
+        # measures the neighbours, not Ray. 0 by default here; --ray-worker-niceness 15 for Ray's default.
+        os.environ["RAY_worker_niceness"] = str(args.ray_worker_niceness)
+        for attempt in range(3):  # the raylet's 30 s registration window can pass on an overloaded machine
+            try:
+                ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", num_cpus=os.cpu_count(), log_to_driver=True)
+                break
+            except Exception as e:
+                if attempt == 2:
+                    raise
+                print(f"ray.init failed ({type(e).__name__}: {str(e)[:120]}); retrying without the dashboard", flush=True)
+                ray.shutdown()
+                dashboard = False
+        RAY_NOTE = "embedded local Ray, dashboard " + ("on (as dda_ray.pipeline.init_ray)" if dashboard else "off") + f", Ray worker niceness {args.ray_worker_niceness}"
     DataContext.get_current().enable_progress_bars = False
 
 
@@ -320,7 +324,7 @@ def plain_steps(cfg, n_steps: int, skip: int = 2) -> list[float]:
 def bench_step(args) -> str:
     start_ray(args)
     probe = make_cfg(args)
-    n = args.steps or (6 if args.quick else 20)
+    n = args.steps or (6 if args.quick else 15)
     subset = n * probe.distill.batch_size
     common = ["run.mode=real_kd", f"data.train_subset={subset}", "run.stream_log=true"]
     arms = ["plain", "ray_local", "ray_worker"]
@@ -410,7 +414,7 @@ def bench_augment(args) -> str:
 
         start_ray(args)
         sizes = args.pool_sizes
-        for r in range(args.repeats):
+        for r in range(args.pool_repeats or args.repeats):
             for size in (sizes if r % 2 == 0 else sizes[::-1]):
                 pcfg, cache = fresh(make_cfg, args, f"pool{size}-{r}", "run.mode=dda", f"resources.augment_actors={size}")
                 pcfg = pcfg.with_absolute_paths()
@@ -462,7 +466,7 @@ def bench_augment(args) -> str:
                 fmt(busy / p1, 2),
                 fmt(median([x["wall_img_s"] for x in rs]), 2),
             ])
-        rep.add("Through Ray Data (bank Parquet -> `AugmentStage` actors, fresh cache per run). 'busy' = images / (first batch start -> last batch end) from the actors' stream logs; 'end to end' includes actor start-up (loading the pipeline) and the read.", "")
+        rep.add(f"{args.pool_repeats or args.repeats} repeats. Through Ray Data (bank Parquet -> `AugmentStage` actors, fresh cache per run). 'busy' = images / (first batch start -> last batch end) from the actors' stream logs; 'end to end' includes actor start-up (loading the pipeline) and the read.", "")
         rep.table(["pool", "images", "busy images/s (median)", "per repeat", "vs pool 1", "end-to-end images/s"], prow)
     return rep.emit()
 
@@ -553,6 +557,26 @@ def _child_imports() -> dict:
     return {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def reap(pids: list[int], grace_s: float = 10.0) -> None:
+    """After ray.shutdown: SIGTERM the Ray processes this run started that are still alive (on a loaded
+    machine an actor can outlive its raylet and be re-parented to init)."""
+    import signal
+
+    deadline = time.time() + grace_s
+    left = list(pids)
+    while left and time.time() < deadline:
+        time.sleep(0.5)
+        left = [p for p in left if Path(f"/proc/{p}").exists()]
+    for p in left:
+        try:
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes()
+            if b"ray" in cmd:
+                os.kill(p, signal.SIGTERM)
+                print(f"stopped leftover Ray process {p}: {cmd[:80].replace(bytes(1), b' ').decode(errors='replace')}", flush=True)
+        except (OSError, ProcessLookupError):
+            pass
+
+
 def in_child(fn, *a):
     with mp.get_context("spawn").Pool(1) as pool:
         return pool.apply(fn, a)
@@ -610,12 +634,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="outputs/bench_perf")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds; for tests, numbers mean little)")
-    p.add_argument("--steps", type=int, default=None, help="step: KD steps per run (default 20; quick 6)")
+    p.add_argument("--steps", type=int, default=None, help="step: KD steps per run (default 15; quick 6)")
     p.add_argument("--images", type=int, default=None, help="augment: bank images per in-process run (default 16; quick 4)")
     p.add_argument("--pool-sizes", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--pool-repeats", type=int, default=None, help="augment: repeats of the actor-pool part (default: --repeats)")
     p.add_argument("--no-pool", action="store_true", help="augment: skip the Ray actor-pool part")
     p.add_argument("--memory-workers", type=int, nargs="+", default=[0, 1], help="memory: run_ray with these num_workers")
     p.add_argument("--dashboard", action="store_true", help="start the embedded Ray with its dashboard, as init_ray does (slow to start, and flaky, on a loaded 2-core machine; Train and Data do not need it)")
+    p.add_argument("--ray-worker-niceness", type=int, default=0, help="nice level of Ray's worker processes (Ray's own default: 15)")
     p.add_argument("--ray-address", default=None, help="attach to this cluster instead of starting a local one")
     p.add_argument("overrides", nargs="*", help="section.field=value (applied after the small-budget defaults)")
     return p
@@ -635,7 +661,9 @@ def main(argv: list[str] | None = None) -> None:
         import ray
 
         if ray.is_initialized():
+            ours = descendants(os.getpid())
             ray.shutdown()
+            reap(ours)
         with contextlib.suppress(Exception):
             shutil.rmtree(Path(args.output_dir).resolve() / "caches", ignore_errors=True)
 
