@@ -2,6 +2,11 @@
 
 Errors a user can fix (bad config, missing data, refused checkpoint, existing run dir, ...)
 print one ``error:`` line and exit with status 2 instead of a traceback.
+
+SIGINT (Ctrl-C) and SIGTERM stop a job with one ``interrupted:`` line naming the last complete
+checkpoint and the command to resume, and exit status 128 + signal (130, 143). Nothing is
+half-written: every checkpoint, round and final file is written to a temporary name and renamed
+into place, and a resumed run first drops what the interrupted epoch left (``runtime.rewind_run``).
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from .config import Config, ConfigError, load_config
 
@@ -28,6 +34,41 @@ def user_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     return tuple(errors)
+
+
+class JobInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: unwinds the job like Ctrl-C (Ray and the loop clean up as for it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def one_line(error: BaseException) -> str:
+    """A user error as one line (some carry a list, e.g. every archive format tried)."""
+    return "; ".join(line.strip(" -") for line in str(error).splitlines() if line.strip(" -"))
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise JobInterrupted(signum)
+
+
+def interrupted_message(run_dir: Path | None, signum: int) -> str:
+    import signal
+
+    name = signal.Signals(signum).name
+    if run_dir is None:
+        return f"interrupted: {name} before the run started; nothing was written"
+    state = run_dir / "state.pt"
+    if not state.exists():
+        return f"interrupted: {name}; {run_dir} holds no complete epoch yet (rerun with run.resume=true to reuse its bank)"
+    try:
+        import torch
+
+        where = f"after epoch {int(torch.load(state, map_location='cpu', weights_only=True)['epoch'])}"
+    except Exception:  # noqa: BLE001 - the message must not fail; the file is written atomically anyway
+        where = "state.pt"
+    return f"interrupted: {name}; the last complete checkpoint is {state} ({where}); rerun the same command with run.resume=true to continue"
 
 
 def parse_args(argv: list[str] | None = None, description: str | None = None) -> tuple[Config, argparse.Namespace]:
@@ -51,10 +92,17 @@ def run_job(
     removed again if the job fails on a user error before writing anything but its config.
     """
     import shutil
+    import signal
+    import threading
 
     from .runtime import prepare_run_dir
 
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, _raise_interrupted)
     created = None
+    run_dir = None
     try:
         cfg, _ = parse_args(argv, description)
         if preflight is not None:
@@ -62,9 +110,21 @@ def run_job(
         if prepare_dir:
             created = None if cfg.run_dir.exists() else cfg.run_dir
             prepare_run_dir(cfg)
+            run_dir = cfg.run_dir
         return fn(cfg)
     except user_errors() as e:
         if created is not None and created.exists() and {p.name for p in created.iterdir()} <= {"config.yaml"}:
             shutil.rmtree(created, ignore_errors=True)
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, JobInterrupted) else signal.SIGINT
+        if created is not None and created.exists() and {p.name for p in created.iterdir()} <= {"config.yaml"}:
+            shutil.rmtree(created, ignore_errors=True)
+            run_dir = None
+        print(interrupted_message(run_dir, signum), file=sys.stderr, flush=True)
+        raise SystemExit(128 + int(signum)) from None
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)

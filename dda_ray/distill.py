@@ -167,7 +167,7 @@ def save_training_state(path, distiller: Distiller, epoch: int, extra: dict | No
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"distiller": distiller.state_dict(), "epoch": epoch, "extra": extra or {}}
+    state = {"distiller": distiller.state_dict(), "epoch": epoch, "extra": extra or {}, "global_rng": global_rng_state()}
     if generator is not None:
         state["rng"] = generator.get_state()
     tmp = path.with_name(f".{path.name}.tmp")
@@ -181,7 +181,22 @@ def load_training_state(path, distiller: Distiller, generator: torch.Generator |
     distiller.load_state_dict(state["distiller"])
     if generator is not None and "rng" in state:
         generator.set_state(state["rng"])
+    if "global_rng" in state:
+        set_global_rng_state(state["global_rng"])
     return int(state["epoch"]), state.get("extra", {})
+
+
+def global_rng_state() -> dict:
+    """torch's and numpy's global RNG (the rotation head is re-initialised from torch's after
+    every round): saved so a resumed run draws what the uninterrupted run would have drawn.
+    Plain tensors and numbers only, so the state loads with ``weights_only=True``."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos), "numpy_has_gauss": int(has_gauss), "numpy_gauss": float(gauss)}
+
+
+def set_global_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], state["numpy_has_gauss"], state["numpy_gauss"]))
 
 
 class TrainSource(Protocol):
@@ -226,6 +241,11 @@ def train_loop(
         with distiller.epoch_context():
             for images, labels in it:
                 losses = distiller.train_step(images, labels, generator)
+                if not math.isfinite(losses["loss"]):
+                    raise FloatingPointError(
+                        f"distillation diverged at epoch {epoch + 1}, step {steps + 1}: loss = {losses['loss']} ({losses}); "
+                        "lower distill.lr or distill.fea, or resume from the last checkpoint with run.resume=true"
+                    )
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v
                 steps += 1

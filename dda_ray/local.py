@@ -12,10 +12,10 @@ import time
 from .checkpoint import load_teacher, save_classifier
 from .config import Config
 from .data import load_data
-from .distill import Distiller, load_training_state, save_training_state, train_loop
+from .distill import Distiller, global_rng_state, load_training_state, save_training_state, set_global_rng_state, train_loop
 from .evaluation import evaluate
 from .models import build_model
-from .runtime import append_jsonl, resolve_device, seed_everything, set_threads
+from .runtime import append_jsonl, resolve_device, rewind_run, seed_everything, set_threads, write_text_atomic
 from .sources import AugmentFn, BankSource, RealSource, build_initial_bank, load_bank_rows
 from .synthesis import Synthesizer
 from .tracking import Tracker
@@ -40,6 +40,16 @@ def run_local(cfg: Config, augment: AugmentFn | None = None, progress: bool = Tr
     student = build_model(cfg.student.arch, cfg.data.num_classes)
     distiller = Distiller(student, teacher, normalize, cfg.data.num_classes, cfg.distill, cfg.synthesis.rotation_lr, device)
 
+    # Resume before the source reads the rounds on disk: rounds and metrics lines written after
+    # the last checkpoint (an interrupted epoch) are dropped and redone identically.
+    state_file = run_dir / "state.pt"
+    start_epoch = 0
+    if cfg.run.resume and state_file.exists():
+        start_epoch, extra = load_training_state(state_file, distiller, gen)
+        rng = (global_rng_state(), gen.get_state())
+        rewind_run(run_dir, start_epoch, extra.get("next_round") if cfg.run.mode != "real_kd" else None)
+        print(f"resuming distillation after epoch {start_epoch}")
+
     if cfg.run.mode == "real_kd":
         source = RealSource(data.train.subset(cfg.data.train_subset, cfg.run.seed), cfg.distill.batch_size, gen, cfg.distill.steps_per_epoch is None)
     else:
@@ -49,23 +59,20 @@ def run_local(cfg: Config, augment: AugmentFn | None = None, progress: bool = Tr
         timings["bank_s"] = time.perf_counter() - t0
         source = BankSource(cfg, load_bank_rows(cfg), synthesizer, gen, augment if cfg.run.mode == "dda" else None, progress)
 
-    state_file = run_dir / "state.pt"
-    start_epoch = 0
-    if cfg.run.resume and state_file.exists():
-        start_epoch, _ = load_training_state(state_file, distiller, gen)
-        print(f"resuming distillation after epoch {start_epoch}")
-
     def report(metrics: dict, epoch: int) -> None:
         append_jsonl(run_dir / "metrics.jsonl", {**metrics, **timings})
         if tracker is not None:
             tracker.log_metrics(metrics, step=epoch + 1)
         save_training_state(state_file, distiller, epoch + 1, {"next_round": getattr(source, "next_round", 0)}, gen)
 
+    if start_epoch:  # building the source drew from the global RNG: continue from the checkpoint's draws
+        set_global_rng_state(rng[0])
+        gen.set_state(rng[1])
     t0 = time.perf_counter()
     metrics = train_loop(distiller, source, lambda m: evaluate(m, test, normalize, device=device), report, start_epoch, gen, progress)
     timings["distill_s"] = time.perf_counter() - t0
     final = {**metrics, **timings, "mode": cfg.run.mode}
-    (run_dir / "metrics.json").write_text(json.dumps(final, indent=2))
+    write_text_atomic(run_dir / "metrics.json", json.dumps(final, indent=2))
     mean, std = normalize.mean.flatten().tolist(), normalize.std.flatten().tolist()
     save_classifier(distiller.student_module, run_dir / "student", arch=cfg.student.arch, num_classes=cfg.data.num_classes, mean=mean, std=std, accuracy=metrics.get("test_acc"), mode=cfg.run.mode)
     return final

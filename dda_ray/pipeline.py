@@ -41,7 +41,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from .config import Config, config_from_dict
 from .data.bank import bank_files, decode_images, read_table
-from .runtime import append_jsonl
+from .runtime import append_jsonl, derive_seed
 
 
 # --------------------------------------------------------------------- reading
@@ -100,12 +100,15 @@ def real_dataset(cfg: Config):
 
     data = load_data(cfg.data, progress=False).train.subset(cfg.data.train_subset, cfg.run.seed)
     n = len(data)
+    # Image folders list class by class: a stream in file order would give one-class batches
+    # (the local shuffle buffer only mixes neighbours), so the rows are permuted once here.
+    order = np.random.default_rng(derive_seed(cfg.run.seed, "real_kd_order")).permutation(n)
     table = pa.table(
         {
-            "id": pa.array([f"real-{i:06d}" for i in range(n)]),
-            "parent_id": pa.array([f"real-{i:06d}" for i in range(n)]),
-            "image": pa.array([img.tobytes() for img in data.images], pa.binary()),
-            "label": pa.array(data.labels),
+            "id": pa.array([f"real-{i:06d}" for i in order]),
+            "parent_id": pa.array([f"real-{i:06d}" for i in order]),
+            "image": pa.array([data.images[i].tobytes() for i in order], pa.binary()),
+            "label": pa.array(data.labels[order]),
             "is_variation": pa.array(np.zeros(n, dtype=bool)),
         }
     )
@@ -113,6 +116,13 @@ def real_dataset(cfg: Config):
 
 
 # ----------------------------------------------------------------- the graph
+# A dead augment/filter actor (crash, preemption, OOM kill) is restarted and its unfinished
+# batch re-run on the new actor; finished batches are already in the object store, so no row
+# is lost or produced twice, and the Augmenter's per-(seed, image id, variation) seeds make the
+# redone variations identical. These are Ray Data's defaults for actor pools in 2.60, stated
+# here so a change of default cannot silently turn an actor loss into a failed run.
+ACTOR_RESTARTS = {"max_restarts": -1, "max_task_retries": -1}
+
 def build_dataset(cfg: Config, class_names: list[str] | None = None):
     """The training stream for ``cfg.run.mode`` (lazy; executes once per epoch)."""
     import ray
@@ -123,7 +133,7 @@ def build_dataset(cfg: Config, class_names: list[str] | None = None):
     res = cfg.resources
     if cfg.run.mode == "real_kd":
         ds, _ = real_dataset(cfg)
-        return ds
+        return in_order(ds)
     ds = ray.data.read_datasource(make_bank_datasource([str(initial_bank_dir(cfg)), str(cfg.run_dir / "rounds")]), num_cpus=res.filter_cpus or 0.25)
     if cfg.run.mode == "dda":
         from .stages import AugmentStage, FilterStage
@@ -137,6 +147,7 @@ def build_dataset(cfg: Config, class_names: list[str] | None = None):
             num_cpus=res.augment_cpus,
             num_gpus=res.augment_gpus,
             batch_format="numpy",
+            **ACTOR_RESTARTS,
         )
         ds = ds.map_batches(
             FilterStage,
@@ -146,7 +157,21 @@ def build_dataset(cfg: Config, class_names: list[str] | None = None):
             num_cpus=res.filter_cpus,
             num_gpus=res.filter_gpus,
             batch_format="numpy",
+            **ACTOR_RESTARTS,
         )
+    return in_order(ds)
+
+
+def in_order(ds):
+    """Rows reach the trainer in input order (round files sorted, batches in turn), not in task
+    completion order: with one train worker the same seed gives the same batches, so a resumed
+    run repeats an uninterrupted one exactly. Blocks still stream; a finished block only waits
+    for the ones before it. (This dataset's own context: other datasets are unaffected.)"""
+    import copy
+
+    options = copy.deepcopy(ds.context.execution_options)
+    options.preserve_order = True
+    ds.context.execution_options = options
     return ds
 
 
@@ -203,9 +228,13 @@ class RaySource:
         collate = BankCollate(self.shape)
         passes = 0
         while True:
-            for b in self.shard.iter_torch_batches(batch_size=self.cfg.distill.batch_size, collate_fn=collate, prefetch_batches=1):
+            # A local shuffle buffer mixes each original with other images' rows (its variations
+            # follow it in the stream) and the rounds with one another; reseeded every pass.
+            buffer = self.cfg.distill.shuffle_buffer_batches * self.cfg.distill.batch_size
+            shuffle = {"local_shuffle_buffer_size": buffer, "local_shuffle_seed": derive_seed(self.cfg.run.seed, "shuffle", epoch, passes, self.rank) % 2**32} if buffer else {}
+            for b in self.shard.iter_torch_batches(batch_size=self.cfg.distill.batch_size, collate_fn=collate, prefetch_batches=1, **shuffle):
                 if log is not None:
-                    append_jsonl(log, {"t": time.time(), "rows": len(b["ids"]), "ids": b["ids"], "pass": passes})
+                    append_jsonl(log, {"t": time.time(), "pid": os.getpid(), "rows": len(b["ids"]), "ids": b["ids"], "pass": passes})
                 yield b["image"], b["label"]
             passes += 1
             if self.cfg.distill.steps_per_epoch is None:
@@ -263,15 +292,23 @@ def train_worker(config: dict) -> None:
     # Resume: Ray Train's checkpoint after a worker failure; else, on a rerun with
     # run.resume=true, the run directory's state.pt (also what local mode relies on:
     # num_workers=0 does not persist Ray checkpoints).
-    start_epoch = 0
+    start_epoch, extra = 0, {}
     ckpt = ray.train.get_checkpoint()
     state_file = cfg.run_dir / "state.pt"
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            start_epoch, _ = load_training_state(Path(d) / "state.pt", distiller, gen)
+            start_epoch, extra = load_training_state(Path(d) / "state.pt", distiller, gen)
     elif cfg.run.resume and state_file.exists():
-        start_epoch, _ = load_training_state(state_file, distiller, gen)
+        start_epoch, extra = load_training_state(state_file, distiller, gen)
     if start_epoch:
+        # Back to the checkpoint: the failed/interrupted epoch's metrics line and synthesis
+        # round (if it got that far) are dropped and redone from the restored state.
+        if "next_round" in extra:
+            source.next_round = int(extra["next_round"])
+        if rank == 0:
+            from .runtime import rewind_run
+
+            rewind_run(cfg.run_dir, start_epoch, source.next_round if cfg.run.mode != "real_kd" else None)
         print(f"[rank {rank}] resuming after epoch {start_epoch}", flush=True)
 
     from .tracking import Tracker
@@ -297,7 +334,9 @@ def train_worker(config: dict) -> None:
     if rank == 0:
         mean, std = normalize.mean.flatten().tolist(), normalize.std.flatten().tolist()
         save_classifier(distiller.student_module, cfg.run_dir / "student", arch=cfg.student.arch, num_classes=cfg.data.num_classes, mean=mean, std=std, accuracy=final.get("test_acc"), mode=cfg.run.mode)
-        (cfg.run_dir / "metrics.json").write_text(json.dumps(final, indent=2))
+        from .runtime import write_text_atomic
+
+        write_text_atomic(cfg.run_dir / "metrics.json", json.dumps(final, indent=2))
 
 
 def uneven_data_config():
@@ -309,7 +348,10 @@ def uneven_data_config():
             output = [{} for _ in range(world_size)]
             for name, ds in datasets.items():
                 ds = ds.copy(ds)
+                ordered = ds.context.execution_options.preserve_order
                 ds.context.execution_options = self._resolve_execution_options(name)
+                if world_size == 1:  # one worker: keep the stream's input order (same seed, same batches)
+                    ds.context.execution_options.preserve_order = ordered
                 for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
                     output[i][name] = split
             return output
@@ -320,16 +362,26 @@ def uneven_data_config():
 # ------------------------------------------------------------------- driver
 def init_ray(cfg: Config) -> None:
     """Attach to ``RAY_ADDRESS`` when set, else start an embedded local Ray with the dashboard."""
+    import signal
+
     import ray
 
     if ray.is_initialized():
         return
+    # ray.init replaces the driver's SIGTERM handler with a bare sys.exit; keep the job's own
+    # (cli.run_job's: a clear message and a consistent run directory) when one is installed.
+    sigterm = signal.getsignal(signal.SIGTERM)
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
     else:
         # The dashboard stays on: without it, Tune/ASHA can hang waiting for released resources.
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    if callable(sigterm) and signal.getsignal(signal.SIGTERM) is not sigterm:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)
 
 
 def run_ray(cfg: Config, tracker=None, callbacks: list | None = None) -> dict:
@@ -346,8 +398,15 @@ def run_ray(cfg: Config, tracker=None, callbacks: list | None = None) -> dict:
     from .sources import build_initial_bank
     from .synthesis import Synthesizer
 
-    init_ray(cfg)
     cfg = cfg.with_absolute_paths()
+    if cfg.run.mode != "real_kd":
+        # Read the data once here, before Ray starts: an unreadable data.path is a user error
+        # (one line, exit 2) rather than a worker failure retried max_failures times, and the
+        # decoded cache is written once instead of by every worker at the same time.
+        from .data import load_data
+
+        load_data(cfg.data, progress=True)
+    init_ray(cfg)
     res = cfg.resources
     run_dir = cfg.run_dir
     class_names = None

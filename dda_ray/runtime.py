@@ -65,6 +65,41 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a file under its final name only when complete (temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rewind_run(run_dir: str | Path, epochs_done: int, next_round: int | None) -> None:
+    """Bring a run directory back to its last checkpoint before resuming from it.
+
+    An interrupted or failed epoch may have appended its ``metrics.jsonl`` line or written its
+    synthesis round before the checkpoint was saved. Lines of epochs after ``epochs_done`` (and
+    a torn last line) are dropped, and rounds numbered ``>= next_round`` are removed: the resumed
+    epoch re-synthesises them from the restored student with the same seeds, so the run continues
+    exactly as if it had never stopped.
+    """
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        keep = []
+        for line in metrics.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by the interruption
+            if int(rec.get("epoch", 0)) <= epochs_done:
+                keep.append(line)
+        write_text_atomic(metrics, "".join(f"{line}\n" for line in keep))
+    if next_round is not None:
+        for path in sorted((run_dir / "rounds").glob("round-*.parquet")):
+            if int(path.stem.split("-")[1]) >= next_round:
+                path.unlink()
+
+
 def derive_seed(*parts: object) -> int:
     """A stable 63-bit seed from any parts (run seed, round, image id, variation index, ...).
 

@@ -55,6 +55,7 @@ def ray_config(tmp_path, assets, cifar, **overrides):
         "distill.epochs": 2,
         "distill.steps_per_epoch": "null",
         "distill.batch_size": 16,
+        "distill.lr": 0.02,  # the random tiny teacher's features make lr 0.1 diverge on mixed batches
         "augment.model": str(assets / "prior"),
         "augment.num_variations": 2,
         "augment.steps": 10,
@@ -78,7 +79,7 @@ def stream_records(run_dir: Path, stage: str) -> list[dict]:
 def test_dda_streams_augmentation_into_training_with_exact_row_accounting(tmp_path, assets, cifar10_decoded, ray_cluster):
     from dda_ray.pipeline import run_ray
 
-    cfg = ray_config(tmp_path, assets, cifar10_decoded)
+    cfg = ray_config(tmp_path, assets, cifar10_decoded, **{"distill.shuffle_buffer_batches": 1})  # the buffer fills before the first batch
     final = run_ray(cfg)
     run_dir = cfg.run_dir
     epochs = read_jsonl(run_dir / "metrics.jsonl")
@@ -145,3 +146,19 @@ def test_initial_bank_from_ray_tasks_matches_the_driver_built_one(tmp_path, asse
     assert prov_local == prov_remote
     assert local.ids.tolist() == remote.ids.tolist() and np.array_equal(local.labels, remote.labels)
     assert np.abs(local.images.astype(int) - remote.images.astype(int)).mean() < 1.0  # same seeds per round
+
+
+def test_real_kd_stream_mixes_classes_in_every_batch(tmp_path, assets, cifar10_decoded, ray_cluster):
+    from dda_ray.data import load_data
+    from dda_ray.pipeline import run_ray
+
+    cfg = ray_config(tmp_path, assets, cifar10_decoded, **{"run.mode": "real_kd", "data.train_subset": 400, "distill.epochs": 1, "distill.steps_per_epoch": 6, "distill.batch_size": 32})
+    run_ray(cfg)
+    labels = load_data(cfg.data, progress=False).train.subset(400, cfg.run.seed).labels
+    batches = read_jsonl(cfg.run_dir / "stream" / "train-rank0-epoch0.jsonl")
+    assert len(batches) == 6
+    for b in batches:  # the image folder lists class by class; a batch of one class would train nothing useful
+        classes = {int(labels[int(i.split("-")[1])]) for i in b["ids"]}
+        assert len(classes) >= 5, classes
+    first_pass = [i for b in batches if b["pass"] == 0 for i in b["ids"]]
+    assert len(first_pass) == len(set(first_pass))

@@ -1,0 +1,313 @@
+"""Failures survived, on a real local Ray (docs/RELIABILITY.md lists what each test proves).
+
+* a Ray Train worker killed (SIGKILL, by pid) after its first checkpoint: the run restores from the
+  last checkpoint and finishes, redoing at most the epoch that was cut;
+* an augmentation actor killed mid-stream: Ray Data restarts it and re-runs its unfinished batch;
+  the kept set of (parent id, variation) is exactly that of an uninterrupted run with the same seed;
+* ``jobs/distill.py`` stopped with SIGINT, resumed, stopped with SIGTERM, resumed again: every stop
+  exits non-zero with one ``interrupted:`` line and leaves a complete checkpoint, and the resumed
+  run's per-epoch and final metrics equal an uninterrupted run's exactly (same seed, CPU, one
+  worker: bit-for-bit, tolerance 0).
+
+The tests kill and interrupt at moments they observe (a checkpoint registered in storage, a stream
+log line), never after a fixed sleep; each asserts from the logs that the fault hit mid-run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dda_ray.runtime import read_jsonl
+
+from .test_pipeline import assets, ray_cluster, ray_config, stream_records  # noqa: F401 - fixtures
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING_FIELDS = ("prepare_s", "train_s", "train_img_per_s", "synthesis_s", "bank_s", "distill_s")
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    """Poll ``predicate`` until it returns something truthy (a deadline, not an assertion by sleep)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the job exited ({proc.returncode}) before {what}: {proc.stderr.read() if proc.stderr else ''}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def train_records(run_dir: Path) -> dict[int, list[dict]]:
+    """Train-loop stream lines per epoch index (rank 0); each line carries the worker's pid."""
+    out = {}
+    for path in (run_dir / "stream").glob("train-rank0-epoch*.jsonl"):
+        out[int(path.stem.rsplit("epoch", 1)[1])] = read_jsonl(path)
+    return out
+
+
+def comparable(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k not in TIMING_FIELDS}
+
+
+# ------------------------------------------------------------------ 1. train worker killed
+def checkpoints_registered(run_dir: Path, name: str) -> list[str]:
+    """Checkpoints Ray Train's controller has registered (its snapshot in storage)."""
+    snap = run_dir / "ray" / name / "checkpoint_manager_snapshot.json"
+    if not snap.exists():
+        return []
+    try:
+        state = json.loads(snap.read_text())
+    except json.JSONDecodeError:
+        return []  # being rewritten
+    return [r["checkpoint_dir_name"] for r in state.get("checkpoint_results", [])]
+
+
+def test_killed_train_worker_restores_from_the_last_checkpoint_and_finishes(tmp_path, assets, cifar10_decoded, ray_cluster):  # noqa: F811
+    from dda_ray.pipeline import run_ray
+
+    epochs = 4
+    cfg = ray_config(
+        tmp_path,
+        assets,
+        cifar10_decoded,
+        **{
+            "run.name": "worker_kill",
+            "run.mode": "inversion",
+            "synthesis.init_rounds": 2,
+            "distill.epochs": epochs,
+            "distill.steps_per_epoch": 6,
+            "resources.num_workers": 1,  # a real worker process (num_workers=0 runs the loop in this driver)
+            "resources.cpus_per_worker": 0.5,
+            # >= 1 is what is needed; 2 leaves room for one spurious loss on an overloaded machine
+            # (Ray Train's placement-group cleaner can time out querying the controller and remove
+            # the group), which the split by kill time below keeps apart from this test's kill.
+            "resources.max_failures": 2,
+        },
+    )
+    run_dir = cfg.run_dir
+    killed: dict = {}
+
+    def killer():
+        try:
+            wait_for(lambda: checkpoints_registered(run_dir, "worker_kill"), 900, "the first registered checkpoint")
+            pid = train_records(run_dir)[0][0]["pid"]
+            assert pid != os.getpid()  # the worker, never this driver
+            killed["pid"] = pid
+            killed["t"] = time.time()
+            os.kill(pid, signal.SIGKILL)
+        except BaseException as e:  # surfaced by the main thread
+            killed["error"] = e
+
+    watcher = threading.Thread(target=killer, daemon=True)
+    watcher.start()
+    final = run_ray(cfg)
+    watcher.join(timeout=60)
+    assert "error" not in killed, killed.get("error")
+    assert "pid" in killed
+
+    records = train_records(run_dir)
+    before = {e for e, recs in records.items() if any(r["t"] < killed["t"] for r in recs)}  # trained before the kill
+    after = {e for e, recs in records.items() if any(r["t"] > killed["t"] and r["pid"] != killed["pid"] for r in recs)}  # by the restarted worker
+    assert after, "no restarted worker trained: the kill came after the run had finished"
+    assert sorted(before | after) == list(range(epochs))
+    redone = before & after
+    assert len(redone) <= 1, f"epochs trained by both workers: {sorted(redone)}"  # at most one checkpoint interval
+    assert max(before) <= min(after)  # nothing before the restored checkpoint is redone
+    # Ray Train restored the newest registered checkpoint: the restarted worker starts right after it.
+    restored_epoch = min(after)
+    assert restored_epoch >= 1
+    # Every epoch reported exactly once; final metrics, student, resume point and Ray checkpoints exist.
+    lines = read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["epoch"] for m in lines] == list(range(1, epochs + 1))
+    assert json.loads((run_dir / "metrics.json").read_text())["epoch"] == epochs == final["epoch"]
+    assert (run_dir / "student" / "model.safetensors").exists()
+    assert torch.load(run_dir / "state.pt", weights_only=True)["epoch"] == epochs
+    assert len(checkpoints_registered(run_dir, "worker_kill")) >= 1
+    # The rounds with the student: one per epoch, none doubled by the redone epoch.
+    assert sorted(p.name for p in (run_dir / "rounds").glob("round-*.parquet")) == [f"round-{r:05d}.parquet" for r in range(2, 2 + epochs)]
+
+
+# --------------------------------------------------------------- 2. augmentation actor killed
+def kept_variations(run_dir: Path) -> list[tuple[str, int]]:
+    """(parent id, variation index) of every kept variation the train loop consumed."""
+    out = []
+    for recs in train_records(run_dir).values():
+        for r in recs:
+            for i in r["ids"]:
+                if "-v" in i:
+                    parent, k = i.rsplit("-v", 1)
+                    out.append((parent, int(k)))
+    return out
+
+
+def test_killed_augment_actor_is_restarted_and_no_variation_is_lost_or_duplicated(tmp_path, assets, cifar10_decoded, ray_cluster):  # noqa: F811
+    from dda_ray.pipeline import run_ray
+
+    overrides = {"distill.epochs": 1, "synthesis.init_rounds": 2, "augment.batch_size": 2}
+    ref = ray_config(tmp_path / "ref", assets, cifar10_decoded, **overrides)
+    run_ray(ref)
+    cfg = ray_config(tmp_path / "kill", assets, cifar10_decoded, **overrides)
+    run_dir = cfg.run_dir
+    killed: dict = {}
+
+    def killer():
+        try:
+            logs = wait_for(lambda: [p for p in (run_dir / "stream").glob("augment-*.jsonl") if read_jsonl(p)], 900, "the first augmented batch")
+            pid = int(logs[0].stem.split("-")[1])
+            assert pid != os.getpid()
+            killed["pid"] = pid
+            os.kill(pid, signal.SIGKILL)
+        except BaseException as e:
+            killed["error"] = e
+
+    watcher = threading.Thread(target=killer, daemon=True)
+    watcher.start()
+    run_ray(cfg)
+    watcher.join(timeout=60)
+    assert "error" not in killed, killed.get("error")
+
+    parents = 16 * (2 + 1)  # initial bank + the epoch's round with the student
+    per_actor = {int(p.stem.split("-")[1]): read_jsonl(p) for p in (run_dir / "stream").glob("augment-*.jsonl")}
+    assert killed["pid"] in per_actor and len(per_actor) >= 2  # a new actor took over after the kill
+    done_by_killed = sum(r["parents"] for r in per_actor[killed["pid"]])
+    assert 0 < done_by_killed < parents  # the kill came mid-stream
+    # Row accounting: every parent augmented once (the lost batch re-run, not doubled) ...
+    assert sum(r["parents"] for recs in per_actor.values() for r in recs) == parents
+    (m,) = read_jsonl(run_dir / "metrics.jsonl")
+    assert m["variations"] == 2 * parents == m["kept"] + m["rejected"]
+    # ... and the kept set is exactly the uninterrupted run's: nothing lost, nothing duplicated.
+    kept, kept_ref = kept_variations(run_dir), kept_variations(ref.run_dir)
+    assert len(kept) == len(set(kept)) == m["kept"]
+    assert sorted(kept) == sorted(kept_ref)
+    ids = [i for recs in train_records(run_dir).values() for r in recs for i in r["ids"]]
+    assert len(ids) == len(set(ids)) == parents + m["kept"] == m["rows"]
+    assert read_jsonl(ref.run_dir / "metrics.jsonl")[0]["kept"] == m["kept"]
+    assert sum(r["variations"] for r in stream_records(run_dir, "filter")) == 2 * parents
+
+
+# --------------------------------------------------------------------- 3. interrupt + resume
+def job_args(tmp_path: Path, assets: Path, cifar, name: str, **extra) -> list[str]:  # noqa: F811
+    args = {
+        "run.output_dir": str(tmp_path),
+        "run.name": name,
+        "run.engine": "ray",
+        "run.mode": "inversion",
+        "run.stream_log": True,
+        "data.path": str(cifar.path),
+        "data.cache_dir": str(cifar.cache_dir),
+        "data.eval_subset": 100,
+        "teacher.arch": "wrn16_1",
+        "teacher.checkpoint": str(assets / "teacher"),
+        "student.arch": "wrn16_1",
+        "synthesis.nz": 32,
+        "synthesis.ngf": 16,
+        "synthesis.init_rounds": 2,
+        "synthesis.init_batch_size": 16,
+        "synthesis.init_g_steps": 2,
+        "synthesis.batch_size": 16,
+        "synthesis.g_steps": 2,
+        "distill.epochs": 4,
+        "distill.steps_per_epoch": 4,
+        "distill.batch_size": 16,
+        "resources.num_workers": 0,
+        "resources.torch_threads": 1,
+        "tracking.enabled": False,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def start_job(args: list[str]) -> subprocess.Popen:
+    import ray
+
+    env = dict(os.environ)
+    env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address  # attach to this test's Ray: no second start-up
+    env["RAY_AUTH_MODE"] = "disabled"
+    env["OMP_NUM_THREADS"] = "1"
+    env["HF_HUB_OFFLINE"] = "1"
+    return subprocess.Popen([sys.executable, str(ROOT / "jobs" / "distill.py"), *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def state_epoch(run_dir: Path) -> int:
+    path = run_dir / "state.pt"
+    return int(torch.load(path, weights_only=True)["epoch"]) if path.exists() else 0
+
+
+def interrupt_after(proc: subprocess.Popen, run_dir: Path, epoch: int, sig: signal.Signals) -> str:
+    """Send ``sig`` once the checkpoint of ``epoch`` is on disk; returns the job's stderr."""
+    wait_for(lambda: state_epoch(run_dir) >= epoch, 900, f"the checkpoint of epoch {epoch}", proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return err
+
+
+def assert_consistent_stop(run_dir: Path, err: str, sig: signal.Signals, returncode: int, epochs: int) -> int:
+    """A stopped job: non-zero exit, one clear line, a complete checkpoint, no final outputs."""
+    assert returncode == 128 + sig, (returncode, err[-2000:])
+    last = err.strip().splitlines()[-1]
+    done = state_epoch(run_dir)  # loads: the checkpoint is complete (written to a temp name, then renamed)
+    assert last == f"interrupted: {sig.name}; the last complete checkpoint is {run_dir / 'state.pt'} (after epoch {done}); rerun the same command with run.resume=true to continue"
+    assert 1 <= done < epochs, "the signal must land mid-run"
+    logged = [m["epoch"] for m in read_jsonl(run_dir / "metrics.jsonl")]
+    assert logged[:done] == list(range(1, done + 1)) and len(logged) <= done + 1  # at most the cut epoch's line beyond it
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "student").exists()  # no half-finished run
+    return done
+
+
+def test_interrupted_job_resumes_to_the_same_metrics_as_an_uninterrupted_run(tmp_path, assets, cifar10_decoded, ray_cluster):  # noqa: F811
+    from dda_ray.api import distill
+    from dda_ray.cli import run_job
+    from dda_ray.config import load_config
+    from dda_ray.pipeline import run_ray
+    from dda_ray.runtime import prepare_run_dir
+
+    epochs = 4
+    # The uninterrupted reference, same seed and config, run in this process.
+    ref = load_config(None, job_args(tmp_path / "ref", assets, cifar10_decoded, "job"))
+    prepare_run_dir(ref)
+    ref_final = run_ray(ref)
+    ref_lines = read_jsonl(ref.run_dir / "metrics.jsonl")
+
+    args = job_args(tmp_path / "job", assets, cifar10_decoded, "job")
+    run_dir = tmp_path / "job" / "job"
+    # 1. SIGINT (Ctrl-C) after the first epoch's checkpoint.
+    proc = start_job(args)
+    err = interrupt_after(proc, run_dir, 1, signal.SIGINT)
+    done = assert_consistent_stop(run_dir, err, signal.SIGINT, proc.returncode, epochs)
+    # Without run.resume the run directory is refused, and left as it is.
+    before = (run_dir / "state.pt").stat().st_mtime_ns
+    with pytest.raises(SystemExit) as refused:
+        run_job(distill, argv=args)
+    assert refused.value.code == 2
+    assert (run_dir / "state.pt").stat().st_mtime_ns == before
+    # 2. Resume, then SIGTERM (what a scheduler sends) after a further epoch.
+    proc = start_job([*args, "run.resume=true"])
+    err = interrupt_after(proc, run_dir, done + 1, signal.SIGTERM)
+    done = assert_consistent_stop(run_dir, err, signal.SIGTERM, proc.returncode, epochs)
+    # 3. Resume to the end.
+    proc = start_job([*args, "run.resume=true"])
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-3000:]
+    lines = read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["epoch"] for m in lines] == list(range(1, epochs + 1))  # each epoch once, the cut ones redone
+    # Same seed, one worker, CPU: the resumed run is bit-for-bit the uninterrupted one (tolerance 0).
+    for got, want in zip(lines, ref_lines, strict=True):
+        assert comparable(got) == comparable(want), got["epoch"]
+    final = json.loads((run_dir / "metrics.json").read_text())
+    assert comparable(final) == comparable(ref_final)
+    assert sorted(p.name for p in (run_dir / "rounds").glob("round-*.parquet")) == [f"round-{r:05d}.parquet" for r in range(2, 2 + epochs)]
+    from safetensors.torch import load_file
+
+    got, want = load_file(run_dir / "student" / "model.safetensors"), load_file(ref.run_dir / "student" / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
