@@ -71,6 +71,19 @@ def interrupted_message(run_dir: Path | None, signum: int) -> str:
     return f"interrupted: {name}; the last complete checkpoint is {state} ({where}); rerun the same command with run.resume=true to continue"
 
 
+def _nothing_written(run_dir: Path) -> bool:
+    """True when ``run_dir`` holds only its ``config.yaml`` and empty folders (e.g. ``stream/``,
+    made when a stage starts): a run that failed before any output, safe to remove."""
+    if not run_dir.is_dir():
+        return False
+    for path in run_dir.rglob("*"):
+        if path.is_dir():
+            continue
+        if path.parent != run_dir or path.name != "config.yaml":
+            return False
+    return True
+
+
 def parse_args(argv: list[str] | None = None, description: str | None = None) -> tuple[Config, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML preset under configs/ (defaults apply when omitted)")
@@ -89,7 +102,8 @@ def run_job(
     """Parse, validate, ``preflight`` (cheap checks), create the run directory, run ``fn``.
 
     A user error prints one ``error:`` line and exits 2; a run directory this call created is
-    removed again if the job fails on a user error before writing anything but its config.
+    removed again if the job fails on a user error (or is interrupted) before writing anything
+    but its config (empty folders a stage made ahead of its first output count as nothing).
     """
     import shutil
     import signal
@@ -113,13 +127,13 @@ def run_job(
             run_dir = cfg.run_dir
         return fn(cfg)
     except user_errors() as e:
-        if created is not None and created.exists() and {p.name for p in created.iterdir()} <= {"config.yaml"}:
+        if created is not None and _nothing_written(created):
             shutil.rmtree(created, ignore_errors=True)
         print(f"error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, JobInterrupted) else signal.SIGINT
-        if created is not None and created.exists() and {p.name for p in created.iterdir()} <= {"config.yaml"}:
+        if created is not None and _nothing_written(created):
             shutil.rmtree(created, ignore_errors=True)
             run_dir = None
         print(interrupted_message(run_dir, signum), file=sys.stderr, flush=True)
