@@ -256,7 +256,7 @@ class ResourcesConfig:
     synthesis_tasks: int = 0  # initial bank: concurrent Ray tasks (0: in the driver, one round after another)
     synthesis_cpus: float = 1.0  # per synthesis task
     synthesis_gpus: float = 0.0  # per synthesis task
-    fused_stages: bool = False  # one actor pool running augment then filter (stages.FusedStage); not yet wired into build_dataset
+    fused_stages: bool = False  # one actor pool running augment then filter (stages.FusedStage), sized by augment_*
     torch_threads: int = 0  # 0: leave torch's default
     max_failures: int = 1  # Ray Train restarts from the last checkpoint after a worker failure
     max_concurrent_trials: int | None = None  # Tune; None: derived from the above

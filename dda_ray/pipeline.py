@@ -7,6 +7,9 @@
         -> map_batches(FilterStage,   ActorPoolStrategy(size=resources.filter_actors),  num_gpus=filter_gpus)
         -> TorchTrainer(datasets={"train": ds}): every worker runs distill.train_loop on its shard
 
+    (``resources.fused_stages: true``: one pool of ``FusedStage`` actors, augment then filter in
+    one process, sized by the ``augment_*`` resources, replaces the two pools.)
+
 The Ray Data stages stream: training consumes filtered rows while augmentation is still
 working through the bank. What is recomputed per epoch and what is cached:
 
@@ -135,7 +138,20 @@ def build_dataset(cfg: Config, class_names: list[str] | None = None):
         ds, _ = real_dataset(cfg)
         return in_order(ds)
     ds = ray.data.read_datasource(make_bank_datasource([str(initial_bank_dir(cfg)), str(cfg.run_dir / "rounds")]), num_cpus=res.filter_cpus or 0.25)
-    if cfg.run.mode == "dda":
+    if cfg.run.mode == "dda" and res.fused_stages:
+        from .stages import FusedStage
+
+        ds = ds.map_batches(
+            FusedStage,
+            fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "class_names": class_names},
+            compute=ActorPoolStrategy(size=res.augment_actors),
+            batch_size=cfg.augment.batch_size,
+            num_cpus=res.augment_cpus,
+            num_gpus=res.augment_gpus,
+            batch_format="numpy",
+            **ACTOR_RESTARTS,
+        )
+    elif cfg.run.mode == "dda":
         from .stages import AugmentStage, FilterStage
 
         cfg_dict = cfg.to_dict()
@@ -375,6 +391,14 @@ def init_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address)
     else:
+        if not any(k in os.environ for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
+            # Ray turns token auth on for a new local cluster and, finding no token, writes one to
+            # ~/.ray/auth_token (which then turns auth on for unrelated `ray start` clusters too).
+            # Give it a fresh token in this process's environment instead (the embedded cluster's
+            # processes inherit it): same protection, nothing left in the home directory.
+            import secrets
+
+            os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
         # The dashboard stays on: without it, Tune/ASHA can hang waiting for released resources.
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
     if callable(sigterm) and signal.getsignal(signal.SIGTERM) is not sigterm:
@@ -394,7 +418,7 @@ def run_ray(cfg: Config, tracker=None, callbacks: list | None = None) -> dict:
     from ray.train.torch import TorchTrainer
 
     from .checkpoint import load_teacher
-    from .runtime import resolve_device, seed_everything
+    from .runtime import resolve_device, seed_everything, set_threads
     from .sources import build_initial_bank
     from .synthesis import Synthesizer
 
@@ -411,6 +435,7 @@ def run_ray(cfg: Config, tracker=None, callbacks: list | None = None) -> dict:
     run_dir = cfg.run_dir
     class_names = None
     if cfg.run.mode != "real_kd":
+        set_threads(res.torch_threads)  # the driver synthesises the initial bank (synthesis_tasks=0)
         seed_everything(cfg.run.seed)
         teacher, normalize, meta = load_teacher(cfg)
         class_names = meta.get("classes")

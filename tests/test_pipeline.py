@@ -123,6 +123,25 @@ def test_two_ddp_workers_split_the_stream_without_losing_rows(tmp_path, assets, 
     assert list((cfg.run_dir / "ray").rglob("state.pt"))  # Ray Train persisted the epoch's checkpoint
 
 
+def test_fused_stage_pool_keeps_the_same_rows_as_two_pools(tmp_path, assets, cifar10_decoded, ray_cluster):
+    from dda_ray.pipeline import run_ray
+
+    common = {"distill.epochs": 1, "synthesis.init_rounds": 2, "synthesis.rounds_per_epoch": 0, "augment.cache_dir": str(tmp_path / "cache")}
+    kept = {}
+    for fused in (True, False):
+        cfg = ray_config(tmp_path, assets, cifar10_decoded, **common, **{"run.name": f"fused-{fused}", "resources.fused_stages": fused})
+        run_ray(cfg)
+        (m,) = read_jsonl(cfg.run_dir / "metrics.jsonl")
+        ids = [i for r in read_jsonl(cfg.run_dir / "stream" / "train-rank0-epoch0.jsonl") for i in r["ids"]]
+        assert m["variations"] == 2 * 16 * 2 == m["kept"] + m["rejected"]
+        assert len(ids) == len(set(ids)) == 16 * 2 + m["kept"]
+        kept[fused] = sorted(i for i in ids if "-v" in i)
+        pids = {stage: {p.stem.split("-")[1] for p in (cfg.run_dir / "stream").glob(f"{stage}-*.jsonl")} for stage in ("augment", "filter")}
+        # fused: augment and filter ran in the same actor processes; two pools: in different ones
+        assert (pids["augment"] == pids["filter"]) if fused else not (pids["augment"] & pids["filter"])
+    assert kept[True] == kept[False]  # same seeds, same filter: the same kept set
+
+
 def test_initial_bank_from_ray_tasks_matches_the_driver_built_one(tmp_path, assets, cifar10_decoded, ray_cluster, monkeypatch):
     import numpy as np
     import torch
@@ -162,3 +181,22 @@ def test_real_kd_stream_mixes_classes_in_every_batch(tmp_path, assets, cifar10_d
         assert len(classes) >= 5, classes
     first_pass = [i for b in batches if b["pass"] == 0 for i in b["ids"]]
     assert len(first_pass) == len(set(first_pass))
+
+
+def test_embedded_ray_uses_token_auth_without_writing_a_token_file(tmp_path):
+    import subprocess
+    import sys
+
+    script = (
+        "import os, ray\n"
+        "from dda_ray.pipeline import init_ray\n"
+        "init_ray(None)\n"
+        "print(ray.get(ray.remote(num_cpus=0.1)(lambda: os.environ.get('RAY_AUTH_MODE')).remote()))\n"
+        "ray.shutdown()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
+    env["HOME"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "token"  # the cluster's processes run with token auth on
+    assert not (tmp_path / ".ray").exists()  # and no token file was left in the home directory
