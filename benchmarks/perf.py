@@ -13,12 +13,13 @@ no tracking, one epoch, no synthesis rounds during training) and one shared synt
 change of load on a shared machine hits all arms alike; tables give medians over the repeats and the
 per-repeat values.
 
-  streaming  ``dda_ray.pipeline.run_ray`` twice per repeat on the same bank, one pass over the stream
-             (``distill.steps_per_epoch=null``: every original and every kept variation once): as
-             shipped (augment/filter actors stream into the trainer), and with ``build_dataset``
-             wrapped to ``.materialize()`` the same Ray Data graph first (sequential: diffuse and
-             filter everything, then train). Each arm of each repeat has its own empty
-             ``augment.cache_dir``, so diffusion is really recomputed.
+  streaming  ``dda_ray.pipeline.run_ray`` three times per repeat on the same bank, one pass over the
+             stream (``distill.steps_per_epoch=null``: every original and every kept variation once):
+             as shipped (augment and filter actor pools stream into the trainer); with
+             ``build_dataset`` wrapped to ``.materialize()`` the same Ray Data graph first
+             (sequential: diffuse and filter everything, then train); and with
+             ``resources.fused_stages=true`` (one pool of augment-then-filter actors). Each arm of
+             each repeat has its own empty ``augment.cache_dir``, so diffusion is really recomputed.
   step       per KD step: ``Distiller.train_step`` in a plain loop in this process, vs the same step
              inside ``run_ray`` (``TorchTrainer``, ``num_workers=0`` local mode and ``num_workers=1``),
              on the same batches (``run.mode=real_kd`` on ``data.train_subset`` real images: one
@@ -254,19 +255,21 @@ def augment_busy(run_dir: Path) -> tuple[float, int]:
 # ---------------------------------------------------------------- (4) streaming vs sequential
 def bench_streaming(args) -> str:
     start_ray(args)
-    arms = {"streaming": False, "sequential": True}
+    # arm -> (materialize the graph first, extra overrides)
+    arms = {"streaming": (False, []), "sequential": (True, []), "fused": (False, ["resources.fused_stages=true"])}
     res: dict[str, list[dict]] = {a: [] for a in arms}
     for r in range(args.repeats):
-        order = list(arms) if r % 2 == 0 else list(arms)[::-1]
+        order = list(arms)[r % 3 :] + list(arms)[: r % 3]
         for arm in order:
-            cfg, cache = fresh(make_cfg, args, f"stream-{arm}-{r}", "run.mode=dda")
-            out = run_ray_timed(cfg, materialize=arms[arm])
+            materialize, extra = arms[arm]
+            cfg, cache = fresh(make_cfg, args, f"stream-{arm}-{r}", "run.mode=dda", *extra)
+            out = run_ray_timed(cfg, materialize=materialize)
             shutil.rmtree(cache, ignore_errors=True)
             out["run_dir"] = str(cfg.run_dir)
             res[arm].append(out)
             print(json.dumps({"bench": "streaming", "arm": arm, "repeat": r, **{k: out.get(k) for k in ("wall_s", "augment_filter_s", "train_s", "rows", "steps", "test_acc", "materialized_rows")}}), flush=True)
     cfg = make_cfg(args)
-    rep = Report(args, "(4) End-to-end: streaming vs augment-and-filter-first (sequential)")
+    rep = Report(args, "(4) End-to-end: streaming vs augment-and-filter-first (sequential); two pools vs one fused pool")
     rep.add(
         f"Same bank ({cfg.synthesis.init_rounds} x {cfg.synthesis.init_batch_size} images), {cfg.augment.num_variations} variations per image "
         f"(strength {cfg.augment.strength}, {cfg.augment.steps} DDIM steps, guidance {cfg.augment.guidance}), filter {cfg.filter.threshold}, "
@@ -290,6 +293,8 @@ def bench_streaming(args) -> str:
     rep.table(["arm", "wall s (median)", "wall s per repeat", "augment+filter s", "train loop s", "rows trained", "steps"], rows)
     ratio = [s["wall_s"] / t["wall_s"] for s, t in zip(res["sequential"], res["streaming"], strict=True)]
     rep.add(f"**sequential / streaming wall time: {fmt(median(ratio))}** (per repeat: {fmt_list(ratio, 2)}; > 1 means streaming is faster).", "")
+    fused = [f["wall_s"] / t["wall_s"] for f, t in zip(res["fused"], res["streaming"], strict=True)]
+    rep.add(f"**fused (one augment+filter pool) / two pools wall time: {fmt(median(fused))}** (per repeat: {fmt_list(fused, 2)}; < 1 means the fused pool is faster).", "")
     return rep.emit()
 
 
