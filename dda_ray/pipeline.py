@@ -198,9 +198,13 @@ class RaySource:
     def __init__(self, cfg: Config, synthesizer, rank: int, world_size: int):
         import ray.train
 
+        from .sources import bank_provenance
+
         self.cfg, self.synthesizer, self.rank, self.world_size = cfg, synthesizer, rank, world_size
         self.shard = ray.train.get_dataset_shard("train")
         self.rounds_dir = cfg.run_dir / "rounds"
+        # rounds with the student record where they came from, like the initial bank's
+        self.provenance = bank_provenance(cfg, synthesizer, initial=False) if synthesizer is not None else None
         self.next_round = cfg.synthesis.init_rounds + len(bank_files(self.rounds_dir))
         self.shape = (cfg.data.image_size, cfg.data.image_size, 3)
         self.log_dir = cfg.run_dir / "stream" if cfg.run.stream_log else None
@@ -222,7 +226,7 @@ class RaySource:
                 r = self.next_round
                 if self.rank == 0 and not (self.rounds_dir / f"round-{r:05d}.parquet").exists():
                     res = self.synthesizer.run_round(r, derive_seed(self.cfg.run.seed, "round", r), student=distiller.student_module, rot_head=distiller.rot_head)
-                    write_round(self.rounds_dir, res.batch, r)
+                    write_round(self.rounds_dir, res.batch, r, self.provenance)
                 self.next_round = r + 1
                 distiller.reset_rotation_head()
             self._barrier()

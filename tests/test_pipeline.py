@@ -107,6 +107,12 @@ def test_dda_streams_augmentation_into_training_with_exact_row_accounting(tmp_pa
     load_classifier(run_dir / "student", "wrn16_1", 10)
     assert list((run_dir / "grids").glob("*.png"))
     assert (run_dir / "state.pt").exists()  # resume point (local mode keeps no Ray checkpoints)
+    # Rounds made with the student record their provenance, like the initial bank's.
+    from dda_ray.data.bank import bank_files, read_provenance
+
+    initial = read_provenance(bank_files(run_dir / "bank")[0])
+    rounds = [read_provenance(f) for f in bank_files(run_dir / "rounds")]
+    assert len(rounds) == 2 and all(r["teacher"] == initial["teacher"] and "batch_size=16" in r["synthesis"] for r in rounds)
 
 
 def test_two_ddp_workers_split_the_stream_without_losing_rows(tmp_path, assets, cifar10_decoded, ray_cluster):
