@@ -76,7 +76,7 @@ def checkpoints_registered(run_dir: Path, name: str) -> list[str]:
 def test_killed_train_worker_restores_from_the_last_checkpoint_and_finishes(tmp_path, assets, cifar10_decoded, ray_cluster):  # noqa: F811
     from dda_ray.pipeline import run_ray
 
-    epochs = 4
+    epochs = 3
     cfg = ray_config(
         tmp_path,
         assets,
@@ -86,7 +86,7 @@ def test_killed_train_worker_restores_from_the_last_checkpoint_and_finishes(tmp_
             "run.mode": "inversion",
             "synthesis.init_rounds": 2,
             "distill.epochs": epochs,
-            "distill.steps_per_epoch": 6,
+            "distill.steps_per_epoch": 4,
             "resources.num_workers": 1,  # a real worker process (num_workers=0 runs the loop in this driver)
             "resources.cpus_per_worker": 0.5,
             # >= 1 is what is needed; 2 leaves room for one spurious loss on an overloaded machine
@@ -154,7 +154,7 @@ def kept_variations(run_dir: Path) -> list[tuple[str, int]]:
 def test_killed_augment_actor_is_restarted_and_no_variation_is_lost_or_duplicated(tmp_path, assets, cifar10_decoded, ray_cluster):  # noqa: F811
     from dda_ray.pipeline import run_ray
 
-    overrides = {"distill.epochs": 1, "synthesis.init_rounds": 2, "augment.batch_size": 2}
+    overrides = {"distill.epochs": 1, "synthesis.init_rounds": 1, "augment.batch_size": 2, "augment.steps": 4}
     ref = ray_config(tmp_path / "ref", assets, cifar10_decoded, **overrides)
     run_ray(ref)
     cfg = ray_config(tmp_path / "kill", assets, cifar10_decoded, **overrides)
@@ -177,7 +177,7 @@ def test_killed_augment_actor_is_restarted_and_no_variation_is_lost_or_duplicate
     watcher.join(timeout=60)
     assert "error" not in killed, killed.get("error")
 
-    parents = 16 * (2 + 1)  # initial bank + the epoch's round with the student
+    parents = 16 * (1 + 1)  # initial bank + the epoch's round with the student
     per_actor = {int(p.stem.split("-")[1]): read_jsonl(p) for p in (run_dir / "stream").glob("augment-*.jsonl")}
     assert killed["pid"] in per_actor and len(per_actor) >= 2  # a new actor took over after the kill
     done_by_killed = sum(r["parents"] for r in per_actor[killed["pid"]])
