@@ -205,6 +205,43 @@ def test_killed_augment_actor_is_restarted_and_no_variation_is_lost_or_duplicate
     assert sum(r["variations"] for r in stream_records(run_dir, "filter")) == 2 * parents
 
 
+def test_damaged_variation_cache_entries_are_recomputed_not_trusted(tmp_path, assets):  # noqa: F811
+    """A cache entry cut short (a crash outside the atomic rename, a full disk) or of the wrong
+    shape is recomputed, identically (per-(seed, id, variation) seeds), and rewritten whole."""
+    import numpy as np
+
+    from dda_ray.augment import encode_image_column
+    from dda_ray.config import load_config
+    from dda_ray.stages import AugmentStage, augment_cache_dir
+
+    overrides = {
+        "run.output_dir": tmp_path,
+        "teacher.arch": "wrn16_1",
+        "teacher.checkpoint": assets / "teacher",
+        "augment.model": assets / "prior",
+        "augment.num_variations": 2,
+        "augment.steps": 4,
+        "augment.strength": 0.5,
+        "resources.torch_threads": 1,
+    }
+    cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    batch = {"id": np.array(["a", "b", "c"]), "image": encode_image_column(images), "label": np.array([0, 1, 2])}
+    first = AugmentStage(cfg.to_dict())(batch)
+    entries = sorted(augment_cache_dir(cfg).glob("*.npy"))
+    assert len(entries) == 3
+    whole = entries[0].read_bytes()
+    entries[0].write_bytes(whole[: len(whole) // 2])  # truncated
+    np.save(entries[1], np.zeros((1, 32, 32, 3), np.uint8))  # readable, wrong shape
+    stage = AugmentStage(cfg.to_dict())  # a restarted actor
+    again = stage(batch)
+    assert [r["cache_hits"] for r in read_jsonl(stage.log)][-1] == 1  # only the intact entry was served
+    assert list(again["id"]) == list(first["id"])
+    assert all(a == b for a, b in zip(again["image"], first["image"], strict=True))  # the same variations
+    assert entries[0].read_bytes() == whole and np.load(entries[1]).shape == (2, 32, 32, 3)  # rewritten whole
+    assert not list(augment_cache_dir(cfg).glob(".*tmp*"))
+
+
 # --------------------------------------------------------------------- 3. interrupt + resume
 def job_args(tmp_path: Path, assets: Path, cifar, name: str, **extra) -> list[str]:  # noqa: F811
     args = {
