@@ -257,6 +257,11 @@ class ResourcesConfig:
     synthesis_cpus: float = 1.0  # per synthesis task
     synthesis_gpus: float = 0.0  # per synthesis task
     fused_stages: bool = False  # one actor pool running augment then filter (stages.FusedStage), sized by augment_*
+    # Custom Ray resources per augment/filter actor and per train worker, to pin each stage to its node
+    # type (cluster/gpu.yaml: augment_gpu nodes offer {augment: 1}, train_gpu nodes {train: 4}).
+    augment_resources: dict = field(default_factory=dict)  # e.g. {augment: 1}; the fused pool uses these too
+    filter_resources: dict = field(default_factory=dict)
+    worker_resources: dict = field(default_factory=dict)  # e.g. {train: 1}
     torch_threads: int = 0  # 0: leave torch's default
     max_failures: int = 1  # Ray Train restarts from the last checkpoint after a worker failure
     max_concurrent_trials: int | None = None  # Tune; None: derived from the above
@@ -268,6 +273,20 @@ class ResourcesConfig:
         _check(0 <= self.synthesis_tasks <= 1024, f"{p}.synthesis_tasks", self.synthesis_tasks, "an integer in [0, 1024] (0: in the driver)")
         for n in ("cpus_per_worker", "augment_gpus", "augment_cpus", "filter_gpus", "filter_cpus", "synthesis_cpus", "synthesis_gpus"):
             _check(getattr(self, n) >= 0, f"{p}.{n}", getattr(self, n), "a number >= 0")
+        for n in ("augment_resources", "filter_resources", "worker_resources"):
+            for key, amount in getattr(self, n).items():
+                _check(
+                    isinstance(key, str) and key not in ("CPU", "GPU", "memory"),
+                    f"{p}.{n}",
+                    key,
+                    "custom resource names (CPU/GPU are set by the *_cpus / *_gpus / use_gpu fields)",
+                )
+                _check(
+                    isinstance(amount, (int, float)) and not isinstance(amount, bool) and amount >= 0,
+                    f"{p}.{n}.{key}",
+                    amount,
+                    "a number >= 0",
+                )
 
 
 @dataclass

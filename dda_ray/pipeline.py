@@ -148,6 +148,7 @@ def build_dataset(cfg: Config, class_names: list[str] | None = None):
             batch_size=cfg.augment.batch_size,
             num_cpus=res.augment_cpus,
             num_gpus=res.augment_gpus,
+            resources=res.augment_resources or None,
             batch_format="numpy",
             **ACTOR_RESTARTS,
         )
@@ -162,6 +163,7 @@ def build_dataset(cfg: Config, class_names: list[str] | None = None):
             batch_size=cfg.augment.batch_size,
             num_cpus=res.augment_cpus,
             num_gpus=res.augment_gpus,
+            resources=res.augment_resources or None,
             batch_format="numpy",
             **ACTOR_RESTARTS,
         )
@@ -172,6 +174,7 @@ def build_dataset(cfg: Config, class_names: list[str] | None = None):
             batch_size=cfg.augment.batch_size * (cfg.augment.num_variations + 1),
             num_cpus=res.filter_cpus,
             num_gpus=res.filter_gpus,
+            resources=res.filter_resources or None,
             batch_format="numpy",
             **ACTOR_RESTARTS,
         )
@@ -380,6 +383,15 @@ def uneven_data_config():
 
 
 # ------------------------------------------------------------------- driver
+def scaling_config(cfg: Config):
+    """Ray Train workers: count, GPU, and what each reserves (CPUs, a GPU, custom resources)."""
+    import ray.train
+
+    res = cfg.resources
+    per_worker = {"CPU": res.cpus_per_worker, **({"GPU": 1} if res.use_gpu else {}), **res.worker_resources}
+    return ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu, resources_per_worker=per_worker)
+
+
 def init_ray(cfg: Config) -> None:
     """Attach to ``RAY_ADDRESS`` when set, else start an embedded local Ray with the dashboard."""
     import signal
@@ -450,7 +462,7 @@ def run_ray(cfg: Config, tracker=None, callbacks: list | None = None) -> dict:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg_dict, "mlflow": {"uri": tracker.uri, "run_id": tracker.run_id} if tracker is not None and tracker.enabled else None},
-        scaling_config=ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu, resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": 1} if res.use_gpu else {})}),
+        scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
             storage_path=str(run_dir / "ray"),

@@ -100,6 +100,9 @@ def test_malformed_override_raises(text):
         ("resources.augment_actors=0", "resources.augment_actors", "0"),
         ("augment.dtype=int8", "augment.dtype", "'int8'"),
         ("run.name=a/b", "run.name", "'a/b'"),
+        ("resources.augment_resources={GPU: 1}", "resources.augment_resources", "'GPU'"),
+        ("resources.worker_resources.train=-1", "resources.worker_resources.train", "-1"),
+        ("resources.filter_resources={x: big}", "resources.filter_resources.x", "'big'"),
     ],
 )
 def test_out_of_range_value_names_field_and_value(override, field, shown):

@@ -206,3 +206,26 @@ def test_embedded_ray_uses_token_auth_without_writing_a_token_file(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-1] == "token"  # the cluster's processes run with token auth on
     assert not (tmp_path / ".ray").exists()  # and no token file was left in the home directory
+
+
+def test_custom_resources_pin_each_stage_to_its_node_type(tmp_path, ray_cluster):
+    from dda_ray.pipeline import build_dataset, scaling_config
+
+    def remote_args(ds) -> list[dict]:
+        out, op = [], ds._logical_plan.dag
+        while op is not None:
+            if getattr(op, "ray_remote_args", None):
+                out.append(op.ray_remote_args)
+            op = op.input_dependencies[0] if op.input_dependencies else None
+        return out[::-1]  # in graph order
+
+    pins = ["resources.augment_resources={augment: 1}", "resources.filter_resources.augment=0.5", "resources.worker_resources={train: 1}", f"run.output_dir={tmp_path}"]
+    cfg = load_config("configs/cifar10_cpu_smoke.yaml", pins)
+    *_, augment, filt = remote_args(build_dataset(cfg))  # read, augment, filter
+    assert augment["resources"] == {"augment": 1} and filt["resources"] == {"augment": 0.5}
+    (fused,) = remote_args(build_dataset(load_config("configs/cifar10_cpu_smoke.yaml", [*pins, "resources.fused_stages=true"])))[-1:]
+    assert fused["resources"] == {"augment": 1}
+    assert scaling_config(cfg).resources_per_worker == {"CPU": cfg.resources.cpus_per_worker, "train": 1}
+    # nothing pinned by default
+    plain = load_config("configs/cifar10_cpu_smoke.yaml", [f"run.output_dir={tmp_path}"])
+    assert all("resources" not in a for a in remote_args(build_dataset(plain)))
