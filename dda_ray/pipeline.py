@@ -120,9 +120,11 @@ def real_dataset(cfg: Config):
 
 # ----------------------------------------------------------------- the graph
 # A dead augment/filter actor (crash, preemption, OOM kill) is restarted and its unfinished
-# batch re-run on the new actor; finished batches are already in the object store, so no row
-# is lost or produced twice, and the Augmenter's per-(seed, image id, variation) seeds make the
-# redone variations identical. These are Ray Data's defaults for actor pools in 2.60, stated
+# batches re-run on the new actor; batches already handed on are in the object store. A batch the
+# dead actor had finished but not yet handed on is run again (at least once upstream: the second
+# run reads the variations the first one cached), yet reaches the trainer once: downstream no row
+# is lost or duplicated, and the Augmenter's per-(seed, image id, variation) seeds make any
+# recomputed variations identical. These are Ray Data's defaults for actor pools in 2.60, stated
 # here so a change of default cannot silently turn an actor loss into a failed run.
 ACTOR_RESTARTS = {"max_restarts": -1, "max_task_retries": -1}
 

@@ -133,6 +133,8 @@ class AugmentStage:
         }
         if emb is not None:
             result["parent_embedding"] = np.concatenate([emb, np.repeat(emb, k, axis=0)])
+        # Logged when computed, not when delivered: a batch re-run after its actor died is logged
+        # twice here (kept/rejected counts come from the filter's log, which sees it once).
         append_jsonl(self.log, {"t0": t0, "t1": time.time(), "parents": len(ids), "variations": len(ids) * k, "cache_hits": len(ids) - len(miss)})
         return result
 
