@@ -46,3 +46,39 @@ def cifar10_decoded(cifar10_jpg_path, tmp_path_factory) -> DecodedCifar:
 def tests_on_path(monkeypatch):
     """Make helper modules of tests/ (``_toy_models``) importable by name."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))
+
+
+def end_processes_under(temp_dir: str) -> None:
+    """Terminate this test's own child processes (a failed Ray start's gcs/raylet/dashboard) by pid."""
+    import psutil
+
+    mine = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if any(temp_dir in part for part in proc.cmdline()):
+                proc.terminate()
+                mine.append(proc)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(mine, timeout=10)
+    for proc in alive:
+        proc.kill()
+
+
+def start_test_ray(tmp_path_factory, **kwargs) -> None:
+    """``ray.init`` of a local test cluster in its own temp dir, retried when the node "times out
+    during startup": Ray waits a fixed 30 s for the raylet to register, which a busy 2-core machine
+    can miss (ray-project/ray#65983). The half-started node's processes are ours: ended by pid
+    before the next try."""
+    import ray
+
+    for attempt in range(3):
+        temp_dir = str(tmp_path_factory.mktemp("ray"))
+        try:
+            ray.init(_temp_dir=temp_dir, **kwargs)
+            return
+        except Exception as e:  # noqa: BLE001
+            ray.shutdown()
+            end_processes_under(temp_dir)
+            if attempt == 2 or "timed out during startup" not in str(e):
+                raise

@@ -11,6 +11,7 @@ from dda_ray.config import load_config
 from dda_ray.runtime import prepare_run_dir, read_jsonl
 
 from ._tiny_pipelines import build_tiny_prior
+from .conftest import start_test_ray
 from .test_synthesis import teacher_with_stats
 
 
@@ -19,7 +20,7 @@ def ray_cluster(tmp_path_factory):
     import ray
 
     os.environ["RAY_AUTH_MODE"] = "disabled"  # no token file left in the home directory
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    start_test_ray(tmp_path_factory, num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -12,6 +12,7 @@ from dda_ray.config import ConfigError, load_config
 from dda_ray.tune import TuneSpec, apply_values, max_concurrent_trials, pick_best, trial_demand
 
 from ._tiny_pipelines import build_tiny_prior
+from .conftest import start_test_ray
 from .test_synthesis import teacher_with_stats
 from .test_tracking import free_port, mlflow_server, mlflow_server_started  # noqa: F401 - the session's real MLflow server
 
@@ -162,23 +163,6 @@ def test_runs_of_trials_killed_by_asha_are_ended_with_what_they_left(tmp_path, m
 
 
 # --------------------------------------------------- a search on local Ray
-def end_processes_under(temp_dir: str) -> None:
-    """Terminate this test's own child processes (a failed Ray start's gcs/raylet/dashboard) by pid."""
-    import psutil
-
-    mine = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if any(temp_dir in part for part in proc.cmdline()):
-                proc.terminate()
-                mine.append(proc)
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(mine, timeout=10)
-    for proc in alive:
-        proc.kill()
-
-
 @pytest.fixture(scope="module")
 def tune_cluster(tmp_path_factory):
     """Local Ray with the dashboard on 127.0.0.1 (ASHA-stopped trials release their resources) and no auth token."""
@@ -188,19 +172,7 @@ def tune_cluster(tmp_path_factory):
     had_token = token.exists()
     env = pytest.MonkeyPatch()
     env.setenv("RAY_AUTH_MODE", "disabled")
-    for attempt in range(3):
-        temp_dir = str(tmp_path_factory.mktemp("ray"))
-        try:
-            ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(), log_to_driver=True, _temp_dir=temp_dir)
-            break
-        except Exception as e:  # noqa: BLE001
-            # On a busy machine the raylet can give up waiting for the dashboard agent's port file
-            # (a fixed timeout: ray-project/ray#65983) and the node "times out during startup".
-            # The half-started node's processes are ours: end them by pid before trying again.
-            ray.shutdown()
-            end_processes_under(temp_dir)
-            if attempt == 2 or "timed out during startup" not in str(e):
-                raise
+    start_test_ray(tmp_path_factory, num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(), log_to_driver=True)
     yield
     ray.shutdown()
     env.undo()
