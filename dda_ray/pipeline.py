@@ -208,8 +208,9 @@ class RaySource:
         self.cfg, self.synthesizer, self.rank, self.world_size = cfg, synthesizer, rank, world_size
         self.shard = ray.train.get_dataset_shard("train")
         self.rounds_dir = cfg.run_dir / "rounds"
-        # rounds with the student record where they came from, like the initial bank's
-        self.provenance = bank_provenance(cfg, synthesizer, initial=False) if synthesizer is not None else None
+        # rounds with the student record where they came from, like the initial bank's (rank 0 writes
+        # them; other ranks hold a placeholder synthesizer that only keeps the round count in step)
+        self.provenance = bank_provenance(cfg, synthesizer, initial=False) if synthesizer is not None and rank == 0 else None
         self.next_round = cfg.synthesis.init_rounds + len(bank_files(self.rounds_dir))
         self.shape = (cfg.data.image_size, cfg.data.image_size, 3)
         self.log_dir = cfg.run_dir / "stream" if cfg.run.stream_log else None

@@ -128,6 +128,10 @@ def test_two_ddp_workers_split_the_stream_without_losing_rows(tmp_path, assets, 
     originals = 15 * 3 + 16  # an odd total: the uneven tail is kept, not dropped
     assert len(ids) == len(set(ids)) == originals + m["kept"]
     assert list((cfg.run_dir / "ray").rglob("state.pt"))  # Ray Train persisted the epoch's checkpoint
+    from dda_ray.data.bank import bank_files, read_provenance
+
+    (round_file,) = bank_files(cfg.run_dir / "rounds")  # written by rank 0 only, with its provenance
+    assert read_provenance(round_file)["teacher"] == read_provenance(bank_files(cfg.run_dir / "bank")[0])["teacher"]
 
 
 def test_fused_stage_pool_keeps_the_same_rows_as_two_pools(tmp_path, assets, cifar10_decoded, ray_cluster):
