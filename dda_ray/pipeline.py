@@ -140,26 +140,13 @@ def build_dataset(cfg: Config, class_names: list[str] | None = None):
         ds, _ = real_dataset(cfg)
         return in_order(ds)
     ds = ray.data.read_datasource(make_bank_datasource([str(initial_bank_dir(cfg)), str(cfg.run_dir / "rounds")]), num_cpus=res.filter_cpus or 0.25)
-    if cfg.run.mode == "dda" and res.fused_stages:
-        from .stages import FusedStage
-
-        ds = ds.map_batches(
-            FusedStage,
-            fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "class_names": class_names},
-            compute=ActorPoolStrategy(size=res.augment_actors),
-            batch_size=cfg.augment.batch_size,
-            num_cpus=res.augment_cpus,
-            num_gpus=res.augment_gpus,
-            resources=res.augment_resources or None,
-            batch_format="numpy",
-            **ACTOR_RESTARTS,
-        )
-    elif cfg.run.mode == "dda":
-        from .stages import AugmentStage, FilterStage
+    if cfg.run.mode == "dda":
+        from .stages import AugmentStage, FilterStage, FusedStage
 
         cfg_dict = cfg.to_dict()
+        # The augment pool's actors (or the fused pool's: augment then filter in one actor).
         ds = ds.map_batches(
-            AugmentStage,
+            FusedStage if res.fused_stages else AugmentStage,
             fn_constructor_kwargs={"cfg_dict": cfg_dict, "class_names": class_names},
             compute=ActorPoolStrategy(size=res.augment_actors),
             batch_size=cfg.augment.batch_size,
@@ -169,17 +156,18 @@ def build_dataset(cfg: Config, class_names: list[str] | None = None):
             batch_format="numpy",
             **ACTOR_RESTARTS,
         )
-        ds = ds.map_batches(
-            FilterStage,
-            fn_constructor_kwargs={"cfg_dict": cfg_dict},
-            compute=ActorPoolStrategy(size=res.filter_actors),
-            batch_size=cfg.augment.batch_size * (cfg.augment.num_variations + 1),
-            num_cpus=res.filter_cpus,
-            num_gpus=res.filter_gpus,
-            resources=res.filter_resources or None,
-            batch_format="numpy",
-            **ACTOR_RESTARTS,
-        )
+        if not res.fused_stages:
+            ds = ds.map_batches(
+                FilterStage,
+                fn_constructor_kwargs={"cfg_dict": cfg_dict},
+                compute=ActorPoolStrategy(size=res.filter_actors),
+                batch_size=cfg.augment.batch_size * (cfg.augment.num_variations + 1),
+                num_cpus=res.filter_cpus,
+                num_gpus=res.filter_gpus,
+                resources=res.filter_resources or None,
+                batch_format="numpy",
+                **ACTOR_RESTARTS,
+            )
     return in_order(ds)
 
 
