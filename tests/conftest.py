@@ -82,3 +82,49 @@ def start_test_ray(tmp_path_factory, **kwargs) -> None:
             end_processes_under(temp_dir)
             if attempt == 2 or "timed out during startup" not in str(e):
                 raise
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory) -> Path:
+    """A random tiny teacher (wrn16_1 with real BatchNorm statistics) and a tiny local diffusion
+    prior, saved once per session in the formats a run loads (``teacher/``, ``prior/``)."""
+    from dda_ray.checkpoint import save_classifier
+
+    from ._tiny_pipelines import build_tiny_prior
+    from .test_synthesis import teacher_with_stats
+
+    root = tmp_path_factory.mktemp("tiny_assets")
+    save_classifier(teacher_with_stats(), root / "teacher", arch="wrn16_1", num_classes=10, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
+    build_tiny_prior(root / "prior", num_classes=10, image_size=32)
+    return root
+
+
+def tiny_run_args(out_dir: Path, assets: Path, cifar: DecodedCifar, overrides: dict | None = None) -> list[str]:
+    """``section.field=value`` arguments of a seconds-long Ray run on the tiny assets and the real
+    CIFAR-10 copy: two small synthesis rounds, batch 16, one thread. Each test adds what it checks."""
+    values = {
+        "run.output_dir": out_dir,
+        "run.engine": "ray",
+        "run.stream_log": True,
+        "data.path": cifar.path,
+        "data.cache_dir": cifar.cache_dir,
+        "data.eval_subset": 100,
+        "teacher.arch": "wrn16_1",
+        "teacher.checkpoint": assets / "teacher",
+        "student.arch": "wrn16_1",
+        "synthesis.nz": 32,
+        "synthesis.ngf": 16,
+        "synthesis.init_rounds": 2,
+        "synthesis.init_batch_size": 16,
+        "synthesis.init_g_steps": 2,
+        "synthesis.batch_size": 16,
+        "synthesis.g_steps": 2,
+        "distill.batch_size": 16,
+        "distill.lr": 0.02,  # the random tiny teacher's features make lr 0.1 diverge on mixed batches
+        "augment.model": assets / "prior",
+        "resources.num_workers": 0,
+        "resources.torch_threads": 1,
+        "tracking.enabled": False,
+        **(overrides or {}),
+    }
+    return [f"{k}={v}" for k, v in values.items()]

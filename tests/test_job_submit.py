@@ -28,10 +28,9 @@ from pathlib import Path
 
 import pytest
 
-from dda_ray.checkpoint import load_classifier, save_classifier
+from dda_ray.checkpoint import load_classifier
 
-from ._tiny_pipelines import build_tiny_prior
-from .test_synthesis import teacher_with_stats
+from .conftest import tiny_run_args
 
 pytestmark = pytest.mark.slow
 
@@ -191,58 +190,34 @@ def ray_head():
     assert home_ray_files() == home_before, "the test cluster left files in ~/.ray"
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("job_assets")
-    save_classifier(teacher_with_stats(), root / "teacher", arch="wrn16_1", num_classes=10, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
-    build_tiny_prior(root / "prior", num_classes=10, image_size=32)
-    return root
-
-
 def tiny_overrides(out_dir: Path, assets: Path, cifar) -> list[str]:
-    """The CPU smoke preset cut to seconds: tiny teacher/prior, two small rounds, one short epoch."""
-    values = {
-        "run.output_dir": out_dir,
-        "run.name": "job",
-        "run.engine": "ray",
-        "run.stream_log": True,
-        "data.path": cifar.path,
-        "data.cache_dir": cifar.cache_dir,
-        "data.eval_subset": 100,
-        "teacher.arch": "wrn16_1",
-        "teacher.checkpoint": assets / "teacher",
-        "synthesis.nz": 32,
-        "synthesis.ngf": 16,
-        "synthesis.init_rounds": 2,
-        "synthesis.init_batch_size": 16,
-        "synthesis.init_g_steps": 2,
-        "synthesis.batch_size": 16,
-        "synthesis.g_steps": 2,
-        "distill.epochs": 1,  # epochs 2+ (rounds with the student, cache reuse): tests/test_pipeline.py
-        "distill.steps_per_epoch": "null",
-        "distill.batch_size": 16,
-        "distill.lr": 0.01,  # a random tiny teacher: keep the student's loss finite
-        "augment.model": assets / "prior",
-        "augment.num_variations": 1,
-        "augment.steps": 4,
-        "augment.strength": 0.5,
-        "augment.batch_size": 8,
-        "filter.threshold": 0.5,
-        "resources.num_workers": 0,
-        "resources.torch_threads": 1,
-        "tracking.enabled": "false",
-    }
-    return [f"{k}={v}" for k, v in values.items()]
+    """The tiny Ray run (conftest.tiny_run_args) for one short epoch with one variation per image."""
+    return tiny_run_args(
+        out_dir,
+        assets,
+        cifar,
+        {
+            "run.name": "job",
+            "distill.epochs": 1,  # epochs 2+ (rounds with the student, cache reuse): tests/test_pipeline.py
+            "distill.steps_per_epoch": "null",
+            "distill.lr": 0.01,
+            "augment.num_variations": 1,
+            "augment.steps": 4,
+            "augment.strength": 0.5,
+            "augment.batch_size": 8,
+            "filter.threshold": 0.5,
+        },
+    )
 
 
-def test_ray_job_submit_runs_the_distillation_job(ray_head, assets, cifar10_decoded, tmp_path):
+def test_ray_job_submit_runs_the_distillation_job(ray_head, tiny_assets, cifar10_decoded, tmp_path):
     out_dir = tmp_path / "out"
     job_id = f"dda-test-{uuid.uuid4().hex[:8]}"
     submit = [
         "job", "submit", "--address", ray_head.address, "--submission-id", job_id, "--no-wait",
         "--working-dir", str(REPO_ROOT), "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
         "--", "python", "jobs/distill.py", "--config", "configs/cifar10_cpu_smoke.yaml",
-        *tiny_overrides(out_dir, assets, cifar10_decoded),
+        *tiny_overrides(out_dir, tiny_assets, cifar10_decoded),
     ]  # fmt: skip
     t0 = time.time()
     r = ray_cli(*submit, timeout=120)

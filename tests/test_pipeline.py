@@ -6,13 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from dda_ray.checkpoint import load_classifier, save_classifier
+from dda_ray.checkpoint import load_classifier
 from dda_ray.config import load_config
 from dda_ray.runtime import prepare_run_dir, read_jsonl
 
-from ._tiny_pipelines import build_tiny_prior
-from .conftest import start_test_ray
-from .test_synthesis import teacher_with_stats
+from .conftest import start_test_ray, tiny_run_args
 
 
 @pytest.fixture(scope="module")
@@ -25,50 +23,28 @@ def ray_cluster(tmp_path_factory):
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    save_classifier(teacher_with_stats(), root / "teacher", arch="wrn16_1", num_classes=10, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
-    build_tiny_prior(root / "prior", num_classes=10, image_size=32)
-    return root
-
-
 def ray_config(tmp_path, assets, cifar, **overrides):
-    base = {
-        "run.output_dir": str(tmp_path),
-        "run.name": "ray",
-        "run.engine": "ray",
-        "run.mode": "dda",
-        "run.stream_log": True,
-        "data.path": str(cifar.path),
-        "data.cache_dir": str(cifar.cache_dir),
-        "data.eval_subset": 100,
-        "teacher.arch": "wrn16_1",
-        "teacher.checkpoint": str(assets / "teacher"),
-        "student.arch": "wrn16_1",
-        "synthesis.nz": 32,
-        "synthesis.ngf": 16,
-        "synthesis.init_rounds": 3,
-        "synthesis.init_batch_size": 16,
-        "synthesis.init_g_steps": 2,
-        "synthesis.batch_size": 16,
-        "synthesis.g_steps": 2,
-        "distill.epochs": 2,
-        "distill.steps_per_epoch": "null",
-        "distill.batch_size": 16,
-        "distill.lr": 0.02,  # the random tiny teacher's features make lr 0.1 diverge on mixed batches
-        "augment.model": str(assets / "prior"),
-        "augment.num_variations": 2,
-        "augment.steps": 10,
-        "augment.strength": 0.5,
-        "augment.batch_size": 4,
-        "filter.threshold": 0.5,
-        "resources.num_workers": 0,
-        "resources.torch_threads": 1,
-        "tracking.enabled": False,
-    }
-    base.update(overrides)
-    cfg = load_config(None, [f"{k}={v}" for k, v in base.items()])
+    """The tiny Ray run (conftest.tiny_run_args) in dda mode: 3 initial rounds, 2 epochs over the
+    whole bank, 2 variations per image at strength 0.5, threshold 0.5."""
+    args = tiny_run_args(
+        tmp_path,
+        assets,
+        cifar,
+        {
+            "run.name": "ray",
+            "run.mode": "dda",
+            "synthesis.init_rounds": 3,
+            "distill.epochs": 2,
+            "distill.steps_per_epoch": "null",
+            "augment.num_variations": 2,
+            "augment.steps": 10,
+            "augment.strength": 0.5,
+            "augment.batch_size": 4,
+            "filter.threshold": 0.5,
+            **overrides,
+        },
+    )
+    cfg = load_config(None, args)
     prepare_run_dir(cfg)
     return cfg
 
@@ -77,10 +53,10 @@ def stream_records(run_dir: Path, stage: str) -> list[dict]:
     return [r for p in sorted((run_dir / "stream").glob(f"{stage}-*.jsonl")) for r in read_jsonl(p)]
 
 
-def test_dda_streams_augmentation_into_training_with_exact_row_accounting(tmp_path, assets, cifar10_decoded, ray_cluster):
+def test_dda_streams_augmentation_into_training_with_exact_row_accounting(tmp_path, tiny_assets, cifar10_decoded, ray_cluster):
     from dda_ray.pipeline import run_ray
 
-    cfg = ray_config(tmp_path, assets, cifar10_decoded, **{"distill.shuffle_buffer_batches": 1})  # the buffer fills before the first batch
+    cfg = ray_config(tmp_path, tiny_assets, cifar10_decoded, **{"distill.shuffle_buffer_batches": 1})  # the buffer fills before the first batch
     final = run_ray(cfg)
     run_dir = cfg.run_dir
     epochs = read_jsonl(run_dir / "metrics.jsonl")
@@ -116,10 +92,10 @@ def test_dda_streams_augmentation_into_training_with_exact_row_accounting(tmp_pa
     assert len(rounds) == 2 and all(r["teacher"] == initial["teacher"] and "batch_size=16" in r["synthesis"] for r in rounds)
 
 
-def test_two_ddp_workers_split_the_stream_without_losing_rows(tmp_path, assets, cifar10_decoded, ray_cluster):
+def test_two_ddp_workers_split_the_stream_without_losing_rows(tmp_path, tiny_assets, cifar10_decoded, ray_cluster):
     from dda_ray.pipeline import run_ray
 
-    cfg = ray_config(tmp_path, assets, cifar10_decoded, **{"resources.num_workers": 2, "distill.epochs": 1, "synthesis.init_batch_size": 15})
+    cfg = ray_config(tmp_path, tiny_assets, cifar10_decoded, **{"resources.num_workers": 2, "distill.epochs": 1, "synthesis.init_batch_size": 15})
     run_ray(cfg)
     (m,) = read_jsonl(cfg.run_dir / "metrics.jsonl")
     per_rank = [[i for r in read_jsonl(cfg.run_dir / "stream" / f"train-rank{k}-epoch0.jsonl") for i in r["ids"]] for k in (0, 1)]
@@ -134,13 +110,13 @@ def test_two_ddp_workers_split_the_stream_without_losing_rows(tmp_path, assets, 
     assert read_provenance(round_file)["teacher"] == read_provenance(bank_files(cfg.run_dir / "bank")[0])["teacher"]
 
 
-def test_fused_stage_pool_keeps_the_same_rows_as_two_pools(tmp_path, assets, cifar10_decoded, ray_cluster):
+def test_fused_stage_pool_keeps_the_same_rows_as_two_pools(tmp_path, tiny_assets, cifar10_decoded, ray_cluster):
     from dda_ray.pipeline import run_ray
 
     common = {"distill.epochs": 1, "synthesis.init_rounds": 2, "synthesis.rounds_per_epoch": 0, "augment.cache_dir": str(tmp_path / "cache")}
     kept = {}
     for fused in (True, False):
-        cfg = ray_config(tmp_path, assets, cifar10_decoded, **common, **{"run.name": f"fused-{fused}", "resources.fused_stages": fused})
+        cfg = ray_config(tmp_path, tiny_assets, cifar10_decoded, **common, **{"run.name": f"fused-{fused}", "resources.fused_stages": fused})
         run_ray(cfg)
         (m,) = read_jsonl(cfg.run_dir / "metrics.jsonl")
         ids = [i for r in read_jsonl(cfg.run_dir / "stream" / "train-rank0-epoch0.jsonl") for i in r["ids"]]
@@ -153,7 +129,7 @@ def test_fused_stage_pool_keeps_the_same_rows_as_two_pools(tmp_path, assets, cif
     assert kept[True] == kept[False]  # same seeds, same filter: the same kept set
 
 
-def test_initial_bank_from_ray_tasks_matches_the_driver_built_one(tmp_path, assets, cifar10_decoded, ray_cluster, monkeypatch):
+def test_initial_bank_from_ray_tasks_matches_the_driver_built_one(tmp_path, tiny_assets, cifar10_decoded, ray_cluster, monkeypatch):
     import numpy as np
     import torch
 
@@ -164,7 +140,7 @@ def test_initial_bank_from_ray_tasks_matches_the_driver_built_one(tmp_path, asse
 
     banks = {}
     for tasks in (0, 2):
-        cfg = ray_config(tmp_path / f"t{tasks}", assets, cifar10_decoded, **{"resources.synthesis_tasks": tasks, "resources.synthesis_cpus": 0.5}).with_absolute_paths()
+        cfg = ray_config(tmp_path / f"t{tasks}", tiny_assets, cifar10_decoded, **{"resources.synthesis_tasks": tasks, "resources.synthesis_cpus": 0.5}).with_absolute_paths()
         teacher, normalize, _ = load_teacher(cfg)
         torch.set_num_threads(1)
         if tasks:  # the driver must not synthesise: the rounds come from the Ray tasks' processes
@@ -178,11 +154,11 @@ def test_initial_bank_from_ray_tasks_matches_the_driver_built_one(tmp_path, asse
     assert np.abs(local.images.astype(int) - remote.images.astype(int)).mean() < 1.0  # same seeds per round
 
 
-def test_real_kd_stream_mixes_classes_in_every_batch(tmp_path, assets, cifar10_decoded, ray_cluster):
+def test_real_kd_stream_mixes_classes_in_every_batch(tmp_path, tiny_assets, cifar10_decoded, ray_cluster):
     from dda_ray.data import load_data
     from dda_ray.pipeline import run_ray
 
-    cfg = ray_config(tmp_path, assets, cifar10_decoded, **{"run.mode": "real_kd", "data.train_subset": 400, "distill.epochs": 1, "distill.steps_per_epoch": 6, "distill.batch_size": 32})
+    cfg = ray_config(tmp_path, tiny_assets, cifar10_decoded, **{"run.mode": "real_kd", "data.train_subset": 400, "distill.epochs": 1, "distill.steps_per_epoch": 6, "distill.batch_size": 32})
     run_ray(cfg)
     labels = load_data(cfg.data, progress=False).train.subset(400, cfg.run.seed).labels
     batches = read_jsonl(cfg.run_dir / "stream" / "train-rank0-epoch0.jsonl")

@@ -29,7 +29,8 @@ import torch
 
 from dda_ray.runtime import read_jsonl
 
-from .test_pipeline import assets, ray_cluster, ray_config, stream_records  # noqa: F401 - fixtures
+from .conftest import tiny_run_args
+from .test_pipeline import ray_cluster, ray_config, stream_records  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING_FIELDS = ("prepare_s", "train_s", "train_img_per_s", "synthesis_s", "bank_s", "distill_s")
@@ -73,13 +74,13 @@ def checkpoints_registered(run_dir: Path, name: str) -> list[str]:
     return [r["checkpoint_dir_name"] for r in state.get("checkpoint_results", [])]
 
 
-def test_killed_train_worker_restores_from_the_last_checkpoint_and_finishes(tmp_path, assets, cifar10_decoded, ray_cluster):  # noqa: F811
+def test_killed_train_worker_restores_from_the_last_checkpoint_and_finishes(tmp_path, tiny_assets, cifar10_decoded, ray_cluster):  # noqa: F811
     from dda_ray.pipeline import run_ray
 
     epochs = 3
     cfg = ray_config(
         tmp_path,
-        assets,
+        tiny_assets,
         cifar10_decoded,
         **{
             "run.name": "worker_kill",
@@ -151,13 +152,13 @@ def kept_variations(run_dir: Path) -> list[tuple[str, int]]:
     return out
 
 
-def test_killed_augment_actor_is_restarted_and_no_variation_is_lost_or_duplicated(tmp_path, assets, cifar10_decoded, ray_cluster):  # noqa: F811
+def test_killed_augment_actor_is_restarted_and_no_variation_is_lost_or_duplicated(tmp_path, tiny_assets, cifar10_decoded, ray_cluster):  # noqa: F811
     from dda_ray.pipeline import run_ray
 
     overrides = {"distill.epochs": 1, "synthesis.init_rounds": 1, "augment.batch_size": 2, "augment.steps": 4}
-    ref = ray_config(tmp_path / "ref", assets, cifar10_decoded, **overrides)
+    ref = ray_config(tmp_path / "ref", tiny_assets, cifar10_decoded, **overrides)
     run_ray(ref)
-    cfg = ray_config(tmp_path / "kill", assets, cifar10_decoded, **overrides)
+    cfg = ray_config(tmp_path / "kill", tiny_assets, cifar10_decoded, **overrides)
     run_dir = cfg.run_dir
     killed: dict = {}
 
@@ -205,7 +206,7 @@ def test_killed_augment_actor_is_restarted_and_no_variation_is_lost_or_duplicate
     assert sum(r["variations"] for r in stream_records(run_dir, "filter")) == 2 * parents
 
 
-def test_damaged_variation_cache_entries_are_recomputed_not_trusted(tmp_path, assets):  # noqa: F811
+def test_damaged_variation_cache_entries_are_recomputed_not_trusted(tmp_path, tiny_assets):  # noqa: F811
     """A cache entry cut short (a crash outside the atomic rename, a full disk) or of the wrong
     shape is recomputed, identically (per-(seed, id, variation) seeds), and rewritten whole."""
     import numpy as np
@@ -217,8 +218,8 @@ def test_damaged_variation_cache_entries_are_recomputed_not_trusted(tmp_path, as
     overrides = {
         "run.output_dir": tmp_path,
         "teacher.arch": "wrn16_1",
-        "teacher.checkpoint": assets / "teacher",
-        "augment.model": assets / "prior",
+        "teacher.checkpoint": tiny_assets / "teacher",
+        "augment.model": tiny_assets / "prior",
         "augment.num_variations": 2,
         "augment.steps": 4,
         "augment.strength": 0.5,
@@ -243,36 +244,9 @@ def test_damaged_variation_cache_entries_are_recomputed_not_trusted(tmp_path, as
 
 
 # --------------------------------------------------------------------- 3. interrupt + resume
-def job_args(tmp_path: Path, assets: Path, cifar, name: str, **extra) -> list[str]:  # noqa: F811
-    args = {
-        "run.output_dir": str(tmp_path),
-        "run.name": name,
-        "run.engine": "ray",
-        "run.mode": "inversion",
-        "run.stream_log": True,
-        "data.path": str(cifar.path),
-        "data.cache_dir": str(cifar.cache_dir),
-        "data.eval_subset": 100,
-        "teacher.arch": "wrn16_1",
-        "teacher.checkpoint": str(assets / "teacher"),
-        "student.arch": "wrn16_1",
-        "synthesis.nz": 32,
-        "synthesis.ngf": 16,
-        "synthesis.init_rounds": 2,
-        "synthesis.init_batch_size": 16,
-        "synthesis.init_g_steps": 2,
-        "synthesis.batch_size": 16,
-        "synthesis.g_steps": 2,
-        "distill.epochs": 4,
-        "distill.steps_per_epoch": 4,
-        "distill.batch_size": 16,
-        "distill.lr": 0.02,  # as test_pipeline.ray_config: lr 0.1 diverges on the random tiny teacher
-        "resources.num_workers": 0,
-        "resources.torch_threads": 1,
-        "tracking.enabled": False,
-        **extra,
-    }
-    return [f"{k}={v}" for k, v in args.items()]
+def job_args(tmp_path: Path, assets: Path, cifar) -> list[str]:
+    """The tiny Ray run in inversion mode, 4 short epochs: room to stop it twice mid-run."""
+    return tiny_run_args(tmp_path, assets, cifar, {"run.name": "job", "run.mode": "inversion", "distill.epochs": 4, "distill.steps_per_epoch": 4})
 
 
 def start_job(args: list[str]) -> subprocess.Popen:
@@ -312,7 +286,7 @@ def assert_consistent_stop(run_dir: Path, err: str, sig: signal.Signals, returnc
     return done
 
 
-def test_interrupted_job_resumes_to_the_same_metrics_as_an_uninterrupted_run(tmp_path, assets, cifar10_decoded, ray_cluster):  # noqa: F811
+def test_interrupted_job_resumes_to_the_same_metrics_as_an_uninterrupted_run(tmp_path, tiny_assets, cifar10_decoded, ray_cluster):  # noqa: F811
     from dda_ray.api import distill
     from dda_ray.cli import run_job
     from dda_ray.config import load_config
@@ -321,12 +295,12 @@ def test_interrupted_job_resumes_to_the_same_metrics_as_an_uninterrupted_run(tmp
 
     epochs = 4
     # The uninterrupted reference, same seed and config, run in this process.
-    ref = load_config(None, job_args(tmp_path / "ref", assets, cifar10_decoded, "job"))
+    ref = load_config(None, job_args(tmp_path / "ref", tiny_assets, cifar10_decoded))
     prepare_run_dir(ref)
     ref_final = run_ray(ref)
     ref_lines = read_jsonl(ref.run_dir / "metrics.jsonl")
 
-    args = job_args(tmp_path / "job", assets, cifar10_decoded, "job")
+    args = job_args(tmp_path / "job", tiny_assets, cifar10_decoded)
     run_dir = tmp_path / "job" / "job"
     # 1. SIGINT (Ctrl-C) after the first epoch's checkpoint.
     proc = start_job(args)

@@ -11,9 +11,7 @@ import pytest
 from dda_ray.config import ConfigError, load_config
 from dda_ray.tune import TuneSpec, apply_values, max_concurrent_trials, pick_best, trial_demand
 
-from ._tiny_pipelines import build_tiny_prior
-from .conftest import start_test_ray
-from .test_synthesis import teacher_with_stats
+from .conftest import start_test_ray, tiny_run_args
 from .test_tracking import free_port, mlflow_server, mlflow_server_started  # noqa: F401 - the session's real MLflow server
 
 TUNED = ("augment.strength", "augment.guidance", "filter.threshold")
@@ -179,51 +177,33 @@ def tune_cluster(tmp_path_factory):
     assert had_token or not token.exists(), "the test left a Ray auth token in the home directory"
 
 
-@pytest.fixture(scope="module")
-def tiny_assets(tmp_path_factory):
-    from dda_ray.checkpoint import save_classifier
-
-    root = tmp_path_factory.mktemp("tune_assets")
-    save_classifier(teacher_with_stats(), root / "teacher", arch="wrn16_1", num_classes=10, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
-    build_tiny_prior(root / "prior", num_classes=10, image_size=32)
-    return root
-
-
 def tune_config(tmp_path, assets, cifar, server_uri, **overrides):
-    base = {
-        "run.output_dir": str(tmp_path / "out"),
-        "run.name": "search",
-        "run.mode": "dda",
-        "data.path": str(cifar.path),
-        "data.cache_dir": str(cifar.cache_dir),
-        "data.eval_subset": 100,
-        "teacher.arch": "wrn16_1",
-        "teacher.checkpoint": str(assets / "teacher"),
-        "student.arch": "wrn16_1",
-        "synthesis.nz": 32,
-        "synthesis.ngf": 16,
-        "synthesis.init_rounds": 2,
-        "synthesis.init_batch_size": 16,
-        "synthesis.init_g_steps": 2,
-        "synthesis.batch_size": 16,
-        "synthesis.g_steps": 2,
-        "distill.epochs": 2,
-        "distill.steps_per_epoch": 2,
-        "distill.batch_size": 16,
-        "augment.model": str(assets / "prior"),
-        "augment.num_variations": 2,
-        "augment.steps": 6,
-        "augment.batch_size": 8,
-        "resources.num_workers": 1,
-        "resources.cpus_per_worker": 0.2,
-        "resources.augment_cpus": 0.2,
-        "resources.filter_cpus": 0.2,
-        "resources.torch_threads": 1,
-        "tracking.uri": server_uri,
-        "tracking.experiment": "tune_smoke",
-    }
-    base.update(overrides)
-    cfg = load_config(None, [f"{k}={v}" for k, v in base.items()])
+    """The tiny Ray run (conftest.tiny_run_args) as a search: one Train worker per trial, tracked on ``server_uri``."""
+    args = tiny_run_args(
+        tmp_path / "out",
+        assets,
+        cifar,
+        {
+            "run.name": "search",
+            "run.mode": "dda",
+            "run.stream_log": False,
+            "distill.epochs": 2,
+            "distill.steps_per_epoch": 2,
+            "distill.lr": 0.1,
+            "augment.num_variations": 2,
+            "augment.steps": 6,
+            "augment.batch_size": 8,
+            "resources.num_workers": 1,
+            "resources.cpus_per_worker": 0.2,
+            "resources.augment_cpus": 0.2,
+            "resources.filter_cpus": 0.2,
+            "tracking.enabled": True,
+            "tracking.uri": server_uri,
+            "tracking.experiment": "tune_smoke",
+            **overrides,
+        },
+    )
+    cfg = load_config(None, args)
     # grace_period >= epochs: ASHA may stop nobody, so every child has the full test_acc history.
     cfg.tune = {"num_samples": 2, "searcher": "optuna", "scheduler": "asha", "grace_period": 2, "trial_cpus": 0.1, "seed": 0, "space": SPACE}
     return cfg
