@@ -87,7 +87,10 @@ def synthesize_rounds(cfg_dict: dict, bank_dir: str, rounds: list[int], provenan
 
 
 def _build_with_ray_tasks(cfg: Config, bank_dir: Path, todo: list[int], provenance: dict[str, str], progress: bool) -> None:
-    """At most ``synthesis_tasks`` tasks in flight, each taking an equal share of the missing rounds."""
+    """At most ``synthesis_tasks`` tasks in flight, each taking an equal share of the missing rounds.
+
+    The progress bar counts round files as they land in ``bank_dir`` (each task writes its rounds
+    one by one, atomically), so it moves per round, not per task."""
     import ray
 
     res = cfg.resources
@@ -96,10 +99,13 @@ def _build_with_ray_tasks(cfg: Config, bank_dir: Path, todo: list[int], provenan
     task = ray.remote(synthesize_rounds).options(num_cpus=res.synthesis_cpus, num_gpus=res.synthesis_gpus, max_retries=2)
     cfg_dict = cfg.to_dict()
     pending = [task.remote(cfg_dict, str(bank_dir), chunk, provenance) for chunk in chunks]
+    wanted = set(todo)
     with tqdm(total=len(todo), desc=f"initial bank ({n} Ray tasks)", unit="round", disable=not progress) as bar:
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            bar.update(len(ray.get(ready[0])))
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=2.0)
+            ray.get(ready)  # a task that failed (after its retries) raises here
+            written = sum(1 for p in bank_files(bank_dir) if int(p.stem.split("-")[1]) in wanted)
+            bar.update(written - bar.n)
     missing = sorted(set(range(cfg.synthesis.init_rounds)) - {int(p.stem.split("-")[1]) for p in bank_files(bank_dir)})
     if missing:
         raise RuntimeError(f"initial bank rounds {missing} are missing under {bank_dir} after the Ray tasks finished")
