@@ -12,7 +12,8 @@ Default arms (same teacher, student, KD steps, batch and evaluation):
 
 ``--sweep key=v1,v2,...`` replaces the default arms by one ``dda`` arm per value (an ablation);
 several ``--sweep`` flags run one after the other. The initial bank is synthesised once per seed
-(``synthesis.bank_dir``) before any arm and timed on its own; the synthetic arms then share it, and
+(``synthesis.bank_dir``) before any arm and timed on its own (over ``resources.synthesis_tasks`` Ray
+tasks when the preset asks for them); the synthetic arms then share it, and
 the dda arms share the variation cache (keyed by strength, guidance, model, seed), so an arm that
 differs only in its threshold reuses the diffusion work of the one before it — that arm's
 augmentation time is therefore not comparable. Prints one JSON line per arm and seed, then a Markdown
@@ -59,6 +60,10 @@ def build_bank(cfg) -> float:
     from dda_ray.synthesis import Synthesizer
 
     cfg = cfg.with_absolute_paths()
+    if cfg.run.engine == "ray" and cfg.resources.synthesis_tasks > 0:
+        from dda_ray.pipeline import init_ray
+
+        init_ray(cfg)  # rounds as concurrent Ray tasks, as jobs/distill.py does (same bank); the arms reuse this Ray
     set_threads(cfg.resources.torch_threads)
     seed_everything(cfg.run.seed)
     teacher, normalize, _ = load_teacher(cfg)
