@@ -95,8 +95,10 @@ def rewind_run(run_dir: str | Path, epochs_done: int, next_round: int | None) ->
                 keep.append(line)
         write_text_atomic(metrics, "".join(f"{line}\n" for line in keep))
     if next_round is not None:
+        from .data.bank import round_of
+
         for path in sorted((run_dir / "rounds").glob("round-*.parquet")):
-            if int(path.stem.split("-")[1]) >= next_round:
+            if round_of(path) >= next_round:
                 path.unlink()
 
 

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from .checkpoint import fingerprint
 from .config import Config
-from .data.bank import BankBatch, bank_files, check_provenance, from_table, read_bank, read_table, write_round
+from .data.bank import BankBatch, bank_files, check_provenance, from_table, read_bank, read_table, round_of, write_round
 from .data.datasets import ImageArrays
 from .distill import Distiller, cycle_batches
 from .runtime import derive_seed
@@ -52,7 +52,7 @@ def build_initial_bank(cfg: Config, synthesizer: Synthesizer, progress: bool = T
     existing = bank_files(bank_dir)
     for path in existing:
         check_provenance(path, provenance)
-    done = {int(p.stem.split("-")[1]) for p in existing}
+    done = {round_of(p) for p in existing}
     todo = [r for r in range(sc.init_rounds) if r not in done]
     if todo and cfg.resources.synthesis_tasks > 0:
         import ray
@@ -104,9 +104,9 @@ def _build_with_ray_tasks(cfg: Config, bank_dir: Path, todo: list[int], provenan
         while pending:
             ready, pending = ray.wait(pending, num_returns=len(pending), timeout=2.0)
             ray.get(ready)  # a task that failed (after its retries) raises here
-            written = sum(1 for p in bank_files(bank_dir) if int(p.stem.split("-")[1]) in wanted)
+            written = sum(1 for p in bank_files(bank_dir) if round_of(p) in wanted)
             bar.update(written - bar.n)
-    missing = sorted(set(range(cfg.synthesis.init_rounds)) - {int(p.stem.split("-")[1]) for p in bank_files(bank_dir)})
+    missing = sorted(set(range(cfg.synthesis.init_rounds)) - {round_of(p) for p in bank_files(bank_dir)})
     if missing:
         raise RuntimeError(f"initial bank rounds {missing} are missing under {bank_dir} after the Ray tasks finished")
 
@@ -134,7 +134,7 @@ class BankSource:
         self.next_round = cfg.synthesis.init_rounds
         for path in bank_files(self.rounds_dir):  # resuming: rounds already made by this run
             self._add(from_table(*read_table(path)))
-            self.next_round = max(self.next_round, int(path.stem.split("-")[1]) + 1)
+            self.next_round = max(self.next_round, round_of(path) + 1)
 
     def _add(self, batch: BankBatch) -> None:
         self.images.append(batch.images)

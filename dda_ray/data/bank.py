@@ -119,6 +119,11 @@ def write_round(bank_dir: str | Path, batch: BankBatch, round_idx: int, provenan
     return path
 
 
+def round_of(path: str | Path) -> int:
+    """The round index in a bank file's name (``round-00012.parquet`` -> 12; see :func:`write_round`)."""
+    return int(Path(path).stem.split("-")[1])
+
+
 def bank_files(bank_dir: str | Path) -> list[Path]:
     bank_dir = Path(bank_dir)
     if not bank_dir.exists():
