@@ -125,7 +125,7 @@ class SynthesisConfig:
     init_batch_size: int = 200
     init_g_steps: int = 500
     rounds_per_epoch: int = 1  # synthesis rounds with the student per distillation epoch
-    rotation_lr: float = 0.01  # rotation head SGD learning rate
+    rotation_lr: float = 0.1  # rotation head SGD learning rate (DDA: the KD lr, 0.1; momentum 0.9, wd 1e-4)
     bank_dir: str | None = None  # initial bank location (shared between runs); None: <run_dir>/bank
 
     def validate(self, p: str) -> None:

@@ -9,7 +9,8 @@ KD step: ``KL(student/T || teacher/T) * T^2 + ce * CE(student, y)
 + fea * MSE(align(student map), teacher map)``; the teacher runs on the fly on the same
 randomly cropped/flipped batch. After each KD step the rotation head (used by the
 adversarial synthesis term) takes one SGD step on rotated copies of the batch, with the
-student's features detached.
+student in eval mode and its features detached: the step must not move the student's BatchNorm
+statistics (evaluation would otherwise use statistics of rotated images).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class Distiller:
         normalize: Normalize,
         num_classes: int,
         cfg: DistillConfig,
-        rotation_lr: float = 0.01,
+        rotation_lr: float = 0.1,
         device: torch.device | str = "cpu",
         wrap: Callable[[nn.Module], nn.Module] | None = None,
     ):
@@ -84,12 +85,13 @@ class Distiller:
         self.rot_optimizer = self._new_rot_optimizer()
 
     def _new_rot_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.rot_head.parameters(), lr=self.rotation_lr, momentum=0.9)
+        # DDA's head optimiser: SGD at the KD learning rate (0.1), momentum 0.9, weight decay 1e-4.
+        return torch.optim.SGD(self.rot_head.parameters(), lr=self.rotation_lr, momentum=0.9, weight_decay=1e-4)
 
-    def reset_rotation_head(self) -> None:
-        """Called after every synthesis round: the head restarts against the new images."""
-        self.rot_head.reset_parameters()
-        self.rot_optimizer = self._new_rot_optimizer()
+    def reset_rotation_head(self, generator: torch.Generator | None = None) -> None:
+        """Called after every synthesis round: the head's weights restart against the new images
+        (seeded by ``generator``); its optimiser, momentum included, is kept, as the reference does."""
+        self.rot_head.reset_parameters(generator)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, float]:
         """One KD step on a uint8 NHWC batch; returns the loss terms."""
@@ -110,9 +112,16 @@ class Distiller:
         return {"loss": loss.item(), "kd": l_kd.item(), "ce": l_ce.item(), "fea": l_fea.item(), "rot": l_rot}
 
     def rotation_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One SGD step of the rotation head on rotated copies of ``x``; the student runs in eval
+        mode (its BatchNorm buffers stay as the KD step left them) and gets no gradient."""
         xr, yr = rotate_batch(x, y, self.num_classes)
-        with torch.no_grad():
-            emb = self.student_module(xr, return_features=True).embedding
+        was_training = self.student_module.training
+        self.student_module.eval()
+        try:
+            with torch.no_grad():
+                emb = self.student_module(xr, return_features=True).embedding
+        finally:
+            self.student_module.train(was_training)
         loss = F.cross_entropy(self.rot_head(emb), yr)
         self.rot_optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -222,7 +222,7 @@ class RaySource:
                     res = self.synthesizer.run_round(r, derive_seed(self.cfg.run.seed, "round", r), student=distiller.student_module, rot_head=distiller.rot_head)
                     write_round(self.rounds_dir, res.batch, r, self.provenance)
                 self.next_round = r + 1
-                distiller.reset_rotation_head()
+                distiller.reset_rotation_head(torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, "rot_head", r)))
             self._barrier()
         return {"synthesis_s": time.perf_counter() - t0, "next_round": self.next_round}
 

@@ -165,7 +165,7 @@ class BankSource:
                 )
                 write_round(self.rounds_dir, res.batch, r, self.provenance)
                 self.next_round = r + 1
-                distiller.reset_rotation_head()
+                distiller.reset_rotation_head(torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, "rot_head", r)))
                 self._add(res.batch)
         return {"pool_rows": len(self), "next_round": self.next_round, **self.stats}
 

@@ -88,14 +88,36 @@ def test_training_state_round_trip(tmp_path):
         assert torch.equal(a, b), k
 
 
-def test_rotation_head_reset_restores_fresh_weights():
+def test_rotation_head_reset_restores_fresh_weights_and_keeps_its_optimiser():
     d = Distiller(build_model("wrn16_1", 10), teacher_with_stats(), NORM, 10, DistillConfig(epochs=1))
     x, y = _synthetic_images(8, seed=4)
     w0 = d.rot_head.net[0].weight.clone()
     d.train_step(x, y)
     trained = d.rot_head.net[0].weight.clone()
     assert not torch.equal(w0, trained)  # the head takes a step after each KD step
-    assert len(d.rot_optimizer.state) > 0  # momentum buffers exist
-    d.reset_rotation_head()
-    assert not torch.equal(d.rot_head.net[0].weight, trained)
-    assert len(d.rot_optimizer.state) == 0  # and the optimiser starts afresh
+    momentum = {k: v["momentum_buffer"].clone() for k, v in enumerate(d.rot_optimizer.state.values())}
+    assert momentum  # momentum buffers exist
+    d.reset_rotation_head(torch.Generator().manual_seed(3))
+    fresh = d.rot_head.net[0].weight.clone()
+    assert not torch.equal(fresh, trained)
+    assert fresh.std().item() == pytest.approx(0.02, rel=0.2)  # N(0, 0.02), as the reference re-initialises it
+    d.reset_rotation_head(torch.Generator().manual_seed(3))
+    assert torch.equal(d.rot_head.net[0].weight, fresh)  # seeded
+    # the optimiser (SGD lr 0.1, momentum 0.9, wd 1e-4) and its momentum survive the reset, as in the reference
+    group = d.rot_optimizer.param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.1, 0.9, 1e-4)
+    for k, v in enumerate(d.rot_optimizer.state.values()):
+        assert torch.equal(v["momentum_buffer"], momentum[k])
+
+
+def test_rotation_step_leaves_the_students_batchnorm_statistics_alone():
+    d = Distiller(build_model("wrn16_1", 10), teacher_with_stats(), NORM, 10, DistillConfig(epochs=1))
+    x, y = _synthetic_images(8, seed=5)
+    xf = d.transform(to_float(x))
+    before = {k: v.clone() for k, v in d.student_module.state_dict().items()}
+    head_before = d.rot_head.net[0].weight.clone()
+    d.rotation_step(xf, y)
+    assert d.student_module.training  # the mode is restored
+    assert not torch.equal(d.rot_head.net[0].weight, head_before)  # the head did learn
+    for k, v in d.student_module.state_dict().items():
+        assert torch.equal(v, before[k]), k  # running_mean/var and num_batches_tracked unchanged

@@ -66,7 +66,10 @@ def test_rotation_labels_and_head_shapes():
     assert torch.equal(xr[2], torch.rot90(x[0], 1, dims=(1, 2)))
     assert torch.equal(xr[4 + 1], torch.rot90(x[1], 2, dims=(1, 2)))
     head = RotationHead(64, 10)
-    assert head(torch.randn(8, 64)).shape == (8, 40)
+    out = head(torch.randn(8, 64) * 1e3)
+    assert out.shape == (8, 40)
+    # L2-normalised output: logits on the unit sphere, so the adversarial -CE the generator maximises is bounded
+    assert torch.allclose(out.norm(dim=1), torch.ones(8), atol=1e-5)
 
 
 def test_generator_output_range_and_seeded_reinit():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .heads import init_dcgan
+
 
 class Generator(nn.Module):
     """latent (N, nz) -> image (N, nc, size, size) in [0, 1]."""
@@ -35,12 +37,6 @@ class Generator(nn.Module):
         return self.conv_blocks(out)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Fresh weights for a new round (seeded, so rounds are reproducible)."""
-        with torch.no_grad():
-            for m in self.modules():
-                if isinstance(m, (nn.Linear, nn.Conv2d)):
-                    nn.init.kaiming_uniform_(m.weight, a=5**0.5, generator=generator)
-                    if m.bias is not None:
-                        m.bias.zero_()
-                elif isinstance(m, nn.BatchNorm2d):
-                    m.reset_parameters()
+        """Fresh weights for a new round, as the reference CMI/DDA code does (N(0, 0.02) convs and
+        linears, N(1, 0.02) BatchNorm scales); seeded, so rounds are reproducible."""
+        init_dcgan(self, generator)

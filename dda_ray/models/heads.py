@@ -18,20 +18,43 @@ def rotate_batch(x: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tup
 
 
 class RotationHead(nn.Module):
-    """MLP on the student's pooled embedding predicting the joint (class, rotation) label."""
+    """The auxiliary self-supervised head on the student's pooled embedding (DDA's ``MLPHead``):
+    Linear -> ReLU -> Linear to the joint (class, rotation) label, L2-normalised output.
 
-    def __init__(self, in_dim: int, num_classes: int, hidden: int = 256):
+    The normalised output bounds its logits to the unit sphere, so the cross-entropy the
+    synthesis *maximises* (the adversarial term) is bounded too: an unbounded head lets the
+    generator win by driving the logits anywhere, which is what made rounds with the student
+    produce images the student could not learn from.
+    """
+
+    def __init__(self, in_dim: int, num_classes: int, hidden: int | None = None):
         super().__init__()
         self.num_classes = num_classes
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 4 * num_classes))
+        hidden = hidden or in_dim
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 4 * num_classes))
+        self.reset_parameters()
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        return self.net(emb)
+        return F.normalize(self.net(emb), p=2, dim=1)
 
-    def reset_parameters(self) -> None:
-        for m in self.modules():
-            if hasattr(m, "reset_parameters") and m is not self:
-                m.reset_parameters()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """DFKD's generator/head initialisation: weights N(0, 0.02), biases 0 (seeded when given)."""
+        init_dcgan(self, generator)
+
+
+def init_dcgan(module: nn.Module, generator: torch.Generator | None = None) -> None:
+    """The initialisation the reference DFKD code applies to generators and heads every round:
+    conv/linear weights N(0, 0.02) and zero biases, BatchNorm weights N(1, 0.02) and zero biases."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+                m.weight.normal_(0.0, 0.02, generator=generator)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.normal_(1.0, 0.02, generator=generator)
+                m.bias.zero_()
+                m.reset_running_stats()
 
 
 class AlignHead(nn.Module):
