@@ -1,31 +1,43 @@
-"""Does DDA help? Arms at one identical budget, sharing one synthetic bank per seed.
+"""Does DDA help? Arms at one identical budget, sharing one synthetic bank per seed and synthesis method.
 
-    python benchmarks/accuracy.py --config configs/cifar10_cpu_demo.yaml [--seeds 0 1] [section.field=value ...]
+    python benchmarks/accuracy.py --config configs/cifar10_cpu_demo.yaml [--seeds 0 1 2] [--arms real_kd dda_self]
+        [--results benchmarks/results/accuracy.jsonl] [--rerun] [section.field=value ...]
     python benchmarks/accuracy.py --config configs/cifar10_cpu_smoke.yaml \
         --sweep filter.threshold=0.5,0.7,0.9,-1 --sweep augment.strength=0.1,0.3,0.5
 
-Default arms (same teacher, student, KD steps, batch and evaluation):
+Arms (same teacher, student, KD steps, batch and evaluation; ``ARMS`` below):
   real_kd          the real training split (upper bound)
-  inversion        synthetic bank only
-  dda              bank + diffusion variations kept by the cosine filter
-  dda_nofilter     bank + every variation (filter.threshold = -1)
+  inversion_cmi    synthetic bank only, CMI-style inversion (synthesis.method=cmi)
+  inversion_fast   synthetic bank only, fast inversion (synthesis.method=fast)
+  dda_self         bank + diffusion variations kept by the cosine filter, with the preset's own
+                   synthesis method and diffusion prior (the prior was trained on such a bank)
+  dda_nofilter     as dda_self, keeping every variation (filter.threshold = -1)
 
-``--sweep key=v1,v2,...`` replaces the default arms by one ``dda`` arm per value (an ablation);
-several ``--sweep`` flags run one after the other. The initial bank is synthesised once per seed
-(``synthesis.bank_dir``) before any arm and timed on its own (over ``resources.synthesis_tasks`` Ray
-tasks when the preset asks for them); the synthetic arms then share it, and
-the dda arms share the variation cache (keyed by strength, guidance, model, seed), so an arm that
-differs only in its threshold reuses the diffusion work of the one before it — that arm's
-augmentation time is therefore not comparable. Prints one JSON line per arm and seed, then a Markdown
-table for docs/BENCHMARKS.md; ``results.json`` in the output directory holds every row.
+``--sweep key=v1,v2,...`` replaces the arms by one ``dda`` arm per value (an ablation); several
+``--sweep`` flags run one after the other.
+
+The initial bank is shared per (seed, synthesis method): ``<output-dir>/bank-seed{seed}-{method}``,
+synthesised (and timed on its own, over ``resources.synthesis_tasks`` Ray tasks when the preset asks
+for them) just before the first arm of this invocation that needs it; real_kd needs none. The dda
+arms also share the variation cache (keyed by strength, guidance, model, seed), so an arm that
+differs only in its threshold reuses the diffusion work of the one before it -- that arm's
+augmentation time is therefore not comparable.
+
+Every finished (arm, seed) appends one JSON line to the results file (``--results``), which is only
+ever appended to. An (arm, seed) whose line is already there for the same preset and overrides is
+skipped, so an interrupted invocation resumes by running the same command again; ``--rerun`` runs
+it anyway (one more line; ``benchmarks/report.py`` uses the latest line of an arm and seed).
+The summary table, the paired differences and the per-epoch plot come from ``benchmarks/report.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -33,10 +45,15 @@ from dda_ray.api import distill
 from dda_ray.config import load_config
 from dda_ray.runtime import prepare_run_dir, read_jsonl
 
-ARMS = {
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "accuracy.jsonl"
+
+# name -> config overrides of that arm; a new arm is one more entry.
+ARMS: dict[str, list[str]] = {
     "real_kd": ["run.mode=real_kd"],
-    "inversion": ["run.mode=inversion"],
-    "dda": ["run.mode=dda"],
+    "inversion_cmi": ["run.mode=inversion", "synthesis.method=cmi"],
+    "inversion_fast": ["run.mode=inversion", "synthesis.method=fast"],
+    "dda_self": ["run.mode=dda"],
     "dda_nofilter": ["run.mode=dda", "filter.threshold=-1"],
 }
 
@@ -50,6 +67,11 @@ def sweep_arms(sweeps: list[str]) -> dict[str, list[str]]:
         for v in values.split(","):
             arms[f"dda {key}={v}"] = ["run.mode=dda", f"{key}={v}"]
     return arms
+
+
+def synthesis_method(cfg) -> str:
+    """The config's inversion method; presets from before ``synthesis.method`` existed are cmi."""
+    return getattr(cfg.synthesis, "method", "cmi")
 
 
 def build_bank(cfg) -> float:
@@ -72,33 +94,116 @@ def build_bank(cfg) -> float:
     return time.perf_counter() - t0
 
 
-def main() -> None:
+def git_commit(repo: Path = ROOT) -> str:
+    """Short HEAD of ``repo``, with ``-dirty`` when tracked files differ from it; ``unknown`` outside git."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD").strip()
+        dirty = git("status", "--porcelain", "--untracked-files=no").strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
+def read_results(path: Path) -> list[dict]:
+    """The lines of a results file; a line that is not a JSON object (a cut-off write) is reported and left out."""
+    rows = []
+    if not path.exists():
+        return rows
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            print(f"warning: {path}:{n} is not JSON; ignored", flush=True)
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def result_key(arm: str, seed: int, preset: str, overrides: list[str]) -> tuple:
+    return (arm, seed, preset, tuple(overrides))
+
+
+def append_result(path: Path, row: dict) -> None:
+    """Append one JSON line (a newline first if the file's last line lacks one); never rewrites the file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:  # writes go to the end whatever the read position
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write((json.dumps(row) + "\n").encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fresh_run_name(out_dir: Path, base: str) -> str:
+    """``base``, or ``base-2``, ``base-3``, ... when an earlier invocation in the same second took it."""
+    name, k = base, 1
+    while (out_dir / name).exists():
+        k += 1
+        name = f"{base}-{k}"
+    return name
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
+    parser.add_argument("--config", required=True, help="preset YAML; recorded as given (the results' preset)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--sweep", action="append", default=[], help="key=v1,v2,...: one dda arm per value (replaces --arms)")
     parser.add_argument("--output-dir", default="outputs/bench_accuracy")
+    parser.add_argument("--results", default=str(DEFAULT_RESULTS), help=f"JSONL file the results are appended to (default {DEFAULT_RESULTS.relative_to(ROOT)} in the repository)")
+    parser.add_argument("--rerun", action="store_true", help="run (arm, seed) pairs the results file already holds (appends another line)")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     arms = sweep_arms(args.sweep) if args.sweep else {a: ARMS[a] for a in args.arms}
     out_dir = Path(args.output_dir).resolve()
+    results = Path(args.results).resolve()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    commit = git_commit()
+    done = {result_key(r.get("arm"), r.get("seed"), r.get("preset"), r.get("overrides") or []) for r in read_results(results)}
+    banks: dict[tuple[int, str], float] = {}  # (seed, method) -> seconds spent building it in this invocation
+    for extra in arms.values():  # a bad override fails here, before any arm has spent its budget
+        load_config(args.config, [*args.overrides, *extra])
     rows = []
     teacher_acc = None
     for seed in args.seeds:
-        bank = out_dir / f"bank-seed{seed}"
-        common = [*args.overrides, f"run.seed={seed}", f"run.output_dir={out_dir}", f"synthesis.bank_dir={bank}"]
-        bank_cfg = load_config(args.config, [*common, "run.mode=inversion"])
-        bank_s = build_bank(bank_cfg) if any("run.mode=real_kd" not in o for o in arms.values()) else 0.0
-        print(json.dumps({"seed": seed, "bank_s": bank_s, "bank": str(bank)}), flush=True)
+        common = [*args.overrides, f"run.seed={seed}", f"run.output_dir={out_dir}"]
         for i, (arm, extra) in enumerate(arms.items()):
-            cfg = load_config(args.config, [*common, *extra, f"run.name={stamp}-a{i}-s{seed}"])
+            key = result_key(arm, seed, args.config, args.overrides)
+            if key in done and not args.rerun:
+                print(json.dumps({"skipped": arm, "seed": seed, "reason": f"already in {results}"}), flush=True)
+                continue
+            probe = load_config(args.config, [*common, *extra])
+            method = None if probe.run.mode == "real_kd" else synthesis_method(probe)
+            bank_s, bank_override = None, []
+            if method is not None:
+                bank = out_dir / f"bank-seed{seed}-{method}"
+                bank_override = [f"synthesis.bank_dir={bank}"]
+                if (seed, method) not in banks:
+                    bank_cfg = load_config(args.config, [*common, *extra, *bank_override, "run.mode=inversion"])
+                    banks[(seed, method)] = build_bank(bank_cfg)
+                    print(json.dumps({"seed": seed, "method": method, "bank_s": banks[(seed, method)], "bank": str(bank)}), flush=True)
+                bank_s = banks[(seed, method)]
+            cfg = load_config(args.config, [*common, *extra, *bank_override, f"run.name={fresh_run_name(out_dir, f'{stamp}-a{i}-s{seed}')}"])
             prepare_run_dir(cfg)
+            load_start = os.getloadavg()
             t0 = time.perf_counter()
             final = distill(cfg)
             wall = time.perf_counter() - t0
+            load_end = os.getloadavg()
             epochs = read_jsonl(cfg.run_dir / "metrics.jsonl")
             if teacher_acc is None:
                 meta_path = Path(cfg.with_absolute_paths().teacher.checkpoint) / "meta.json"
@@ -106,24 +211,39 @@ def main() -> None:
             row = {
                 "arm": arm,
                 "seed": seed,
-                "test_acc": final["test_acc"],
+                "preset": args.config,
+                "overrides": list(args.overrides),
+                "top1": final["test_acc"],
+                "epochs": [e["test_acc"] for e in epochs if "test_acc" in e],
+                "wall_s": wall,
+                "commit": commit,
+                "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                "load": {"start": list(load_start), "end": list(load_end)},
+                "arm_overrides": list(extra),
+                "mode": cfg.run.mode,
+                "synthesis_method": method,
                 "kept_fraction": final.get("kept_fraction"),
-                "bank_s": bank_s,
+                "bank_s": bank_s,  # seconds this invocation spent on the shared bank (near 0 when it was complete already)
                 "synthesis_s": sum(e.get("synthesis_s", e.get("prepare_s", 0.0)) for e in epochs),
                 "train_s": sum(e.get("train_s", 0.0) for e in epochs),
-                "wall_s": wall,
+                "teacher_top1": teacher_acc,
+                "host": platform.node(),
+                "cpus": os.cpu_count(),
                 "run_dir": str(cfg.run_dir),
             }
+            append_result(results, row)
+            done.add(key)
             rows.append(row)
             print(json.dumps(row), flush=True)
-            (out_dir / "results.json").write_text(json.dumps({"config": args.config, "overrides": args.overrides, "rows": rows}, indent=2))
-    print(f"\n{started}; {platform.node()}, {os.cpu_count()} CPUs, {platform.machine()}; config {args.config}, overrides {args.overrides}")
-    print(f"teacher top-1: {teacher_acc}\n")
+    print(f"\n{started}; {platform.node()}, {os.cpu_count()} CPUs, {platform.machine()}; config {args.config}, overrides {args.overrides}; commit {commit}")
+    print(f"teacher top-1: {teacher_acc}; results appended to {results}\n")
     print("| arm | seed | top-1 % | kept fraction | shared bank s | synthesis s (rounds with student) | train s (incl. streaming) | arm wall s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         kept = "" if r["kept_fraction"] is None else f"{r['kept_fraction']:.2f}"
-        print(f"| {r['arm']} | {r['seed']} | {r['test_acc']:.2f} | {kept} | {r['bank_s']:.0f} | {r['synthesis_s']:.0f} | {r['train_s']:.0f} | {r['wall_s']:.0f} |")
+        bank_s = "" if r["bank_s"] is None else f"{r['bank_s']:.0f}"
+        print(f"| {r['arm']} | {r['seed']} | {r['top1']:.2f} | {kept} | {bank_s} | {r['synthesis_s']:.0f} | {r['train_s']:.0f} | {r['wall_s']:.0f} |")
+    print(f"\nsummary over every seed so far: python benchmarks/report.py --results {results} --preset {args.config}")
 
 
 if __name__ == "__main__":
