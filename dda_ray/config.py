@@ -227,13 +227,11 @@ class DistillConfig:
     temperature: float = 20.0
     ce: float = 1.0  # cross-entropy weight (labels = the synthesis targets)
     fea: float = 30.0  # feature-alignment weight
-    shuffle_buffer_batches: int = 4  # Ray stream: local shuffle buffer, in batches (0: stream order)
 
     def validate(self, p: str) -> None:
         _check(self.epochs >= 1, f"{p}.epochs", self.epochs, "an integer >= 1")
         _check(self.steps_per_epoch is None or self.steps_per_epoch >= 1, f"{p}.steps_per_epoch", self.steps_per_epoch, "null (one pass) or an integer >= 1")
         _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, "an integer >= 1")
-        _check(self.shuffle_buffer_batches >= 0, f"{p}.shuffle_buffer_batches", self.shuffle_buffer_batches, "an integer >= 0 (0: no shuffle buffer)")
         _check(self.lr > 0, f"{p}.lr", self.lr, "a positive number")
         _check(self.temperature > 0, f"{p}.temperature", self.temperature, "a positive number")
         for n in ("ce", "fea", "weight_decay"):

@@ -289,14 +289,3 @@ def train_loop(
         log(f"epoch {epoch + 1}/{cfg.epochs}: test_acc {ev['acc']:.2f}  kd {metrics.get('loss_kd', math.nan):.3f}  steps {steps}  ({t_prep:.0f}s prep, {t_train:.0f}s train)")
         report(metrics, epoch)
     return metrics
-
-
-def cycle_batches(num_rows: int, batch_size: int, generator: torch.Generator, passes: int | None = None) -> Iterator[np.ndarray]:
-    """Shuffled passes over ``range(num_rows)`` (endless when ``passes`` is None); every row
-    once per pass, the last batch of a pass may be short."""
-    done = 0
-    while passes is None or done < passes:
-        done += 1
-        perm = torch.randperm(num_rows, generator=generator).numpy()
-        for i in range(0, num_rows, batch_size):
-            yield np.sort(perm[i : i + batch_size])

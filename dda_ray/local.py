@@ -51,13 +51,13 @@ def run_local(cfg: Config, augment: AugmentFn | None = None, progress: bool = Tr
         print(f"resuming distillation after epoch {start_epoch}")
 
     if cfg.run.mode == "real_kd":
-        source = RealSource(data.train.subset(cfg.data.train_subset, cfg.run.seed), cfg.distill.batch_size, gen, cfg.distill.steps_per_epoch is None)
+        source = RealSource(data.train.subset(cfg.data.train_subset, cfg.run.seed), cfg.distill.batch_size, cfg.run.seed, cfg.distill.steps_per_epoch is None)
     else:
         synthesizer = Synthesizer(teacher, normalize, cfg.data.num_classes, cfg.synthesis, cfg.data.image_size, device)
         t0 = time.perf_counter()
         build_initial_bank(cfg, synthesizer, progress)
         timings["bank_s"] = time.perf_counter() - t0
-        source = BankSource(cfg, load_bank_rows(cfg), synthesizer, gen, augment if cfg.run.mode == "dda" else None, progress)
+        source = BankSource(cfg, load_bank_rows(cfg), synthesizer, augment if cfg.run.mode == "dda" else None, progress)
 
     def report(metrics: dict, epoch: int) -> None:
         append_jsonl(run_dir / "metrics.jsonl", {**metrics, **timings})

@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -44,78 +45,101 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from .config import Config, config_from_dict
 from .data.bank import bank_files, decode_images, read_table
-from .runtime import append_jsonl, derive_seed
-
+from .data.pool import ORIGINAL, batched, slot_order, split_slots
+from .runtime import append_jsonl, derive_seed, write_text_atomic
 
 # --------------------------------------------------------------------- reading
-def _bank_block(path: str) -> pa.Table:
-    table, shape = read_table(path)
-    n = table.num_rows
-    return pa.table(
+ORDER_FILE = "epoch_order.json"
+
+
+def write_epoch_order(run_dir: str | Path, epoch: int, pass_: int) -> None:
+    """Which (epoch, pass) the next execution of the stream is: the trainer writes it before it
+    iterates, the datasource reads it to seed that pass's order (see :mod:`dda_ray.data.pool`)."""
+    write_text_atomic(Path(run_dir) / ORDER_FILE, json.dumps({"epoch": epoch, "pass": pass_}))
+
+
+def read_epoch_order(run_dir: str | Path) -> tuple[int, int]:
+    path = Path(run_dir) / ORDER_FILE
+    if not path.exists():
+        return 0, 0
+    state = json.loads(path.read_text())
+    return int(state["epoch"]), int(state["pass"])
+
+
+def bank_pool(dirs: list[str]) -> tuple[pa.Table, tuple[int, int, int]]:
+    """Every bank row under ``dirs`` (round files in order), listed now: rounds made during training join."""
+    tables, shape = [], None
+    for d in dirs:
+        for path in bank_files(d):
+            table, shape = read_table(path)
+            if table.num_rows:
+                tables.append(table.select(["id", "image", "label", "teacher_embedding", "round"]))
+    if not tables:
+        raise RuntimeError(f"no bank rows under {dirs}")
+    return pa.concat_tables(tables), shape
+
+
+def real_pool(cfg_dict: dict) -> tuple[pa.Table, tuple[int, int, int]]:
+    """The real training split (real_kd) as a pool table (decoded once into ``data.cache_dir``)."""
+    from .data import load_data
+
+    cfg = config_from_dict(cfg_dict)
+    data = load_data(cfg.data, progress=False).train.subset(cfg.data.train_subset, cfg.run.seed)
+    n = len(data)
+    table = pa.table(
         {
-            "id": table.column("id"),
-            "parent_id": table.column("id"),
-            "image": table.column("image"),
-            "label": table.column("label"),
-            "teacher_embedding": table.column("teacher_embedding"),
-            "is_variation": pa.array(np.zeros(n, dtype=bool)),
-            "round": table.column("round"),
+            "id": pa.array([f"real-{i:06d}" for i in range(n)]),
+            "image": pa.array([img.tobytes() for img in data.images], pa.binary()),
+            "label": pa.array(data.labels.astype(np.int64)),
         }
-    ).replace_schema_metadata({"image_shape": ",".join(map(str, shape))})
+    )
+    return table, tuple(data.images.shape[1:])
 
 
-def make_bank_datasource(dirs: list[str]):
-    """A Ray Data datasource over ``round-*.parquet`` files that lists them *per execution*.
+def pool_blocks(load, run_dir: str, seed: int, num_variations: int, block_rows: int):
+    """The read task's body: the pool in this (epoch, pass)'s slot order, in blocks of slots.
 
-    ``read_parquet`` fixes its file list when the dataset is created; this one lists the
-    directories every time the plan executes, i.e. at every epoch, so rounds synthesised
-    during training join the stream.
-    """
+    A slot row carries its parent's columns plus ``parent_id`` and ``variation`` (-1: the
+    original; k: the augment stage makes the k-th variation of the parent)."""
+    table, shape = load()
+    epoch, pass_ = read_epoch_order(run_dir)
+    order = slot_order(table.num_rows, num_variations, seed, epoch, pass_)
+    meta = {"image_shape": ",".join(map(str, shape))}
+    for chunk in batched(order, block_rows):
+        rows, var = split_slots(chunk, num_variations)
+        block = table.take(pa.array(rows))
+        parents = block.column("id").to_pylist()
+        cols = {
+            "id": pa.array([p if k == ORIGINAL else f"{p}-v{k}" for p, k in zip(parents, var.tolist(), strict=True)]),
+            "parent_id": block.column("id"),
+            "variation": pa.array(var),
+        }
+        for name in block.column_names:
+            if name != "id":
+                cols[name] = block.column(name)
+        yield pa.table(cols).replace_schema_metadata(meta)
+
+
+def make_pool_datasource(load, run_dir: str, seed: int, num_variations: int, block_rows: int = 256):
+    """A Ray Data datasource over the epoch pool, read anew at every execution of the plan (each
+    epoch and each pass): the bank is re-listed, so rounds made during training join, and the slot
+    order is this (epoch, pass)'s. One read task streams the blocks in order."""
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
-    class BankDatasource(Datasource):
-        def __init__(self, dirs: list[str]):
-            self.dirs = [str(d) for d in dirs]
-
+    class EpochPoolDatasource(Datasource):
         def get_name(self) -> str:
-            return "DDABank"
+            return "DDAEpochPool"
 
         def estimate_inmemory_data_size(self):
             return None
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None, **_):
-            tasks = []
-            for d in self.dirs:
-                for path in bank_files(d):
-                    meta = BlockMetadata(num_rows=None, size_bytes=path.stat().st_size, input_files=[str(path)], exec_stats=None)
-                    tasks.append(ReadTask(lambda p=str(path): [_bank_block(p)], meta, per_task_row_limit=per_task_row_limit))
-            return tasks
+            meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
+            read = partial(pool_blocks, load, str(run_dir), seed, num_variations, block_rows)
+            return [ReadTask(read, meta, per_task_row_limit=per_task_row_limit)]
 
-    return BankDatasource(dirs)
-
-
-def real_dataset(cfg: Config):
-    """The real training split as a Ray dataset with the stream's columns (real_kd)."""
-    import ray
-
-    from .data import load_data
-
-    data = load_data(cfg.data, progress=False).train.subset(cfg.data.train_subset, cfg.run.seed)
-    n = len(data)
-    # Image folders list class by class: a stream in file order would give one-class batches
-    # (the local shuffle buffer only mixes neighbours), so the rows are permuted once here.
-    order = np.random.default_rng(derive_seed(cfg.run.seed, "real_kd_order")).permutation(n)
-    table = pa.table(
-        {
-            "id": pa.array([f"real-{i:06d}" for i in order]),
-            "parent_id": pa.array([f"real-{i:06d}" for i in order]),
-            "image": pa.array([data.images[i].tobytes() for i in order], pa.binary()),
-            "label": pa.array(data.labels[order]),
-            "is_variation": pa.array(np.zeros(n, dtype=bool)),
-        }
-    )
-    return ray.data.from_arrow(table), tuple(data.images.shape[1:])
+    return EpochPoolDatasource()
 
 
 # ----------------------------------------------------------------- the graph
@@ -136,10 +160,12 @@ def build_dataset(cfg: Config, class_names: list[str] | None = None):
     from .sources import initial_bank_dir
 
     res = cfg.resources
+    k = cfg.augment.num_variations if cfg.run.mode == "dda" else 0
     if cfg.run.mode == "real_kd":
-        ds, _ = real_dataset(cfg)
-        return in_order(ds)
-    ds = ray.data.read_datasource(make_bank_datasource([str(initial_bank_dir(cfg)), str(cfg.run_dir / "rounds")]), num_cpus=res.filter_cpus or 0.25)
+        load = partial(real_pool, cfg.to_dict())
+    else:
+        load = partial(bank_pool, [str(initial_bank_dir(cfg)), str(cfg.run_dir / "rounds")])
+    ds = ray.data.read_datasource(make_pool_datasource(load, str(cfg.run_dir), cfg.run.seed, k), num_cpus=res.filter_cpus or 0.25)
     if cfg.run.mode == "dda":
         from .stages import AugmentStage, FilterStage, FusedStage
 
@@ -172,10 +198,10 @@ def build_dataset(cfg: Config, class_names: list[str] | None = None):
 
 
 def in_order(ds):
-    """Rows reach the trainer in input order (round files sorted, batches in turn), not in task
-    completion order: with one train worker the same seed gives the same batches, so a resumed
-    run repeats an uninterrupted one exactly. Blocks still stream; a finished block only waits
-    for the ones before it. (This dataset's own context: other datasets are unaffected.)"""
+    """Rows reach the trainer in the pool's slot order (:mod:`dda_ray.data.pool`), not in task
+    completion order: with one train worker the same seed gives the same batches, on this engine
+    and the local one, so a resumed run repeats an uninterrupted one exactly. Blocks still stream;
+    a finished block only waits for the ones before it. (This dataset's own context only.)"""
     import copy
 
     options = copy.deepcopy(ds.context.execution_options)
@@ -211,7 +237,6 @@ class RaySource:
 
     def prepare_epoch(self, epoch: int, distiller) -> dict:
         from .data.bank import write_round
-        from .runtime import derive_seed
 
         t0 = time.perf_counter()
         self.epoch_started = time.time()
@@ -223,7 +248,9 @@ class RaySource:
                     write_round(self.rounds_dir, res.batch, r, self.provenance)
                 self.next_round = r + 1
                 distiller.reset_rotation_head(torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, "rot_head", r)))
-            self._barrier()
+        if self.rank == 0:
+            write_epoch_order(self.cfg.run_dir, epoch, 0)
+        self._barrier()  # every rank's stream starts after the round is on disk and the order is set
         return {"synthesis_s": time.perf_counter() - t0, "next_round": self.next_round}
 
     def end_epoch(self, epoch: int) -> dict:
@@ -233,20 +260,27 @@ class RaySource:
         from .stages import read_stream_stats
 
         st = read_stream_stats(self.cfg.run_dir, since=self.epoch_started)
-        return {"kept_fraction": st["kept_fraction"], "variations": st["variations"], "kept": st["kept"], "rejected": st["rejected"], "augment_cache_hits": st["cache_hits"]}
+        return {
+            "kept_fraction": st["kept_fraction"],
+            "variations": st["variations"],
+            "kept": st["kept"],
+            "rejected": st["rejected"],
+            "augment_cache_hits": st["cache_hits"],
+            "augment_diffused": st["parents"] - st["cache_hits"],  # images this epoch's stream ran diffusion on
+        }
 
     def batches(self, epoch: int):
-        """This worker's rows; with ``steps_per_epoch`` set, passes repeat until the loop stops
-        (each pass re-executes the stream: re-lists the bank, reads cached variations)."""
+        """This worker's rows in the pool's slot order; with ``steps_per_epoch`` set, passes repeat
+        until the loop stops (each pass re-executes the stream in a fresh order: re-lists the bank,
+        reads cached variations). With several workers a pass after the first may start before
+        rank 0 has set its order; it then repeats the previous pass's order (still a uniform shuffle)."""
         log = self.log_dir / f"train-rank{self.rank}-epoch{epoch}.jsonl" if self.log_dir else None
         collate = BankCollate(self.shape)
         passes = 0
         while True:
-            # A local shuffle buffer mixes each original with other images' rows (its variations
-            # follow it in the stream) and the rounds with one another; reseeded every pass.
-            buffer = self.cfg.distill.shuffle_buffer_batches * self.cfg.distill.batch_size
-            shuffle = {"local_shuffle_buffer_size": buffer, "local_shuffle_seed": derive_seed(self.cfg.run.seed, "shuffle", epoch, passes, self.rank) % 2**32} if buffer else {}
-            for b in self.shard.iter_torch_batches(batch_size=self.cfg.distill.batch_size, collate_fn=collate, prefetch_batches=1, **shuffle):
+            if passes and self.rank == 0:  # pass 0's order was set in prepare_epoch
+                write_epoch_order(self.cfg.run_dir, epoch, passes)
+            for b in self.shard.iter_torch_batches(batch_size=self.cfg.distill.batch_size, collate_fn=collate, prefetch_batches=1):
                 if log is not None:
                     append_jsonl(log, {"t": time.time(), "pid": os.getpid(), "rows": len(b["ids"]), "ids": b["ids"], "pass": passes})
                 yield b["image"], b["label"]

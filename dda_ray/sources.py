@@ -16,11 +16,12 @@ from .checkpoint import fingerprint
 from .config import Config
 from .data.bank import BankBatch, bank_files, check_provenance, from_table, read_bank, read_table, round_of, write_round
 from .data.datasets import ImageArrays
-from .distill import Distiller, cycle_batches
+from .data.pool import ORIGINAL, batched, kept_slots, slot_order, split_slots
+from .distill import Distiller
 from .runtime import derive_seed
 from .synthesis import Synthesizer
 
-# An augment step: bank rows in -> (kept images, their labels, stats) out.
+# An augment step: bank rows in -> (variations (N, K, H, W, C), kept (N, K) bool, stats) out.
 AugmentFn = Callable[[BankBatch], tuple[np.ndarray, np.ndarray, dict]]
 
 
@@ -112,22 +113,16 @@ def _build_with_ray_tasks(cfg: Config, bank_dir: Path, todo: list[int], provenan
 
 
 class BankSource:
-    """In-memory pool of synthetic rows; new rounds with the student join it every epoch."""
+    """In-memory epoch pool: bank rows, their variations and the filter's verdicts; new rounds with
+    the student join it every epoch. Batches follow :mod:`dda_ray.data.pool`'s slot order, the
+    order the Ray engine streams, so both engines train on the same batches for the same seed."""
 
-    def __init__(
-        self,
-        cfg: Config,
-        bank: BankBatch,
-        synthesizer: Synthesizer | None,
-        generator: torch.Generator,
-        augment: AugmentFn | None = None,
-        progress: bool = True,
-    ):
-        self.cfg, self.synthesizer, self.generator, self.augment, self.progress = cfg, synthesizer, generator, augment, progress
+    def __init__(self, cfg: Config, bank: BankBatch, synthesizer: Synthesizer | None, augment: AugmentFn | None = None, progress: bool = True):
+        self.cfg, self.synthesizer, self.augment, self.progress = cfg, synthesizer, augment, progress
+        self.k = cfg.augment.num_variations if augment is not None else 0
         self.rounds_dir = cfg.run_dir / "rounds"
         self.provenance = bank_provenance(cfg, synthesizer, initial=False) if synthesizer is not None else None
-        self.images: list[np.ndarray] = []
-        self.labels: list[np.ndarray] = []
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]] = []
         self.stats: dict = {}
         self._add(bank)
         # Rounds with the student continue the numbering after the initial bank.
@@ -137,19 +132,20 @@ class BankSource:
             self.next_round = max(self.next_round, round_of(path) + 1)
 
     def _add(self, batch: BankBatch) -> None:
-        self.images.append(batch.images)
-        self.labels.append(batch.labels)
+        variations = kept = None
         if self.augment is not None and len(batch):
-            imgs, labels, stats = self.augment(batch)
-            if len(labels):
-                self.images.append(imgs)
-                self.labels.append(labels)
-            self.stats = stats
-        self._images = np.concatenate(self.images)
-        self._labels = np.concatenate(self.labels)
+            variations, kept, self.stats = self.augment(batch)
+        self.parts.append((batch.images, batch.labels, variations, kept))
+        self._images = np.concatenate([p[0] for p in self.parts])
+        self._labels = np.concatenate([p[1] for p in self.parts])
+        if self.k:
+            shape = self._images.shape[1:]
+            self._variations = np.concatenate([p[2] if p[2] is not None else np.zeros((len(p[1]), self.k, *shape), np.uint8) for p in self.parts])
+            self._kept = np.concatenate([p[3] if p[3] is not None else np.zeros((len(p[1]), self.k), bool) for p in self.parts])
 
     def __len__(self) -> int:
-        return len(self._labels)
+        """Rows in the epoch pool: bank rows plus kept variations."""
+        return len(self._labels) + (int(self._kept.sum()) if self.k else 0)
 
     def prepare_epoch(self, epoch: int, distiller: Distiller) -> dict:
         sc = self.cfg.synthesis
@@ -170,23 +166,39 @@ class BankSource:
         return {"pool_rows": len(self), "next_round": self.next_round, **self.stats}
 
     def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        one_pass = 1 if self.cfg.distill.steps_per_epoch is None else None
-        for idx in cycle_batches(len(self), self.cfg.distill.batch_size, self.generator, one_pass):
-            yield torch.from_numpy(self._images[idx]), torch.from_numpy(self._labels[idx])
+        passes = 0
+        while True:
+            order = slot_order(len(self._labels), self.k, self.cfg.run.seed, epoch, passes)
+            order = kept_slots(order, self._kept if self.k else None)
+            for idx in batched(order, self.cfg.distill.batch_size):
+                rows, var = split_slots(idx, self.k)
+                images = self._images[rows]
+                v = var != ORIGINAL
+                if v.any():
+                    images[v] = self._variations[rows[v], var[v]]
+                yield torch.from_numpy(images), torch.from_numpy(self._labels[rows])
+            passes += 1
+            if self.cfg.distill.steps_per_epoch is None:
+                return
 
 
 class RealSource:
-    """The real training split (``real_kd``: the upper bound, same loop and budget)."""
+    """The real training split (``real_kd``: the upper bound, same loop, budget and order rule)."""
 
-    def __init__(self, data: ImageArrays, batch_size: int, generator: torch.Generator, one_pass: bool = False):
-        self.data, self.batch_size, self.generator, self.one_pass = data, batch_size, generator, one_pass
+    def __init__(self, data: ImageArrays, batch_size: int, seed: int, one_pass: bool = False):
+        self.data, self.batch_size, self.seed, self.one_pass = data, batch_size, seed, one_pass
 
     def prepare_epoch(self, epoch: int, distiller: Distiller) -> dict:
         return {"pool_rows": len(self.data)}
 
     def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for idx in cycle_batches(len(self.data), self.batch_size, self.generator, 1 if self.one_pass else None):
-            yield torch.from_numpy(self.data.images[idx]), torch.from_numpy(self.data.labels[idx])
+        passes = 0
+        while True:
+            for idx in batched(slot_order(len(self.data), 0, self.seed, epoch, passes), self.batch_size):
+                yield torch.from_numpy(self.data.images[idx]), torch.from_numpy(self.data.labels[idx])
+            passes += 1
+            if self.one_pass:
+                return
 
 
 def load_bank_rows(cfg: Config) -> BankBatch:

@@ -33,9 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from .config import Config, config_from_dict
+from .data.pool import ORIGINAL
 from .runtime import append_jsonl
-
-ORIGINAL = -1
 
 
 def augment_cache_key(cfg: Config) -> str:
@@ -66,10 +65,12 @@ def _image_shape(cfg: Config) -> tuple[int, int, int]:
 
 
 class AugmentStage:
-    """Ray Data actor: bank rows in; originals + their variations out (cached on disk).
+    """Ray Data actor: epoch-pool slots in (:mod:`dda_ray.data.pool`), one image per slot out:
+    the original, or the parent's k-th variation (all k made at the parent's first slot, cached on disk).
 
     Output columns: ``id``, ``parent_id``, ``image`` (raw bytes), ``label``, ``variation``
-    (-1 for originals) and ``parent_embedding`` (the bank's teacher embedding of the original).
+    (-1 for originals), ``parent_embedding`` (the bank's teacher embedding of the original) and,
+    while ``filter.grid_batches > 0``, ``parent_image`` (for the filter's grids; the filter drops it).
     """
 
     def __init__(self, cfg_dict: dict, class_names: list[str] | None = None):
@@ -104,39 +105,70 @@ class AugmentStage:
         os.replace(tmp, self.cache / f"{entry}.npy")
 
     def __call__(self, batch: dict) -> dict:
+        """Slot rows in (``variation`` -1: pass the original on; k: make the parent's k-th
+        variation); bank rows without a ``variation`` column are first expanded to all their slots."""
         from .augment import decode_image_column, encode_image_column, stack_vector_column
 
+        k = self.cfg.augment.num_variations
+        if "variation" not in batch:
+            batch = expand_slots(batch, k)
         t0 = time.time()
         images, _ = decode_image_column(batch["image"], _image_shape(self.cfg))
-        ids = np.asarray(batch["id"]).astype(str)
+        parent_ids = np.asarray(batch["parent_id"]).astype(str)
         labels = np.asarray(batch["label"], dtype=np.int64)
-        k = self.cfg.augment.num_variations
-        entries = [self._entry(pid, img) for pid, img in zip(ids, images, strict=True)]
-        variations: list[np.ndarray | None] = [self._cached(e) for e in entries]
-        miss = [i for i, v in enumerate(variations) if v is None]
+        variation = np.asarray(batch["variation"], dtype=np.int64)
+        wanted = np.flatnonzero(variation != ORIGINAL)
+        # one cache entry per distinct parent (all its k variations are made, and cached, together)
+        first: dict[str, int] = {}
+        for i in wanted:
+            first.setdefault(self._entry(parent_ids[i], images[i]), int(i))
+        made: dict[str, np.ndarray | None] = {e: self._cached(e) for e in first}
+        miss = [e for e, v in made.items() if v is None]
         if miss:
-            out = self.augmenter.augment(images[miss], labels[miss], ids[miss])
+            rows = np.array([first[e] for e in miss])
+            out = self.augmenter.augment(images[rows], labels[rows], parent_ids[rows])
             fresh = out["image"].reshape(len(miss), k, *images.shape[1:])
-            for j, i in enumerate(miss):
-                self._store(entries[i], fresh[j])
-                variations[i] = fresh[j]
-        var_images = np.concatenate([v for v in variations]) if len(ids) else images[:0]
-        parent = np.repeat(ids, k)
-        ks = np.tile(np.arange(k, dtype=np.int64), len(ids))
-        emb = stack_vector_column(batch["teacher_embedding"]) if "teacher_embedding" in batch else None
+            for j, e in enumerate(miss):
+                self._store(e, fresh[j])
+                made[e] = fresh[j]
+        result_images = images.copy()
+        for i in wanted:
+            result_images[i] = made[self._entry(parent_ids[i], images[i])][variation[i]]
         result = {
-            "id": np.concatenate([ids, np.array([f"{p}-v{j}" for p, j in zip(parent, ks, strict=True)], dtype=str)]),
-            "parent_id": np.concatenate([ids, parent]),
-            "image": encode_image_column(np.concatenate([images, var_images])),
-            "label": np.concatenate([labels, np.repeat(labels, k)]),
-            "variation": np.concatenate([np.full(len(ids), ORIGINAL, np.int64), ks]),
+            "id": np.asarray(batch["id"]).astype(str),
+            "parent_id": parent_ids,
+            "image": encode_image_column(result_images),
+            "label": labels,
+            "variation": variation,
         }
-        if emb is not None:
-            result["parent_embedding"] = np.concatenate([emb, np.repeat(emb, k, axis=0)])
+        if self.cfg.filter.grid_batches > 0:  # the filter's grids show each variation beside its original
+            result["parent_image"] = encode_image_column(images)
+        if "teacher_embedding" in batch:  # the parent's embedding: the filter's reference
+            result["parent_embedding"] = stack_vector_column(batch["teacher_embedding"])
         # Logged when computed, not when delivered: a batch re-run after its actor died is logged
         # twice here (kept/rejected counts come from the filter's log, which sees it once).
-        append_jsonl(self.log, {"t0": t0, "t1": time.time(), "parents": len(ids), "variations": len(ids) * k, "cache_hits": len(ids) - len(miss)})
+        append_jsonl(self.log, {"t0": t0, "t1": time.time(), "parents": len(first), "variations": len(wanted), "cache_hits": len(first) - len(miss)})
         return result
+
+
+def expand_slots(batch: dict, num_variations: int) -> dict:
+    """Bank rows -> every slot of each row: the original, then its ``num_variations`` variations
+    (ids ``<id>-v<k>``), each slot row carrying its parent's columns."""
+    ids = np.asarray(batch["id"]).astype(str)
+    reps = num_variations + 1
+    variation = np.tile(np.arange(-1, num_variations, dtype=np.int64), len(ids))
+    parent = np.repeat(ids, reps)
+    out = {name: _repeat(col, reps) for name, col in batch.items() if name not in ("id", "parent_id", "variation")}
+    out["id"] = np.array([p if v == ORIGINAL else f"{p}-v{v}" for p, v in zip(parent, variation, strict=True)], dtype=str)
+    out["parent_id"] = parent
+    out["variation"] = variation
+    return out
+
+
+def _repeat(column, reps: int):
+    if isinstance(column, np.ndarray):
+        return np.repeat(column, reps, axis=0)
+    return [v for v in column for _ in range(reps)]
 
 
 class FilterStage:
@@ -225,27 +257,34 @@ def read_stream_stats(run_dir: Path, since: float = 0.0) -> dict:
     return totals
 
 
-def local_augment_fn(cfg: Config):
-    """The same stages, in-process, for ``run.engine=local``: BankBatch -> kept variations."""
+def local_augment_fn(cfg: Config, class_names: list[str] | None = None):
+    """The same stages, in-process, for ``run.engine=local``: BankBatch -> (variations (N, K, H, W, C),
+    kept (N, K) bool, stats)."""
     from .augment import decode_image_column
-    from .data.bank import BankBatch
 
-    augment = AugmentStage(cfg.to_dict())
+    augment = AugmentStage(cfg.to_dict(), class_names)
     filt = FilterStage(cfg.to_dict())
+    k = cfg.augment.num_variations
+    shape = _image_shape(cfg)
 
-    def fn(bank: BankBatch):
-        batch = {"id": bank.ids, "image": bank.images, "label": bank.labels, "teacher_embedding": bank.teacher_embedding}
-        images, labels, stats = [], [], {"variations": 0, "kept": 0}
+    def fn(bank):
+        n = len(bank)
+        variations = np.zeros((n, k, *shape), dtype=np.uint8)
+        kept = np.zeros((n, k), dtype=bool)
+        index = {pid: i for i, pid in enumerate(np.asarray(bank.ids).astype(str))}
         step = cfg.augment.batch_size
-        for s in range(0, len(bank), step):
-            out = filt(augment({k: v[s : s + step] for k, v in batch.items()}))
-            var = out["variation"] != ORIGINAL
-            imgs, _ = decode_image_column(out["image"][var], _image_shape(cfg))
-            images.append(imgs)
-            labels.append(out["label"][var])
-            stats["variations"] += len(bank.ids[s : s + step]) * cfg.augment.num_variations
-            stats["kept"] += int(var.sum())
+        for s in range(0, n, step):
+            rows = {"id": bank.ids[s : s + step], "image": bank.images[s : s + step], "label": bank.labels[s : s + step], "teacher_embedding": bank.teacher_embedding[s : s + step]}
+            slots = expand_slots(rows, k)
+            only_variations = slots["variation"] != ORIGINAL
+            out = augment({c: v[only_variations] if isinstance(v, np.ndarray) else [x for x, m in zip(v, only_variations, strict=True) if m] for c, v in slots.items()})
+            imgs, _ = decode_image_column(out["image"], shape)
+            parents = np.array([index[p] for p in out["parent_id"]])
+            variations[parents, out["variation"]] = imgs
+            passed = filt(out)
+            kept[np.array([index[p] for p in passed["parent_id"]], dtype=np.int64), np.asarray(passed["variation"], dtype=np.int64)] = True
+        stats = {"variations": n * k, "kept": int(kept.sum())}
         stats["kept_fraction"] = stats["kept"] / stats["variations"] if stats["variations"] else float("nan")
-        return np.concatenate(images), np.concatenate(labels), stats
+        return variations, kept, stats
 
     return fn

@@ -1,13 +1,12 @@
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dda_ray.config import DistillConfig
 from dda_ray.data import to_float
-from dda_ray.distill import Distiller, cycle_batches, feature_loss, kd_loss, load_training_state, save_training_state
+from dda_ray.distill import Distiller, feature_loss, kd_loss, load_training_state, save_training_state
 from dda_ray.models import build_model
 
 from .test_synthesis import NORM, small_cfg, teacher_with_stats
@@ -27,14 +26,6 @@ def test_kd_loss_matches_hand_computed_value():
 def test_feature_loss_is_mse():
     a, b = torch.ones(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)
     assert feature_loss(a, b).item() == pytest.approx(1.0)
-
-
-def test_cycle_batches_visits_every_row_once_per_pass():
-    g = torch.Generator().manual_seed(0)
-    batches = list(cycle_batches(10, 4, g, passes=2))
-    assert [len(b) for b in batches] == [4, 4, 2, 4, 4, 2]
-    assert sorted(np.concatenate(batches[:3]).tolist()) == list(range(10))
-    assert sorted(np.concatenate(batches[3:]).tolist()) == list(range(10))
 
 
 def _synthetic_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

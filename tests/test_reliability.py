@@ -181,18 +181,21 @@ def test_killed_augment_actor_is_restarted_and_no_variation_is_lost_or_duplicate
     parents = 16 * (1 + 1)  # initial bank + the epoch's round with the student
     per_actor = {int(p.stem.split("-")[1]): read_jsonl(p) for p in (run_dir / "stream").glob("augment-*.jsonl")}
     assert killed["pid"] in per_actor and len(per_actor) >= 2  # a new actor took over after the kill
-    done_by_killed = sum(r["parents"] for r in per_actor[killed["pid"]])
-    assert 0 < done_by_killed < parents  # the kill came mid-stream
+    # The stream is the pool's slots (dda_ray.data.pool): one original + 2 variation slots per parent.
+    done_by_killed = sum(r["variations"] for r in per_actor[killed["pid"]])
+    assert 0 < done_by_killed < 2 * parents  # the kill came mid-stream
     # Row accounting. A batch the killed actor had finished (and logged) but not yet handed to
     # the object store is lost with it and re-run on the new actor: augmentation is at least
-    # once. The re-run reads the variations the killed actor had cached (atomic writes), so it
-    # re-diffuses nothing, and only the delivered copy goes downstream: exactly once from there.
-    logged = sum(r["parents"] for recs in per_actor.values() for r in recs)
-    redone = logged - parents
-    cache_hits = sum(r["cache_hits"] for recs in per_actor.values() for r in recs)
+    # once. The re-run reads the variations the killed actor had cached (atomic writes), so no
+    # parent is diffused twice, and only the delivered copy goes downstream: exactly once from there.
+    logged = sum(r["variations"] for recs in per_actor.values() for r in recs)
+    redone = logged - 2 * parents
     assert 0 <= redone <= done_by_killed  # only the killed actor's work is redone
-    assert redone <= cache_hits  # served from the cache (a fresh cache: a hit is a redone parent)
-    assert sum(r["cache_hits"] for r in per_actor[killed["pid"]]) == 0
+    diffused = sum(r["parents"] - r["cache_hits"] for recs in per_actor.values() for r in recs)
+    # at most once per parent; a parent cached by the killed actor in a call it did not live to log is
+    # served from the cache on the re-run, so up to one augment batch's parents may show as hits only
+    assert parents - cfg.augment.batch_size <= diffused <= parents
+    cache_hits = sum(r["cache_hits"] for recs in per_actor.values() for r in recs)
     (m,) = read_jsonl(run_dir / "metrics.jsonl")
     assert m["augment_cache_hits"] == cache_hits
     assert m["variations"] == 2 * parents == m["kept"] + m["rejected"]

@@ -45,14 +45,19 @@ class RotationHead(nn.Module):
 def init_dcgan(module: nn.Module, generator: torch.Generator | None = None) -> None:
     """The initialisation the reference DFKD code applies to generators and heads every round:
     conv/linear weights N(0, 0.02) and zero biases, BatchNorm weights N(1, 0.02) and zero biases."""
+    def normal(p: torch.Tensor, mean: float) -> None:
+        # drawn on the CPU (a seeded CPU generator cannot fill a CUDA tensor), then copied: the same
+        # weights on every device
+        p.copy_(torch.empty(p.shape).normal_(mean, 0.02, generator=generator))
+
     with torch.no_grad():
         for m in module.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
-                m.weight.normal_(0.0, 0.02, generator=generator)
+                normal(m.weight, 0.0)
                 if m.bias is not None:
                     m.bias.zero_()
             elif isinstance(m, nn.BatchNorm2d):
-                m.weight.normal_(1.0, 0.02, generator=generator)
+                normal(m.weight, 1.0)
                 m.bias.zero_()
                 m.reset_running_stats()
 
