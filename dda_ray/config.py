@@ -21,6 +21,7 @@ MODES = ("dda", "inversion", "real_kd")
 DATASETS = ("cifar10", "cifar100", "imagefolder", "tiny_imagenet")
 AUGMENT_BACKENDS = ("local_prior", "sd_img2img", "sd_image_variations")
 DTYPES = ("float32", "float16", "bfloat16")
+SYNTHESIS_METHODS = ("cmi", "fast")
 
 
 class ConfigError(ValueError):
@@ -113,9 +114,15 @@ class TeacherTrainingConfig:
 class SynthesisConfig:
     """Model inversion: generator + latents optimised against the teacher (and student)."""
 
+    # cmi: a freshly initialised generator per round; fast: Fast-Datafree's meta-generator, kept
+    # across rounds and meta-learned (first-order MAML) from each round's few inner steps
+    method: str = "cmi"
     batch_size: int = 400  # images per synthesis round
-    g_steps: int = 200  # optimisation steps per round
-    lr_g: float = 1e-3
+    g_steps: int = 200  # optimisation steps per round (fast: a few, e.g. 2-10)
+    lr_g: float = 1e-3  # generator learning rate (cmi: the latents' too)
+    lr_z: float = 0.01  # fast: latent learning rate
+    bn_momentum: float = 0.9  # fast: momentum of the BN-statistics target across rounds, [0, 1); 0 turns it off
+    meta_lr: float | None = None  # fast: meta-optimiser learning rate; None: lr_g * g_steps (this g_steps, not a per-round override)
     nz: int = 256  # latent size
     ngf: int = 64  # generator width
     bn: float = 1.0  # BatchNorm-statistics loss weight
@@ -135,7 +142,11 @@ class SynthesisConfig:
             _check(getattr(self, n) >= 0, f"{p}.{n}", getattr(self, n), "an integer >= 0")
         for n in ("bn", "oh", "adv"):
             _check(getattr(self, n) >= 0, f"{p}.{n}", getattr(self, n), "a number >= 0")
+        _check(self.method in SYNTHESIS_METHODS, f"{p}.method", self.method, f"one of {SYNTHESIS_METHODS}")
         _check(self.lr_g > 0, f"{p}.lr_g", self.lr_g, "a positive number")
+        _check(self.lr_z > 0, f"{p}.lr_z", self.lr_z, "a positive number")
+        _check(0 <= self.bn_momentum < 1, f"{p}.bn_momentum", self.bn_momentum, "a number in [0, 1) (0 turns it off)")
+        _check(self.meta_lr is None or self.meta_lr > 0, f"{p}.meta_lr", self.meta_lr, "null (lr_g * g_steps) or a positive number")
 
 
 @dataclass
