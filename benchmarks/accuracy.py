@@ -79,7 +79,7 @@ def build_bank(cfg) -> float:
     from dda_ray.checkpoint import load_teacher
     from dda_ray.runtime import resolve_device, seed_everything, set_threads
     from dda_ray.sources import build_initial_bank
-    from dda_ray.synthesis import Synthesizer
+    from dda_ray.synthesis import build_synthesizer
 
     cfg = cfg.with_absolute_paths()
     if cfg.run.engine == "ray" and cfg.resources.synthesis_tasks > 0:
@@ -90,7 +90,7 @@ def build_bank(cfg) -> float:
     seed_everything(cfg.run.seed)
     teacher, normalize, _ = load_teacher(cfg)
     t0 = time.perf_counter()
-    build_initial_bank(cfg, Synthesizer(teacher, normalize, cfg.data.num_classes, cfg.synthesis, cfg.data.image_size, resolve_device("cpu")))
+    build_initial_bank(cfg, build_synthesizer(cfg, teacher, normalize, resolve_device("cpu")))
     return time.perf_counter() - t0
 
 

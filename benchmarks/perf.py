@@ -195,14 +195,14 @@ def ensure_bank(args) -> Path:
     from dda_ray.checkpoint import load_teacher
     from dda_ray.runtime import seed_everything, set_threads
     from dda_ray.sources import build_initial_bank
-    from dda_ray.synthesis import Synthesizer
+    from dda_ray.synthesis import build_synthesizer
 
     cfg = make_cfg(args)
     set_threads(cfg.resources.torch_threads)
     seed_everything(cfg.run.seed)
     teacher, normalize, _ = load_teacher(cfg)
     t0 = time.perf_counter()
-    path = build_initial_bank(cfg, Synthesizer(teacher, normalize, cfg.data.num_classes, cfg.synthesis, cfg.data.image_size, "cpu"), progress=False)
+    path = build_initial_bank(cfg, build_synthesizer(cfg, teacher, normalize, "cpu"), progress=False)
     print(f"bank {path} ready ({time.perf_counter() - t0:.1f}s)", flush=True)
     return path
 

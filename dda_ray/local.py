@@ -16,8 +16,8 @@ from .distill import Distiller, global_rng_state, load_training_state, save_trai
 from .evaluation import evaluate
 from .models import build_model
 from .runtime import append_jsonl, resolve_device, rewind_run, seed_everything, set_threads, write_text_atomic
-from .sources import AugmentFn, BankSource, RealSource, build_initial_bank, load_bank_rows
-from .synthesis import Synthesizer
+from .sources import AugmentFn, BankSource, RealSource, build_initial_bank, load_bank_rows, resume_extra
+from .synthesis import build_synthesizer
 from .tracking import Tracker
 
 
@@ -43,7 +43,7 @@ def run_local(cfg: Config, augment: AugmentFn | None = None, progress: bool = Tr
     # Resume before the source reads the rounds on disk: rounds and metrics lines written after
     # the last checkpoint (an interrupted epoch) are dropped and redone identically.
     state_file = run_dir / "state.pt"
-    start_epoch = 0
+    start_epoch, extra = 0, {}
     if cfg.run.resume and state_file.exists():
         start_epoch, extra = load_training_state(state_file, distiller, gen)
         rng = (global_rng_state(), gen.get_state())
@@ -53,17 +53,19 @@ def run_local(cfg: Config, augment: AugmentFn | None = None, progress: bool = Tr
     if cfg.run.mode == "real_kd":
         source = RealSource(data.train.subset(cfg.data.train_subset, cfg.run.seed), cfg.distill.batch_size, cfg.run.seed, cfg.distill.steps_per_epoch is None)
     else:
-        synthesizer = Synthesizer(teacher, normalize, cfg.data.num_classes, cfg.synthesis, cfg.data.image_size, device)
+        synthesizer = build_synthesizer(cfg, teacher, normalize, device)
         t0 = time.perf_counter()
-        build_initial_bank(cfg, synthesizer, progress)
+        build_initial_bank(cfg, synthesizer, progress)  # fast: leaves the synthesizer at the bank's end of the chain
         timings["bank_s"] = time.perf_counter() - t0
+        if "synthesizer" in extra:  # resuming: the chain as it was after the last checkpoint's rounds
+            synthesizer.load_state_dict(extra["synthesizer"])
         source = BankSource(cfg, load_bank_rows(cfg), synthesizer, augment if cfg.run.mode == "dda" else None, progress)
 
     def report(metrics: dict, epoch: int) -> None:
         append_jsonl(run_dir / "metrics.jsonl", {**metrics, **timings})
         if tracker is not None:
             tracker.log_metrics(metrics, step=epoch + 1)
-        save_training_state(state_file, distiller, epoch + 1, {"next_round": getattr(source, "next_round", 0)}, gen)
+        save_training_state(state_file, distiller, epoch + 1, resume_extra(source), gen)
 
     if start_epoch:  # building the source drew from the global RNG: continue from the checkpoint's draws
         set_global_rng_state(rng[0])

@@ -319,7 +319,8 @@ def train_worker(config: dict) -> None:
     from .evaluation import evaluate
     from .models import build_model
     from .runtime import seed_everything, set_threads
-    from .synthesis import Synthesizer
+    from .sources import load_bank_synthesis_state, resume_extra
+    from .synthesis import build_synthesizer
 
     cfg = config_from_dict(config["cfg"])
     ctx = ray.train.get_context()
@@ -334,7 +335,9 @@ def train_worker(config: dict) -> None:
     distiller = Distiller(student, teacher, normalize, cfg.data.num_classes, cfg.distill, cfg.synthesis.rotation_lr, device, wrap=wrap)
     synthesizer = None
     if cfg.run.mode != "real_kd":
-        synthesizer = Synthesizer(teacher, normalize, cfg.data.num_classes, cfg.synthesis, cfg.data.image_size, device) if rank == 0 else object()
+        synthesizer = build_synthesizer(cfg, teacher, normalize, device) if rank == 0 else object()
+        if rank == 0:
+            load_bank_synthesis_state(cfg, synthesizer)  # fast: continue the chain from the bank's end
     source = RaySource(cfg, synthesizer, rank, world)
 
     # Resume: Ray Train's checkpoint after a worker failure; else, on a rerun with
@@ -348,6 +351,8 @@ def train_worker(config: dict) -> None:
             start_epoch, extra = load_training_state(Path(d) / "state.pt", distiller, gen)
     elif cfg.run.resume and state_file.exists():
         start_epoch, extra = load_training_state(state_file, distiller, gen)
+    if "synthesizer" in extra and rank == 0:
+        synthesizer.load_state_dict(extra["synthesizer"])
     if start_epoch:
         # Back to the checkpoint: the failed/interrupted epoch's metrics line and synthesis
         # round (if it got that far) are dropped and redone from the restored state.
@@ -372,8 +377,9 @@ def train_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
-                save_training_state(Path(d) / "state.pt", distiller, epoch + 1, {"next_round": source.next_round}, gen)
-                save_training_state(state_file, distiller, epoch + 1, {"next_round": source.next_round}, gen)
+                extra = resume_extra(source)
+                save_training_state(Path(d) / "state.pt", distiller, epoch + 1, extra, gen)
+                save_training_state(state_file, distiller, epoch + 1, extra, gen)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, checkpoint=checkpoint)
 
@@ -461,7 +467,7 @@ def run_ray(cfg: Config, tracker=None, callbacks: list | None = None) -> dict:
     from .checkpoint import load_teacher
     from .runtime import resolve_device, seed_everything, set_threads
     from .sources import build_initial_bank
-    from .synthesis import Synthesizer
+    from .synthesis import build_synthesizer
 
     cfg = cfg.with_absolute_paths()
     if cfg.run.mode != "real_kd":
@@ -480,7 +486,7 @@ def run_ray(cfg: Config, tracker=None, callbacks: list | None = None) -> dict:
         seed_everything(cfg.run.seed)
         teacher, normalize, meta = load_teacher(cfg)
         class_names = meta.get("classes")
-        synthesizer = Synthesizer(teacher, normalize, cfg.data.num_classes, cfg.synthesis, cfg.data.image_size, resolve_device("auto" if res.use_gpu else "cpu"))
+        synthesizer = build_synthesizer(cfg, teacher, normalize, resolve_device("auto" if res.use_gpu else "cpu"))
         build_initial_bank(cfg, synthesizer)
     ds = build_dataset(cfg, class_names)
     cfg_dict = cfg.to_dict()

@@ -19,7 +19,7 @@ from .data.datasets import ImageArrays
 from .data.pool import ORIGINAL, batched, kept_slots, slot_order, split_slots
 from .distill import Distiller
 from .runtime import derive_seed
-from .synthesis import Synthesizer
+from .synthesis import Synthesizer, build_synthesizer
 
 # An augment step: bank rows in -> (variations (N, K, H, W, C), kept (N, K) bool, stats) out.
 AugmentFn = Callable[[BankBatch], tuple[np.ndarray, np.ndarray, dict]]
@@ -34,7 +34,29 @@ def bank_provenance(cfg: Config, synthesizer: Synthesizer, initial: bool = True)
     sc = cfg.synthesis
     size, steps = (sc.init_batch_size, sc.init_g_steps) if initial else (sc.batch_size, sc.g_steps)
     settings = f"batch_size={size} g_steps={steps} lr_g={sc.lr_g} nz={sc.nz} ngf={sc.ngf} bn={sc.bn} oh={sc.oh} seed={cfg.run.seed}"
-    return {"teacher": fingerprint(synthesizer.teacher), "synthesis": settings}
+    if sc.method == "fast":
+        settings += f" lr_z={sc.lr_z} bn_momentum={sc.bn_momentum} meta_lr={sc.meta_lr}"
+    return {"teacher": fingerprint(synthesizer.teacher), "synthesis": settings, "method": sc.method}
+
+
+SYNTHESIS_STATE = "synthesizer.pt"  # fast: the meta-generator chain after the bank's last round
+
+
+def _save_synthesis_state(bank_dir: Path, synthesizer: Synthesizer) -> None:
+    tmp = bank_dir / f".{SYNTHESIS_STATE}.tmp"
+    torch.save(synthesizer.state_dict(), tmp)
+    tmp.replace(bank_dir / SYNTHESIS_STATE)
+
+
+def load_bank_synthesis_state(cfg: Config, synthesizer: Synthesizer) -> None:
+    """``fast``: continue the chain where the initial bank left it (every run sharing the bank
+    starts its rounds with the student from the same meta-generator). ``cmi``: nothing to do."""
+    if cfg.synthesis.method != "fast":
+        return
+    path = initial_bank_dir(cfg) / SYNTHESIS_STATE
+    if not path.exists():
+        raise RuntimeError(f"the fast synthesis state {path} is missing: the initial bank under {path.parent} was not made with synthesis.method=fast")
+    synthesizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def build_initial_bank(cfg: Config, synthesizer: Synthesizer, progress: bool = True) -> Path:
@@ -45,7 +67,8 @@ def build_initial_bank(cfg: Config, synthesizer: Synthesizer, progress: bool = T
     another teacher or with other settings are refused (:func:`check_provenance`). With
     ``resources.synthesis_tasks > 0`` and Ray running, the missing rounds are spread over that many
     concurrent Ray tasks (:func:`synthesize_rounds`, each with ``synthesis_cpus`` / ``synthesis_gpus``);
-    otherwise they run here, one after another.
+    otherwise they run here, one after another. ``synthesis.method: fast`` rounds form one chain and
+    always run here, in order (:func:`_build_fast_chain`); ``synthesizer`` ends holding the chain.
     """
     sc = cfg.synthesis
     bank_dir = initial_bank_dir(cfg)
@@ -55,6 +78,8 @@ def build_initial_bank(cfg: Config, synthesizer: Synthesizer, progress: bool = T
         check_provenance(path, provenance)
     done = {round_of(p) for p in existing}
     todo = [r for r in range(sc.init_rounds) if r not in done]
+    if sc.method == "fast":
+        return _build_fast_chain(cfg, synthesizer, bank_dir, todo, provenance, progress)
     if todo and cfg.resources.synthesis_tasks > 0:
         import ray
 
@@ -64,6 +89,24 @@ def build_initial_bank(cfg: Config, synthesizer: Synthesizer, progress: bool = T
     for r in tqdm(todo, desc="initial bank", unit="round", disable=not progress or not todo):
         res = synthesizer.run_round(r, derive_seed(cfg.run.seed, "bank", r), sc.init_batch_size, sc.init_g_steps, adv=0.0)
         write_round(bank_dir, res.batch, r, provenance)
+    return bank_dir
+
+
+def _build_fast_chain(cfg: Config, synthesizer: Synthesizer, bank_dir: Path, todo: list[int], provenance: dict[str, str], progress: bool) -> Path:
+    """``fast``: rounds form one chain (each continues the meta-generator the one before left), so
+    they run here in order, and the chain's state is saved beside the rounds after each one: an
+    interrupted bank resumes exactly, and runs sharing the bank continue from its end."""
+    sc = cfg.synthesis
+    if (bank_dir / SYNTHESIS_STATE).exists():
+        load_bank_synthesis_state(cfg, synthesizer)
+    elif sc.init_rounds - len(todo):
+        raise RuntimeError(f"{bank_dir} holds rounds but no {SYNTHESIS_STATE}: it was not made with synthesis.method=fast")
+    if todo and todo != list(range(synthesizer.rounds_done, sc.init_rounds)):
+        raise RuntimeError(f"fast bank {bank_dir}: rounds {todo} are missing but its chain stopped after round {synthesizer.rounds_done - 1}")
+    for r in tqdm(todo, desc="initial bank (fast chain)", unit="round", disable=not progress or not todo):
+        res = synthesizer.run_round(r, derive_seed(cfg.run.seed, "bank", r), sc.init_batch_size, sc.init_g_steps, adv=0.0)
+        write_round(bank_dir, res.batch, r, provenance)
+        _save_synthesis_state(bank_dir, synthesizer)
     return bank_dir
 
 
@@ -77,7 +120,7 @@ def synthesize_rounds(cfg_dict: dict, bank_dir: str, rounds: list[int], provenan
     set_threads(cfg.resources.torch_threads)
     teacher, normalize, _ = load_teacher(cfg)
     device = resolve_device("auto" if cfg.resources.synthesis_gpus > 0 else "cpu")
-    synthesizer = Synthesizer(teacher, normalize, cfg.data.num_classes, cfg.synthesis, cfg.data.image_size, device)
+    synthesizer = build_synthesizer(cfg, teacher, normalize, device)
     if fingerprint(synthesizer.teacher) != provenance["teacher"]:
         raise RuntimeError(f"the task's teacher ({cfg.teacher.checkpoint}) is not the driver's: is the checkpoint on storage every node sees?")
     sc = cfg.synthesis
@@ -199,6 +242,16 @@ class RealSource:
             passes += 1
             if self.one_pass:
                 return
+
+
+def resume_extra(source) -> dict:
+    """What a checkpoint records besides the models: the round counter and, for ``fast``, the
+    meta-generator chain (so a resumed run makes the rounds an uninterrupted one would)."""
+    extra = {"next_round": getattr(source, "next_round", 0)}
+    synthesizer = getattr(source, "synthesizer", None)
+    if isinstance(synthesizer, Synthesizer) and synthesizer.method == "fast":
+        extra["synthesizer"] = synthesizer.state_dict()
+    return extra
 
 
 def load_bank_rows(cfg: Config) -> BankBatch:

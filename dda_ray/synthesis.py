@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .config import SYNTHESIS_METHODS, SynthesisConfig
+from .config import SYNTHESIS_METHODS, Config, SynthesisConfig
 from .data.bank import BankBatch, make_ids
 from .data.transforms import Normalize, random_crop, random_flip, to_uint8
 from .models import Classifier, Generator, RotationHead, rotate_batch
@@ -326,3 +326,8 @@ class Synthesizer:
             embs.append(out.embedding.float().cpu().numpy())
         return np.concatenate(logits), np.concatenate(embs)
 
+
+
+def build_synthesizer(cfg: Config, teacher: Classifier, normalize: Normalize, device: torch.device | str = "cpu") -> Synthesizer:
+    """The run's synthesizer: ``cfg.synthesis`` against ``teacher``, seeded by ``cfg.run.seed``."""
+    return Synthesizer(teacher, normalize, cfg.data.num_classes, cfg.synthesis, cfg.data.image_size, device, seed=cfg.run.seed)

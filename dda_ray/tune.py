@@ -337,14 +337,14 @@ def build_shared_bank(cfg: Config) -> float:
     from .checkpoint import load_teacher
     from .runtime import resolve_device, seed_everything, set_threads
     from .sources import build_initial_bank
-    from .synthesis import Synthesizer
+    from .synthesis import build_synthesizer
 
     t0 = time.perf_counter()
     set_threads(cfg.resources.torch_threads)
     seed_everything(cfg.run.seed)
     teacher, normalize, _ = load_teacher(cfg)
     device = resolve_device("auto" if cfg.resources.use_gpu else "cpu")
-    synth = Synthesizer(teacher, normalize, cfg.data.num_classes, cfg.synthesis, cfg.data.image_size, device)
+    synth = build_synthesizer(cfg, teacher, normalize, device)
     build_initial_bank(cfg, synth, progress=False)
     return time.perf_counter() - t0
 
