@@ -133,11 +133,13 @@ class SynthesisConfig:
     init_g_steps: int = 500
     rounds_per_epoch: int = 1  # synthesis rounds with the student per distillation epoch
     rotation_lr: float = 0.1  # rotation head SGD learning rate (DDA: the KD lr, 0.1; momentum 0.9, wd 1e-4)
+    rotation_every: int = 1  # the rotation head takes an SGD step every k-th KD step (1: every step, as DDA; CPU budgets may thin it)
     bank_dir: str | None = None  # initial bank location (shared between runs); None: <run_dir>/bank
 
     def validate(self, p: str) -> None:
         for n in ("batch_size", "g_steps", "nz", "ngf", "init_batch_size", "init_g_steps"):
             _check(getattr(self, n) >= 1, f"{p}.{n}", getattr(self, n), "an integer >= 1")
+        _check(self.rotation_every >= 1, f"{p}.rotation_every", self.rotation_every, "an integer >= 1")
         for n in ("init_rounds", "rounds_per_epoch"):
             _check(getattr(self, n) >= 0, f"{p}.{n}", getattr(self, n), "an integer >= 0")
         for n in ("bn", "oh", "adv"):

@@ -55,6 +55,7 @@ class Distiller:
         rotation_lr: float = 0.1,
         device: torch.device | str = "cpu",
         wrap: Callable[[nn.Module], nn.Module] | None = None,
+        rotation_every: int = 1,
     ):
         """``wrap`` (e.g. ``ray.train.torch.prepare_model``) turns the trained modules into DDP
         modules; ``student_module`` always stays the plain model (synthesis, evaluation, saving)."""
@@ -78,6 +79,8 @@ class Distiller:
             if cfg.fea > 0:  # an unused DDP module would fail its gradient reduction
                 self.align = wrap(self.align_module)
         self.rotation_lr = rotation_lr
+        # the rotation head trains every ``rotation_every``-th KD step (0: never, when no round uses it)
+        self.rotation_every, self.kd_steps = rotation_every, 0
         self.optimizer = torch.optim.SGD(
             list(self.student_module.parameters()) + list(self.align_module.parameters()), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
@@ -108,8 +111,11 @@ class Distiller:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        l_rot = self.rotation_step(x, y)
-        return {"loss": loss.item(), "kd": l_kd.item(), "ce": l_ce.item(), "fea": l_fea.item(), "rot": l_rot}
+        self.kd_steps += 1
+        out = {"loss": loss.item(), "kd": l_kd.item(), "ce": l_ce.item(), "fea": l_fea.item()}
+        if self.rotation_every and self.kd_steps % self.rotation_every == 0:
+            out["rot"] = self.rotation_step(x, y)
+        return out
 
     def rotation_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One SGD step of the rotation head on rotated copies of ``x``; the student runs in eval
@@ -136,6 +142,7 @@ class Distiller:
             "optimizer": self.optimizer.state_dict(),
             "rot_optimizer": self.rot_optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "kd_steps": self.kd_steps,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -145,6 +152,7 @@ class Distiller:
         self.optimizer.load_state_dict(state["optimizer"])
         self.rot_optimizer.load_state_dict(state["rot_optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.kd_steps = int(state.get("kd_steps", 0))
         # The schedule follows this run's distill.epochs (resuming with more epochs extends it):
         # put the closed-form cosine LR for the epochs done back into the optimiser.
         done = self.scheduler.last_epoch
@@ -243,6 +251,7 @@ def train_loop(
         prep = source.prepare_epoch(epoch, distiller)
         t_prep = time.perf_counter() - t0
         sums: dict[str, float] = {}
+        counts: dict[str, int] = {}  # "rot" is only there on the steps the rotation head trained
         steps, rows = 0, 0
         t1 = time.perf_counter()
         it = source.batches(epoch)
@@ -257,6 +266,7 @@ def train_loop(
                     )
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
                 steps += 1
                 rows += len(labels)
                 bar.update(1)
@@ -283,9 +293,18 @@ def train_loop(
             "prepare_s": t_prep,
             "train_s": t_train,
             "train_img_per_s": rows / t_train if t_train > 0 else math.nan,
-            **{f"loss_{k}": v / max(steps, 1) for k, v in sums.items()},
+            **{f"loss_{k}": v / counts[k] for k, v in sums.items()},
             **prep,
         }
         log(f"epoch {epoch + 1}/{cfg.epochs}: test_acc {ev['acc']:.2f}  kd {metrics.get('loss_kd', math.nan):.3f}  steps {steps}  ({t_prep:.0f}s prep, {t_train:.0f}s train)")
         report(metrics, epoch)
     return metrics
+
+
+def rotation_every(cfg) -> int:
+    """How often the run's rotation head trains: ``synthesis.rotation_every`` when rounds with the
+    student use it (``synthesis.adv > 0`` and ``rounds_per_epoch > 0``, not ``real_kd``), else never
+    (0): its step costs a student forward on four rotated copies of the batch, for nothing."""
+    sc = cfg.synthesis
+    used = cfg.run.mode != "real_kd" and sc.adv > 0 and sc.rounds_per_epoch > 0
+    return sc.rotation_every if used else 0

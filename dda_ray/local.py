@@ -12,7 +12,7 @@ import time
 from .checkpoint import load_teacher, save_classifier
 from .config import Config
 from .data import load_data
-from .distill import Distiller, global_rng_state, load_training_state, save_training_state, set_global_rng_state, train_loop
+from .distill import Distiller, global_rng_state, load_training_state, rotation_every, save_training_state, set_global_rng_state, train_loop
 from .evaluation import evaluate
 from .models import build_model
 from .runtime import append_jsonl, resolve_device, rewind_run, seed_everything, set_threads, write_text_atomic
@@ -38,7 +38,7 @@ def run_local(cfg: Config, augment: AugmentFn | None = None, progress: bool = Tr
     data = load_data(cfg.data, progress)
     test = data.test.subset(cfg.data.eval_subset, cfg.run.seed)
     student = build_model(cfg.student.arch, cfg.data.num_classes)
-    distiller = Distiller(student, teacher, normalize, cfg.data.num_classes, cfg.distill, cfg.synthesis.rotation_lr, device)
+    distiller = Distiller(student, teacher, normalize, cfg.data.num_classes, cfg.distill, cfg.synthesis.rotation_lr, device, rotation_every=rotation_every(cfg))
 
     # Resume before the source reads the rounds on disk: rounds and metrics lines written after
     # the last checkpoint (an interrupted epoch) are dropped and redone identically.

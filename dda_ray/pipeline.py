@@ -315,7 +315,7 @@ def train_worker(config: dict) -> None:
 
     from .checkpoint import load_teacher, save_classifier
     from .data import load_data
-    from .distill import Distiller, load_training_state, save_training_state, train_loop
+    from .distill import Distiller, load_training_state, rotation_every, save_training_state, train_loop
     from .evaluation import evaluate
     from .models import build_model
     from .runtime import seed_everything, set_threads
@@ -332,7 +332,7 @@ def train_worker(config: dict) -> None:
     test = load_data(cfg.data, progress=False).test.subset(cfg.data.eval_subset, cfg.run.seed)
     student = build_model(cfg.student.arch, cfg.data.num_classes)
     wrap = ray.train.torch.prepare_model if world > 1 else None
-    distiller = Distiller(student, teacher, normalize, cfg.data.num_classes, cfg.distill, cfg.synthesis.rotation_lr, device, wrap=wrap)
+    distiller = Distiller(student, teacher, normalize, cfg.data.num_classes, cfg.distill, cfg.synthesis.rotation_lr, device, wrap=wrap, rotation_every=rotation_every(cfg))
     synthesizer = None
     if cfg.run.mode != "real_kd":
         synthesizer = build_synthesizer(cfg, teacher, normalize, device) if rank == 0 else object()

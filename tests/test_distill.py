@@ -112,3 +112,24 @@ def test_rotation_step_leaves_the_students_batchnorm_statistics_alone():
     assert not torch.equal(d.rot_head.net[0].weight, head_before)  # the head did learn
     for k, v in d.student_module.state_dict().items():
         assert torch.equal(v, before[k]), k  # running_mean/var and num_batches_tracked unchanged
+
+
+def test_rotation_head_trains_every_kth_step_and_never_when_no_round_uses_it():
+    from dda_ray.config import load_config
+    from dda_ray.distill import rotation_every
+
+    x, y = _synthetic_images(8, seed=6)
+    d = Distiller(build_model("wrn16_1", 10), teacher_with_stats(), NORM, 10, DistillConfig(epochs=1), rotation_every=2)
+    w = d.rot_head.net[0].weight.clone()
+    first = d.train_step(x, y)
+    assert "rot" not in first and torch.equal(d.rot_head.net[0].weight, w)
+    second = d.train_step(x, y)
+    assert "rot" in second and not torch.equal(d.rot_head.net[0].weight, w)
+    assert d.state_dict()["kd_steps"] == 2  # saved: a resumed run trains the head on the same steps
+    never = Distiller(build_model("wrn16_1", 10), teacher_with_stats(), NORM, 10, DistillConfig(epochs=1), rotation_every=0)
+    w = never.rot_head.net[0].weight.clone()
+    assert "rot" not in never.train_step(x, y) and torch.equal(never.rot_head.net[0].weight, w)
+    cfg = load_config("configs/cifar10_cpu_smoke.yaml", ["synthesis.rotation_every=3"])
+    assert rotation_every(cfg) == 3
+    for off in (["run.mode=real_kd"], ["synthesis.adv=0"], ["synthesis.rounds_per_epoch=0"]):
+        assert rotation_every(load_config("configs/cifar10_cpu_smoke.yaml", off)) == 0, off
