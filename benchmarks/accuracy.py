@@ -8,7 +8,9 @@
 Arms (same teacher, student, KD steps, batch and evaluation; ``ARMS`` below):
   real_kd          the real training split (upper bound)
   inversion_cmi    synthetic bank only, CMI-style inversion (synthesis.method=cmi)
-  inversion_fast   synthetic bank only, fast inversion (synthesis.method=fast)
+  inversion_fast   synthetic bank only, Fast-Datafree meta-synthesis (synthesis.method=fast, its
+                   Fast-2 settings) with the same generator image-steps as the preset's cmi
+                   settings (fast_budget): more rounds of 2 steps instead of fewer of many
   dda_self         bank + diffusion variations kept by the cosine filter, with the preset's own
                    synthesis method and diffusion prior (the prior was trained on such a bank)
   dda_nofilter     as dda_self, keeping every variation (filter.threshold = -1)
@@ -48,14 +50,35 @@ from dda_ray.runtime import prepare_run_dir, read_jsonl
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "accuracy.jsonl"
 
+# Fast-Datafree's own settings for 2 inner steps (its scripts' "Fast-2": lr_g 5e-3, lr_z 0.015,
+# bn 10, oh 0.5); how many rounds it gets is set by fast_budget() from the preset's cmi settings.
+FAST_STEPS = 2
+FAST = ["synthesis.method=fast", f"synthesis.g_steps={FAST_STEPS}", f"synthesis.init_g_steps={FAST_STEPS}", "synthesis.lr_g=0.005", "synthesis.lr_z=0.015", "synthesis.bn=10", "synthesis.oh=0.5"]
+
 # name -> config overrides of that arm; a new arm is one more entry.
 ARMS: dict[str, list[str]] = {
     "real_kd": ["run.mode=real_kd"],
     "inversion_cmi": ["run.mode=inversion", "synthesis.method=cmi"],
-    "inversion_fast": ["run.mode=inversion", "synthesis.method=fast"],
+    "inversion_fast": ["run.mode=inversion", *FAST],
     "dda_self": ["run.mode=dda"],
     "dda_nofilter": ["run.mode=dda", "filter.threshold=-1"],
 }
+
+
+def fast_budget(base) -> list[str]:
+    """The fast arm's rounds: as many generator image-steps as the preset's (cmi) settings spend,
+    in rounds of FAST_STEPS steps — the initial bank (rounds x batch x steps) and each epoch's round
+    alike — so the two inversion arms get the same synthesis compute, Fast spending it on more images."""
+    sc = base.synthesis
+    return [
+        f"synthesis.init_rounds={max(1, sc.init_rounds * sc.init_g_steps // FAST_STEPS)}",
+        f"synthesis.batch_size={max(1, sc.batch_size * sc.g_steps // FAST_STEPS)}",
+    ]
+
+
+def resolve_arms(names: list[str], config: str, overrides: list[str]) -> dict[str, list[str]]:
+    base = load_config(config, overrides)
+    return {a: [*ARMS[a], *(fast_budget(base) if "synthesis.method=fast" in ARMS[a] and base.synthesis.method == "cmi" else [])] for a in names}
 
 
 def sweep_arms(sweeps: list[str]) -> dict[str, list[str]]:
@@ -167,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = build_parser().parse_args()
-    arms = sweep_arms(args.sweep) if args.sweep else {a: ARMS[a] for a in args.arms}
+    arms = sweep_arms(args.sweep) if args.sweep else resolve_arms(args.arms, args.config, args.overrides)
     out_dir = Path(args.output_dir).resolve()
     results = Path(args.results).resolve()
     stamp = time.strftime("%Y%m%d-%H%M%S")

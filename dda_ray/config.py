@@ -403,6 +403,11 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
             raise ConfigError(f"{name} = {value!r} is not allowed; expected an integer")
         return value
     if typ is float:
+        if isinstance(value, str):  # YAML 1.1 reads 5e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name} = {value!r} is not allowed; expected a number")
         if not math.isfinite(value):

@@ -67,6 +67,10 @@ def test_override_coerces_int_to_float_and_parses_yaml_values():
     assert cfg.run.resume is True
     assert cfg.teacher.checkpoint is None
     assert cfg.run.name == "abc"
+    # YAML 1.1 reads 5e-3 (no dot) as a string: a float field takes it as the number it spells
+    assert load_config(None, ["synthesis.lr_g=5e-3"]).synthesis.lr_g == 0.005
+    with pytest.raises(ConfigError, match="synthesis.lr_g"):
+        load_config(None, ["synthesis.lr_g=fast"])
 
 
 def test_parse_override():
