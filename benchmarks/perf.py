@@ -300,7 +300,7 @@ def bench_streaming(args) -> str:
 
 # ---------------------------------------------------------------- (5) per-step cost
 def plain_steps(cfg, n_steps: int, skip: int = 2) -> list[float]:
-    """``Distiller.train_step`` over the same rows Ray reads (``real_dataset``'s subset, in order)."""
+    """``Distiller.train_step`` over the same rows Ray reads (``real_pool``: the same subset)."""
     import torch
 
     from dda_ray.checkpoint import load_teacher
@@ -414,7 +414,7 @@ def bench_augment(args) -> str:
         import ray
         from ray.data import ActorPoolStrategy
 
-        from dda_ray.pipeline import make_bank_datasource
+        from dda_ray.pipeline import bank_pool
         from dda_ray.stages import AugmentStage
 
         start_ray(args)
@@ -426,7 +426,7 @@ def bench_augment(args) -> str:
                 pcfg.run_dir.mkdir(parents=True, exist_ok=True)
                 res = pcfg.resources
                 t0 = time.perf_counter()
-                ds = ray.data.read_datasource(make_bank_datasource([str(initial_bank_dir(pcfg))]), num_cpus=res.filter_cpus or 0.25)
+                ds = ray.data.from_arrow(bank_pool([str(initial_bank_dir(pcfg))])[0])  # bank rows: each is expanded to all its variations
                 ds = ds.map_batches(  # as dda_ray.pipeline.build_dataset maps it
                     AugmentStage,
                     fn_constructor_kwargs={"cfg_dict": pcfg.to_dict(), "class_names": meta.get("classes")},
