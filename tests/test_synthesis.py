@@ -98,6 +98,14 @@ def test_generator_output_range_and_seeded_reinit():
     assert torch.equal(w1, g.l1.weight)
     g.reset_parameters(torch.Generator().manual_seed(2))
     assert not torch.equal(w1, g.l1.weight)
+    # the references' initialisation: conv/linear weights N(0, 0.02), zero biases, BN scales N(1, 0.02)
+    convs = [m for m in g.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    bns = [m for m in g.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    weights = torch.cat([m.weight.flatten() for m in convs])
+    assert abs(weights.mean().item()) < 0.002 and weights.std().item() == pytest.approx(0.02, rel=0.05)
+    assert all(m.bias is None or not m.bias.any() for m in convs)
+    scales = torch.cat([m.weight for m in bns])
+    assert scales.mean().item() == pytest.approx(1.0, abs=0.01) and scales.std().item() == pytest.approx(0.02, rel=0.3)
 
 
 def test_synthesis_round_decreases_loss_and_returns_bank_rows():
