@@ -22,6 +22,8 @@ DATASETS = ("cifar10", "cifar100", "imagefolder", "tiny_imagenet")
 AUGMENT_BACKENDS = ("local_prior", "sd_img2img", "sd_image_variations")
 DTYPES = ("float32", "float16", "bfloat16")
 SYNTHESIS_METHODS = ("cmi", "fast")
+PRIOR_SOURCES = ("bank", "folder", "photos")  # what the local prior trains on (dda_ray/prior_data.py)
+PRIOR_LABELS = ("teacher", "none")  # class labels of folder/photos crops (bank: its own labels, or none)
 
 
 class ConfigError(ValueError):
@@ -170,8 +172,14 @@ class AugmentConfig:
     cache_dir: str | None = None  # variation cache root; None: <run.output_dir>/cache/augment (shared by runs and trials)
     image_resolution: int | None = None  # SD backends: resize to this (None: the pipeline's)
     revision: str | None = None  # hub revision/branch of augment.model (None: the default branch)
-    # Training of the local prior (jobs/train_prior.py; dda_ray/prior.py). Data-free: the bank only.
+    # Training of the local prior (jobs/train_prior.py; dda_ray/prior.py, dda_ray/prior_data.py). Never data.path:
+    # the synthetic bank, an unlabeled image folder, or photographs shipped inside installed packages.
+    prior_source: str = "bank"  # bank (prior_bank) | folder (prior_folder) | photos (packaged natural photos)
     prior_bank: str | None = None  # synthetic bank directory to train on (or jobs/train_prior.py --bank DIR)
+    prior_folder: str | None = None  # folder or .tar/.tar.gz/.tgz/.zip of unlabeled images (or jobs/train_prior.py --folder DIR)
+    prior_labels: str = "teacher"  # folder/photos: teacher (its argmax on each crop) | none (null class: unconditional); bank: its labels | none
+    prior_crop_scale: list[float] = field(default_factory=lambda: [0.02, 0.5])  # folder/photos: crop area as a fraction of the image's, [min, max]
+    prior_color_jitter: float = 0.1  # folder/photos: brightness/contrast/saturation factors drawn from [1 - j, 1 + j] (0: off)
     prior_steps: int = 1000  # optimiser steps
     prior_batch_size: int = 64
     prior_lr: float = 5e-4  # AdamW, linear warm-up over the first 5 % of the steps, then constant
@@ -182,7 +190,7 @@ class AugmentConfig:
     prior_label_dropout: float = 0.1  # labels replaced by the null class: trains the unconditional branch of CFG
     prior_ema: float = 0.999  # EMA decay of the saved weights (0 disables EMA)
     prior_train_timesteps: int = 1000
-    prior_hflip: bool = True  # random horizontal flips of the bank images
+    prior_hflip: bool = True  # random horizontal flips of the training images
     prior_log_every: int = 25  # steps between loss-log lines
 
     def validate(self, p: str) -> None:
@@ -202,6 +210,16 @@ class AugmentConfig:
         _check(self.prior_weight_decay >= 0, f"{p}.prior_weight_decay", self.prior_weight_decay, "a number >= 0")
         _check(0 <= self.prior_label_dropout < 1, f"{p}.prior_label_dropout", self.prior_label_dropout, "a number in [0, 1)")
         _check(0 <= self.prior_ema < 1, f"{p}.prior_ema", self.prior_ema, "a number in [0, 1) (0 disables EMA)")
+        _check(self.prior_source in PRIOR_SOURCES, f"{p}.prior_source", self.prior_source, f"one of {PRIOR_SOURCES}")
+        _check(self.prior_labels in PRIOR_LABELS, f"{p}.prior_labels", self.prior_labels, f"one of {PRIOR_LABELS}")
+        scale = self.prior_crop_scale
+        _check(
+            len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
+            f"{p}.prior_crop_scale",
+            scale,
+            "[min, max] with 0 < min <= max <= 1 (fractions of the image area, e.g. [0.02, 0.5])",
+        )
+        _check(0 <= self.prior_color_jitter < 1, f"{p}.prior_color_jitter", self.prior_color_jitter, "a number in [0, 1) (0: off)")
         _check(
             len(self.prior_channels) >= 2 and all(c >= 4 and c % 4 == 0 for c in self.prior_channels),
             f"{p}.prior_channels",

@@ -1,10 +1,14 @@
-"""The local diffusion prior: a small class-conditional pixel-space DDPM trained on the synthetic bank.
+"""The local diffusion prior: a small class-conditional pixel-space DDPM.
 
-Data-free by construction: :func:`train_prior` reads nothing but a synthetic bank
-(:func:`dda_ray.data.bank.read_bank`), never a real dataset. The model is a diffusers
+:func:`train_prior` never reads the configured dataset (``data.path``, the teacher's data): it
+trains on one :class:`~dda_ray.prior_data.PriorSource` (``augment.prior_source``): the synthetic
+bank, an unlabeled image folder, or natural photographs shipped inside installed packages
+(``dda_ray/prior_data.py``), whose ``sample`` callable supplies every batch. The model is a diffusers
 ``UNet2DModel`` with ``num_class_embeds = num_classes + 1`` (the last index is the null class)
 trained with the DDPM epsilon-prediction MSE; label dropout sends a fraction of the labels to
-the null class so one network learns both branches of classifier-free guidance. It is saved as a
+the null class so one network learns both branches of classifier-free guidance. A source without
+labels (``augment.prior_labels=none``) trains the null class only; the saved prior then maps
+every class to the null class's embedding, so class labels and guidance change nothing. It is saved as a
 :class:`~dda_ray.augment.ClassConditionalImg2ImgPipeline` (``save_pretrained``), which the
 ``local_prior`` backend of :class:`~dda_ray.augment.Augmenter` loads with ``from_pretrained``.
 
@@ -24,7 +28,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DModel
@@ -32,8 +35,8 @@ from tqdm import tqdm
 
 from .augment import ClassConditionalImg2ImgPipeline
 from .config import AugmentConfig, ConfigError
-from .data.bank import read_bank
 from .data.transforms import to_float
+from .prior_data import PriorSource, bank_source
 from .runtime import append_jsonl, resolve_device
 
 __all__ = ["build_prior_unet", "build_prior_scheduler", "build_prior_pipeline", "train_prior"]
@@ -126,8 +129,16 @@ def _save_atomically(pipe: ClassConditionalImg2ImgPipeline, output_dir: Path, ex
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _unconditional_class_embeddings(unet: UNet2DModel, num_classes: int) -> None:
+    """Copy the null class's embedding to every class: a prior trained without labels then
+    treats any class label as unconditional (conditional and unconditional predictions agree)."""
+    with torch.no_grad():
+        weight = unet.class_embedding.weight
+        weight[:num_classes] = weight[num_classes]
+
+
 def train_prior(
-    bank_dir: str | Path,
+    source: PriorSource | str | Path,
     output_dir: str | Path,
     cfg: AugmentConfig,
     *,
@@ -137,34 +148,37 @@ def train_prior(
     device: str = "auto",
     progress: bool = True,
 ) -> dict:
-    """Train the local prior on the bank at ``bank_dir``; save the pipeline to ``output_dir``.
+    """Train the local prior on ``source``; save the pipeline to ``output_dir``.
 
+    ``source`` is a :class:`~dda_ray.prior_data.PriorSource` (:func:`~dda_ray.prior_data.build_prior_source`
+    makes the configured one) or a synthetic bank directory (its labels, ``augment.prior_hflip``).
     Hyper-parameters are the ``augment.prior_*`` fields. The loss log (JSON lines: step, loss
     averaged since the previous line, lr, img/s) goes to ``log_path`` while training (default:
     a temporary file) and is copied to ``<output_dir>/loss.jsonl``; ``training.json`` records the
-    run. The directory is replaced atomically, so a crash never leaves a half-written prior.
-    Returns the training summary.
+    run, the source, its image list and the label mode. The directory is replaced atomically, so
+    a crash never leaves a half-written prior. Returns the training summary.
     """
     cfg.validate("augment")
     output_dir = Path(output_dir)
-    bank = read_bank(bank_dir)
-    if len(bank) == 0:
-        raise ConfigError(f"augment.prior_bank = {str(bank_dir)!r} holds no images")
-    n, h, w, c = bank.images.shape
-    if h != w or c != 3:
-        raise ConfigError(f"the prior trains on square RGB images; the bank at {bank_dir} holds {h}x{w}x{c}")
-    labels_max = int(bank.labels.max())
-    num_classes = num_classes if num_classes is not None else labels_max + 1
-    if labels_max >= num_classes or int(bank.labels.min()) < 0:
-        raise ConfigError(f"bank labels span {int(bank.labels.min())}..{labels_max} but num_classes = {num_classes}")
+    if not isinstance(source, PriorSource):
+        source = bank_source(source, cfg.prior_hflip, "bank" if cfg.prior_labels == "teacher" else "none")
+    size = source.image_size
+    if num_classes is None:
+        num_classes = source.num_classes if source.num_classes is not None else (source.label_range[1] + 1 if source.label_range else None)
+    if num_classes is None:
+        raise ConfigError("the prior's class count is unknown; pass num_classes (data.num_classes)")
+    if source.label_range is not None and source.label_mode != "none":
+        low, high = source.label_range
+        if high >= num_classes or low < 0:
+            raise ConfigError(f"bank labels span {low}..{high} but num_classes = {num_classes}")
     multiple = 2 ** (len(cfg.prior_channels) - 1)
-    if h % multiple:
-        raise ConfigError(f"augment.prior_channels has {len(cfg.prior_channels)} blocks: image size {h} must be a multiple of {multiple}")
+    if size % multiple:
+        raise ConfigError(f"augment.prior_channels has {len(cfg.prior_channels)} blocks: image size {size} must be a multiple of {multiple}")
 
     dev = resolve_device(device)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    pipe = build_prior_pipeline(num_classes, h, cfg.prior_channels, cfg.prior_layers_per_block, cfg.prior_attention, cfg.prior_train_timesteps)
+    pipe = build_prior_pipeline(num_classes, size, cfg.prior_channels, cfg.prior_layers_per_block, cfg.prior_attention, cfg.prior_train_timesteps)
     unet, scheduler = pipe.unet.to(dev), pipe.scheduler
     unet.train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False) if cfg.prior_ema > 0 else None
@@ -172,8 +186,6 @@ def train_prior(
     warmup = max(1, int(0.05 * cfg.prior_steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
 
-    data = to_float(bank.images).mul_(2).sub_(1)  # (N, 3, H, W) in [-1, 1], kept on the CPU
-    labels = torch.from_numpy(bank.labels.astype(np.int64))
     alphas = scheduler.alphas_cumprod.to(dev)
     null = num_classes
     bs = cfg.prior_batch_size
@@ -191,12 +203,11 @@ def train_prior(
     running, count, t_log, t0 = 0.0, 0, time.perf_counter(), time.perf_counter()
     bar = tqdm(range(cfg.prior_steps), desc="prior", disable=not progress, dynamic_ncols=True)
     for step in bar:
-        idx = torch.randint(0, n, (bs,), generator=gen)
-        x0, y = data[idx], labels[idx].clone()
-        if cfg.prior_hflip:
-            flip = torch.rand(bs, generator=gen) < 0.5
-            x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
-        if cfg.prior_label_dropout > 0:
+        images, y = source.sample(bs, gen)
+        x0 = to_float(images).mul_(2).sub_(1)  # (bs, 3, H, W) in [-1, 1]
+        if y is None:  # unconditional source: the null class only
+            y = torch.full((bs,), null, dtype=torch.int64)
+        elif cfg.prior_label_dropout > 0:
             y[torch.rand(bs, generator=gen) < cfg.prior_label_dropout] = null
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (bs,), generator=gen)
@@ -227,11 +238,12 @@ def train_prior(
 
     final = ema if ema is not None else unet
     final.eval()
+    if source.label_mode == "none":
+        _unconditional_class_embeddings(final, num_classes)
     pipe = ClassConditionalImg2ImgPipeline(unet=final.to("cpu"), scheduler=scheduler)
     summary = {
-        "bank": str(bank_dir),
-        "num_images": int(n),
-        "image_size": int(h),
+        **source.describe(),
+        "image_size": int(size),
         "num_classes": int(num_classes),
         "steps": cfg.prior_steps,
         "batch_size": bs,

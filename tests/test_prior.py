@@ -1,4 +1,4 @@
-"""Local prior training on a synthetic bank only; the saved pipeline reloads and augments."""
+"""Local prior training on a synthetic bank; the saved pipeline reloads and augments (other sources: test_prior_sources.py)."""
 
 from __future__ import annotations
 
@@ -77,6 +77,7 @@ def test_loss_log_exists_and_decreases(trained):
     assert read_jsonl(root / "prior" / "loss.jsonl") == log  # copied beside the weights
     info = json.loads((root / "prior" / "training.json").read_text())
     assert info["num_images"] == 48 and info["num_classes"] == 4 and info["steps"] == 30
+    assert info["source"] == "bank" and info["labels"] == "bank" and info["images"] == ["round-00000.parquet", "round-00001.parquet"]
     assert summary["final_loss"] == pytest.approx(log[-1]["loss"])
 
 
@@ -129,8 +130,13 @@ def _load_job():
 
 def test_job_arguments_and_refusals(tmp_path, trained):
     job = _load_job()
-    assert job._split_argv(["--config", "c.yaml", "--bank", "b", "--overwrite", "x.y=1"]) == (["--config", "c.yaml", "x.y=1"], "b", True)
-    assert job._split_argv(["--bank=b2"]) == ([], "b2", False)
+    assert job._split_argv(["--config", "c.yaml", "--bank", "b", "--overwrite", "x.y=1"]) == (["--config", "c.yaml", "x.y=1"], "b", None, True)
+    assert job._split_argv(["--bank=b2"]) == ([], "b2", None, False)
+    assert job._split_argv(["--folder", "imgs", "x.y=1"]) == (["x.y=1"], None, "imgs", False)
+    assert job.source_overrides(None, "imgs") == ["augment.prior_source=folder", "augment.prior_folder=imgs"]
+    assert job.source_overrides("b", None) == ["augment.prior_source=bank", "augment.prior_bank=b"]
+    with pytest.raises(SystemExit, match="not both"):
+        job._split_argv(["--bank", "b", "--folder=f"])
     root, _ = trained
     base = [f"run.output_dir={tmp_path}", "data.num_classes=4", "augment.device=cpu", "augment.prior_channels=[8, 16]", "augment.prior_steps=2"]
     with pytest.raises(ConfigError, match="augment.prior_bank is not set"):
