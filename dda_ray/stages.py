@@ -119,9 +119,10 @@ class AugmentStage:
         variation = np.asarray(batch["variation"], dtype=np.int64)
         wanted = np.flatnonzero(variation != ORIGINAL)
         # one cache entry per distinct parent (all its k variations are made, and cached, together)
+        entry = {int(i): self._entry(parent_ids[i], images[i]) for i in wanted}
         first: dict[str, int] = {}
-        for i in wanted:
-            first.setdefault(self._entry(parent_ids[i], images[i]), int(i))
+        for i, e in entry.items():
+            first.setdefault(e, i)
         made: dict[str, np.ndarray | None] = {e: self._cached(e) for e in first}
         miss = [e for e, v in made.items() if v is None]
         if miss:
@@ -132,8 +133,8 @@ class AugmentStage:
                 self._store(e, fresh[j])
                 made[e] = fresh[j]
         result_images = images.copy()
-        for i in wanted:
-            result_images[i] = made[self._entry(parent_ids[i], images[i])][variation[i]]
+        for i, e in entry.items():
+            result_images[i] = made[e][variation[i]]
         result = {
             "id": np.asarray(batch["id"]).astype(str),
             "parent_id": parent_ids,
