@@ -67,8 +67,9 @@ def build_initial_bank(cfg: Config, synthesizer: Synthesizer, progress: bool = T
     another teacher or with other settings are refused (:func:`check_provenance`). With
     ``resources.synthesis_tasks > 0`` and Ray running, the missing rounds are spread over that many
     concurrent Ray tasks (:func:`synthesize_rounds`, each with ``synthesis_cpus`` / ``synthesis_gpus``);
-    otherwise they run here, one after another. ``synthesis.method: fast`` rounds form one chain and
-    always run here, in order (:func:`_build_fast_chain`); ``synthesizer`` ends holding the chain.
+    otherwise they run here, one after another. ``synthesis.method: fast`` rounds form one chain, run in
+    order (:func:`_build_fast_chain`): in one Ray task when tasks are asked for, else here;
+    ``synthesizer`` ends holding the chain either way.
     """
     sc = cfg.synthesis
     bank_dir = initial_bank_dir(cfg)
@@ -78,14 +79,16 @@ def build_initial_bank(cfg: Config, synthesizer: Synthesizer, progress: bool = T
         check_provenance(path, provenance)
     done = {round_of(p) for p in existing}
     todo = [r for r in range(sc.init_rounds) if r not in done]
+    if sc.method == "fast" and todo and cfg.resources.synthesis_tasks > 0 and _ray_running():
+        # one chain: one Ray task (on a cluster it runs where the synthesis GPUs are), then continue from it here
+        _build_with_ray_tasks(cfg, bank_dir, todo, provenance, progress, max_tasks=1)
+        load_bank_synthesis_state(cfg, synthesizer)
+        return bank_dir
     if sc.method == "fast":
         return _build_fast_chain(cfg, synthesizer, bank_dir, todo, provenance, progress)
-    if todo and cfg.resources.synthesis_tasks > 0:
-        import ray
-
-        if ray.is_initialized():
-            _build_with_ray_tasks(cfg, bank_dir, todo, provenance, progress)
-            return bank_dir
+    if todo and cfg.resources.synthesis_tasks > 0 and _ray_running():
+        _build_with_ray_tasks(cfg, bank_dir, todo, provenance, progress)
+        return bank_dir
     for r in tqdm(todo, desc="initial bank", unit="round", disable=not progress or not todo):
         res = synthesizer.run_round(r, derive_seed(cfg.run.seed, "bank", r), sc.init_batch_size, sc.init_g_steps, adv=0.0)
         write_round(bank_dir, res.batch, r, provenance)
@@ -124,21 +127,30 @@ def synthesize_rounds(cfg_dict: dict, bank_dir: str, rounds: list[int], provenan
     if fingerprint(synthesizer.teacher) != provenance["teacher"]:
         raise RuntimeError(f"the task's teacher ({cfg.teacher.checkpoint}) is not the driver's: is the checkpoint on storage every node sees?")
     sc = cfg.synthesis
+    if sc.method == "fast":  # the whole chain, in order, from its saved state
+        _build_fast_chain(cfg, synthesizer, Path(bank_dir), rounds, provenance, progress=False)
+        return rounds
     for r in rounds:
         res = synthesizer.run_round(r, derive_seed(cfg.run.seed, "bank", r), sc.init_batch_size, sc.init_g_steps, adv=0.0)
         write_round(bank_dir, res.batch, r, provenance)
     return rounds
 
 
-def _build_with_ray_tasks(cfg: Config, bank_dir: Path, todo: list[int], provenance: dict[str, str], progress: bool) -> None:
-    """At most ``synthesis_tasks`` tasks in flight, each taking an equal share of the missing rounds.
+def _ray_running() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
+def _build_with_ray_tasks(cfg: Config, bank_dir: Path, todo: list[int], provenance: dict[str, str], progress: bool, max_tasks: int | None = None) -> None:
+    """At most ``synthesis_tasks`` (and ``max_tasks``) tasks in flight, each taking an equal share of the missing rounds.
 
     The progress bar counts round files as they land in ``bank_dir`` (each task writes its rounds
     one by one, atomically), so it moves per round, not per task."""
     import ray
 
     res = cfg.resources
-    n = min(res.synthesis_tasks, len(todo))
+    n = min(res.synthesis_tasks, len(todo), max_tasks or len(todo))
     chunks = [todo[i::n] for i in range(n)]
     task = ray.remote(synthesize_rounds).options(num_cpus=res.synthesis_cpus, num_gpus=res.synthesis_gpus, max_retries=2)
     cfg_dict = cfg.to_dict()

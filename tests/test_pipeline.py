@@ -140,29 +140,37 @@ def test_fused_stage_pool_keeps_the_same_rows_as_two_pools(tmp_path, tiny_assets
     assert kept[True] == kept[False]  # same seeds, same filter: the same kept set
 
 
-def test_initial_bank_from_ray_tasks_matches_the_driver_built_one(tmp_path, tiny_assets, cifar10_decoded, ray_cluster, monkeypatch):
+@pytest.mark.parametrize("method", ["cmi", "fast"])
+def test_initial_bank_from_ray_tasks_matches_the_driver_built_one(tmp_path, tiny_assets, cifar10_decoded, ray_cluster, monkeypatch, method):
+    """cmi: rounds spread over two tasks; fast: the one chain in one task, the driver continuing from it."""
     import numpy as np
     import torch
 
     from dda_ray.checkpoint import load_teacher
     from dda_ray.data.bank import bank_files, read_bank, read_provenance
     from dda_ray.sources import build_initial_bank
-    from dda_ray.synthesis import Synthesizer
+    from dda_ray.synthesis import Synthesizer, build_synthesizer
 
-    banks = {}
+    banks, chains = {}, {}
     for tasks in (0, 2):
-        cfg = ray_config(tmp_path / f"t{tasks}", tiny_assets, cifar10_decoded, **{"resources.synthesis_tasks": tasks, "resources.synthesis_cpus": 0.5}).with_absolute_paths()
+        cfg = ray_config(tmp_path / f"t{tasks}", tiny_assets, cifar10_decoded, **{"resources.synthesis_tasks": tasks, "resources.synthesis_cpus": 0.5, "synthesis.method": method}).with_absolute_paths()
         teacher, normalize, _ = load_teacher(cfg)
         torch.set_num_threads(1)
         if tasks:  # the driver must not synthesise: the rounds come from the Ray tasks' processes
             monkeypatch.setattr(Synthesizer, "run_round", lambda *a, **k: pytest.fail("synthesised in the driver"))
-        bank_dir = build_initial_bank(cfg, Synthesizer(teacher, normalize, 10, cfg.synthesis), progress=False)
+        synth = build_synthesizer(cfg, teacher, normalize)
+        bank_dir = build_initial_bank(cfg, synth, progress=False)
         assert len(bank_files(bank_dir)) == 3
         banks[tasks] = (read_bank(bank_dir), read_provenance(bank_files(bank_dir)[0]))
+        chains[tasks] = synth.state_dict()
     (local, prov_local), (remote, prov_remote) = banks[0], banks[2]
     assert prov_local == prov_remote
     assert local.ids.tolist() == remote.ids.tolist() and np.array_equal(local.labels, remote.labels)
     assert np.abs(local.images.astype(int) - remote.images.astype(int)).mean() < 1.0  # same seeds per round
+    if method == "fast":  # the driver holds the chain the task left (what its rounds with the student continue)
+        assert chains[0]["rounds_done"] == chains[2]["rounds_done"] == 3
+        for k, v in chains[0]["meta_generator"].items():
+            assert torch.allclose(v.float(), chains[2]["meta_generator"][k].float(), atol=1e-4), k
 
 
 def test_real_kd_stream_mixes_classes_in_every_batch(tmp_path, tiny_assets, cifar10_decoded, ray_cluster):
