@@ -24,7 +24,7 @@ from ._tiny_pipelines import (
     build_tiny_prior,
     build_tiny_sd_image_variations,
     build_tiny_sd_img2img,
-    offline,
+    offline_single_thread,  # noqa: F401  (fixture, used through pytestmark)
     random_images,
     single_thread,
 )
@@ -32,11 +32,7 @@ from ._tiny_pipelines import (
 CLASSES = ["cat", "dog", "car", "ship"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    offline(monkeypatch)
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("offline_single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,17 +15,17 @@ from dda_ray.data.datasets import NORMALIZATION
 from dda_ray.filter import AllRejectedError, AllRejectedWarning, CheckpointCosineFilter, CosineFilter, FilterReport
 from dda_ray.models import build_model
 
-from ._tiny_pipelines import build_tiny_prior, offline, random_images, single_thread
+from ._tiny_pipelines import (
+    build_tiny_prior,
+    offline_single_thread,  # noqa: F401  (fixture, used through pytestmark)
+    random_images,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEACHER_CKPT = REPO_ROOT / "checkpoints/cifar10_wrn16_2"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    offline(monkeypatch)
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("offline_single_thread")
 
 
 @pytest.fixture(scope="module")

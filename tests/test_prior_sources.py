@@ -32,18 +32,17 @@ from dda_ray.prior_data import (
 )
 from dda_ray.runtime import read_jsonl
 
-from ._tiny_pipelines import offline, random_images, single_thread
+from ._tiny_pipelines import (
+    offline_single_thread,  # noqa: F401  (fixture, used through pytestmark)
+    random_images,
+)
 from .test_synthesis import teacher_with_stats
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(48, 64), (40, 40), (80, 60), (36, 90)]  # (height, width) of the folder's images
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    offline(monkeypatch)
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("offline_single_thread")
 
 
 @pytest.fixture(scope="module")
