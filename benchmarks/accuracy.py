@@ -14,6 +14,15 @@ Arms (same teacher, student, KD steps, batch and evaluation; ``ARMS`` below):
   dda_self         bank + diffusion variations kept by the cosine filter, with the preset's own
                    synthesis method and diffusion prior (the prior was trained on such a bank)
   dda_nofilter     as dda_self, keeping every variation (filter.threshold = -1)
+  cutmix           inversion_cmi with CutMix on every KD batch (distill.mix=cutmix): diversity
+                   without diffusion
+  photos           inversion_cmi plus photo crops as extra KD rows (distill.extra_banks), cut like
+                   the crops the photo prior trained on (its training.json): as many crops as the
+                   dda arms make variations (num_variations x every synthetic row of the run)
+  photo_kd         photo crops alone as the transfer set (no synthesis): One-Image-KD-style, a
+                   fresh crop for every other KD row (PHOTO_KD_SHARE of the budget's rows)
+  dda_photo        dda with the photo prior (PHOTO_PRIOR: trained on the packaged photos only)
+  dda_photo_nofilter  as dda_photo, keeping every variation
 
 ``--sweep key=v1,v2,...`` replaces the arms by one ``dda`` arm per value (an ablation); several
 ``--sweep`` flags run one after the other.
@@ -50,6 +59,8 @@ from dda_ray.runtime import prepare_run_dir, read_jsonl
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "accuracy.jsonl"
 
+PHOTO_PRIOR = "checkpoints/photo_prior"  # the local prior trained on the packaged photos (configs/prior_photos_cpu.yaml)
+
 # Fast-Datafree's own settings for 2 inner steps (its scripts' "Fast-2": lr_g 5e-3, lr_z 0.015,
 # bn 10, oh 0.5); how many rounds it gets is set by fast_budget() from the preset's cmi settings.
 FAST_STEPS = 2
@@ -62,7 +73,51 @@ ARMS: dict[str, list[str]] = {
     "inversion_fast": ["run.mode=inversion", *FAST],
     "dda_self": ["run.mode=dda"],
     "dda_nofilter": ["run.mode=dda", "filter.threshold=-1"],
+    "cutmix": ["run.mode=inversion", "distill.mix=cutmix"],
+    "photos": ["run.mode=inversion"],  # + distill.extra_banks (photo_crops)
+    "photo_kd": ["run.mode=inversion", "synthesis.init_rounds=0", "synthesis.rounds_per_epoch=0"],  # + distill.extra_banks
+    "dda_photo": ["run.mode=dda", f"augment.model={PHOTO_PRIOR}"],
+    "dda_photo_nofilter": ["run.mode=dda", f"augment.model={PHOTO_PRIOR}", "filter.threshold=-1"],
 }
+CROP_ARMS = ("photos", "photo_kd")
+PHOTO_KD_SHARE = 0.5  # photo_kd: crops = this share of the budget's KD rows (each crop seen about twice)
+
+
+def crop_count(arm: str, base) -> int:
+    """How many photo crops an arm adds: ``photos`` as many as the dda arms' variations of the run's
+    synthetic rows (initial bank and rounds with the student); ``photo_kd`` PHOTO_KD_SHARE of the KD rows."""
+    sc, d = base.synthesis, base.distill
+    if arm == "photos":
+        return base.augment.num_variations * (sc.init_rounds * sc.init_batch_size + d.epochs * sc.rounds_per_epoch * sc.batch_size)
+    return int(PHOTO_KD_SHARE * d.epochs * (d.steps_per_epoch or 0) * d.batch_size)
+
+
+def crop_overrides(prior: Path = ROOT / PHOTO_PRIOR) -> list[str]:
+    """The crop settings the photo prior was trained with (its training.json), so the crop arms'
+    rows are the crops that prior saw."""
+    info = json.loads((prior / "training.json").read_text())
+    if info.get("source") not in ("photos", "folder"):
+        raise SystemExit(f"error: {prior} was not trained on photos (training.json source = {info.get('source')!r})")
+    out = [
+        f"augment.prior_source={info['source']}",
+        f"augment.prior_crop_scale={json.dumps(info['crop_scale'])}",
+        f"augment.prior_color_jitter={info['color_jitter']}",
+        f"augment.prior_hflip={str(info['hflip']).lower()}",
+    ]
+    if info["source"] == "folder":
+        out.append(f"augment.prior_folder={info['folder']}")
+    return out
+
+
+def build_crops(cfg, out_dir: Path, n: int, seed: int) -> tuple[Path, float]:
+    """The crop bank of an arm (skipped when complete); returns (directory, seconds)."""
+    from dda_ray.data.crops import write_crop_bank
+    from dda_ray.runtime import set_threads
+
+    set_threads(cfg.resources.torch_threads)
+    t0 = time.perf_counter()
+    write_crop_bank(cfg, out_dir, n, seed)
+    return out_dir, time.perf_counter() - t0
 
 
 def fast_budget(base) -> list[str]:
@@ -211,8 +266,14 @@ def main() -> None:
                 continue
             probe = load_config(args.config, [*common, *extra])
             method = None if probe.run.mode == "real_kd" else synthesis_method(probe)
-            bank_s, bank_override = None, []
-            if method is not None:
+            bank_s, bank_override, crops_s = None, [], None
+            if arm in CROP_ARMS:
+                n = crop_count(arm, load_config(args.config, args.overrides))
+                crop_cfg = load_config(args.config, [*common, *crop_overrides()])
+                crops_dir, crops_s = build_crops(crop_cfg, out_dir / f"crops-seed{seed}-n{n}", n, seed)
+                extra = [*extra, f"distill.extra_banks=[{crops_dir}]"]
+                print(json.dumps({"seed": seed, "crops": n, "crops_s": crops_s, "dir": str(crops_dir)}), flush=True)
+            if method is not None and probe.synthesis.init_rounds > 0:
                 bank = out_dir / f"bank-seed{seed}-{method}"
                 bank_override = [f"synthesis.bank_dir={bank}"]
                 if (seed, method) not in banks:
@@ -246,6 +307,7 @@ def main() -> None:
                 "mode": cfg.run.mode,
                 "synthesis_method": method,
                 "kept_fraction": final.get("kept_fraction"),
+                "crops_s": crops_s,  # seconds this invocation spent cutting the arm's photo crops
                 "bank_s": bank_s,  # seconds this invocation spent on the shared bank (near 0 when it was complete already)
                 "synthesis_s": sum(e.get("synthesis_s", e.get("prepare_s", 0.0)) for e in epochs),
                 "train_s": sum(e.get("train_s", 0.0) for e in epochs),

@@ -24,7 +24,12 @@ def preflight(cfg: Config) -> None:
             raise DatasetError(f"data.path = {cfg.data.path} does not exist and data.download = false")
     elif not data_path.exists():
         raise DatasetError(f"data.path = {cfg.data.path} does not exist; point it at the {cfg.data.dataset} data (a folder or .tar.gz)")
-    load_teacher(cfg)  # every mode distils from the teacher
+    teacher, _, _ = load_teacher(cfg)  # every mode distils from the teacher
+    if cfg.distill.extra_banks:
+        from .checkpoint import fingerprint
+        from .data.crops import check_extra_banks
+
+        check_extra_banks(cfg.distill.extra_banks, fingerprint(teacher))
     if cfg.run.mode == "dda":
         from .augment import AugmentError, _check_pipeline_dir
 

@@ -23,6 +23,7 @@ AUGMENT_BACKENDS = ("local_prior", "sd_img2img", "sd_image_variations")
 DTYPES = ("float32", "float16", "bfloat16")
 SYNTHESIS_METHODS = ("cmi", "fast")
 PRIOR_SOURCES = ("bank", "folder", "photos")  # what the local prior trains on (dda_ray/prior_data.py)
+MIX_MODES = ("none", "cutmix", "mixup")  # distill.mix: batch mixing of the KD rows
 PRIOR_LABELS = ("teacher", "none")  # class labels of folder/photos crops (bank: its own labels, or none)
 
 
@@ -258,8 +259,19 @@ class DistillConfig:
     temperature: float = 20.0
     ce: float = 1.0  # cross-entropy weight (labels = the synthesis targets)
     fea: float = 30.0  # feature-alignment weight
+    # Mixing of each KD batch with a shuffled copy of itself (the teacher labels the mixed images):
+    # none | cutmix (a box pasted from the partner) | mixup (a pixel blend); the CE term mixes the two labels.
+    mix: str = "none"
+    mix_alpha: float = 1.0  # the mixing ratio ~ Beta(alpha, alpha) (1: uniform)
+    mix_prob: float = 1.0  # fraction of KD steps whose batch is mixed
+    # Bank-format directories (round-*.parquet, e.g. photo crops from dda_ray.data.crops.write_crop_bank)
+    # whose rows join the KD pool every epoch beside the synthetic bank; in dda mode they are augmented too.
+    extra_banks: list[str] = field(default_factory=list)
 
     def validate(self, p: str) -> None:
+        _check(self.mix in MIX_MODES, f"{p}.mix", self.mix, f"one of {MIX_MODES}")
+        _check(self.mix_alpha > 0, f"{p}.mix_alpha", self.mix_alpha, "a positive number")
+        _check(0 <= self.mix_prob <= 1, f"{p}.mix_prob", self.mix_prob, "a number in [0, 1]")
         _check(self.epochs >= 1, f"{p}.epochs", self.epochs, "an integer >= 1")
         _check(self.steps_per_epoch is None or self.steps_per_epoch >= 1, f"{p}.steps_per_epoch", self.steps_per_epoch, "null (one pass) or an integer >= 1")
         _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, "an integer >= 1")
@@ -351,6 +363,8 @@ class Config:
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
                 section.validate(f.name)
+        if self.distill.extra_banks and self.run.mode == "real_kd":
+            raise ConfigError("distill.extra_banks adds rows to the synthetic pool; run.mode = 'real_kd' trains on the real split only (use inversion or dda)")
         return self
 
     @property
@@ -387,6 +401,7 @@ class Config:
         cfg.teacher.checkpoint = absolute(cfg.teacher.checkpoint)
         cfg.augment.model = absolute(cfg.augment.model)
         cfg.synthesis.bank_dir = absolute(cfg.synthesis.bank_dir) if cfg.synthesis.bank_dir else None
+        cfg.distill.extra_banks = [str(Path(d).expanduser().resolve()) for d in cfg.distill.extra_banks]
         if cfg.synthesis.bank_dir is None and self.synthesis.bank_dir:
             cfg.synthesis.bank_dir = str(Path(self.synthesis.bank_dir).expanduser().resolve())
         return cfg

@@ -38,6 +38,30 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(log_p, q, reduction="batchmean") * temperature**2
 
 
+def mix_batch(x: torch.Tensor, mode: str, alpha: float, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mix a batch with a shuffled copy of itself: ``cutmix`` pastes a box of the partner image
+    (area ``1 - lam``), ``mixup`` blends the pixels ``lam : 1 - lam``, with ``lam ~ Beta(alpha,
+    alpha)``. Returns (mixed batch, partner index per row, ``lam`` = the share of the own image;
+    for cutmix the box's exact area after clipping). Draws only from ``generator``."""
+    n, _, h, w = x.shape
+    perm = torch.randperm(n, generator=generator).to(x.device)
+    draw = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    lam = float(np.random.default_rng(draw).beta(alpha, alpha))
+    if mode == "mixup":
+        return lam * x + (1 - lam) * x[perm], perm, lam
+    if mode != "cutmix":
+        raise ValueError(f"unknown mix mode {mode!r}")
+    cut = math.sqrt(1 - lam)
+    ch, cw = int(h * cut), int(w * cut)
+    cy, cx = (int(v) for v in torch.randint(0, 2**31 - 1, (2,), generator=generator))
+    cy, cx = cy % h, cx % w
+    y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+    x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+    mixed = x.clone()
+    mixed[:, :, y0:y1, x0:x1] = x[perm][:, :, y0:y1, x0:x1]
+    return mixed, perm, 1 - (y1 - y0) * (x1 - x0) / (h * w)
+
+
 def feature_loss(aligned: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(aligned, teacher_map)
 
@@ -101,11 +125,16 @@ class Distiller:
         cfg = self.cfg
         x = self.transform(to_float(images).to(self.device), generator)
         y = labels.to(self.device)
+        perm, lam = None, 1.0
+        if cfg.mix != "none" and (cfg.mix_prob >= 1 or float(torch.rand((), generator=generator)) < cfg.mix_prob):
+            x, perm, lam = mix_batch(x, cfg.mix, cfg.mix_alpha, generator)  # the teacher labels the mixed images
         with torch.no_grad():
             t = self.teacher(x, return_features=True)
         s = self.student(x, return_features=True)
         l_kd = kd_loss(s.logits, t.logits, cfg.temperature)
         l_ce = F.cross_entropy(s.logits, y)
+        if perm is not None:
+            l_ce = lam * l_ce + (1 - lam) * F.cross_entropy(s.logits, y[perm])
         l_fea = feature_loss(self.align(s.feature_map, t.feature_map.shape[-2:]), t.feature_map) if cfg.fea > 0 else torch.zeros((), device=self.device)
         loss = l_kd + cfg.ce * l_ce + cfg.fea * l_fea
         self.optimizer.zero_grad(set_to_none=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 
-from .checkpoint import load_teacher, save_classifier
+from .checkpoint import fingerprint, load_teacher, save_classifier
 from .config import Config
 from .data import load_data
 from .distill import Distiller, global_rng_state, load_training_state, rotation_every, save_training_state, set_global_rng_state, train_loop
@@ -59,7 +59,7 @@ def run_local(cfg: Config, augment: AugmentFn | None = None, progress: bool = Tr
         timings["bank_s"] = time.perf_counter() - t0
         if "synthesizer" in extra:  # resuming: the chain as it was after the last checkpoint's rounds
             synthesizer.load_state_dict(extra["synthesizer"])
-        source = BankSource(cfg, load_bank_rows(cfg), synthesizer, augment if cfg.run.mode == "dda" else None, progress)
+        source = BankSource(cfg, load_bank_rows(cfg, fingerprint(teacher)), synthesizer, augment if cfg.run.mode == "dda" else None, progress)
 
     def report(metrics: dict, epoch: int) -> None:
         append_jsonl(run_dir / "metrics.jsonl", {**metrics, **timings})

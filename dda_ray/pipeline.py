@@ -164,7 +164,7 @@ def build_dataset(cfg: Config, class_names: list[str] | None = None):
     if cfg.run.mode == "real_kd":
         load = partial(real_pool, cfg.to_dict())
     else:
-        load = partial(bank_pool, [str(initial_bank_dir(cfg)), str(cfg.run_dir / "rounds")])
+        load = partial(bank_pool, [str(initial_bank_dir(cfg)), *cfg.distill.extra_banks, str(cfg.run_dir / "rounds")])
     ds = ray.data.read_datasource(make_pool_datasource(load, str(cfg.run_dir), cfg.run.seed, k), num_cpus=res.filter_cpus or 0.25)
     if cfg.run.mode == "dda":
         from .stages import AugmentStage, FilterStage, FusedStage

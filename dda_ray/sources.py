@@ -266,5 +266,11 @@ def resume_extra(source) -> dict:
     return extra
 
 
-def load_bank_rows(cfg: Config) -> BankBatch:
-    return read_bank(initial_bank_dir(cfg))
+def load_bank_rows(cfg: Config, teacher_fingerprint: str | None = None) -> BankBatch:
+    """The initial bank's rows, then those of ``distill.extra_banks`` (checked against the teacher
+    when its fingerprint is given). With ``synthesis.init_rounds = 0`` the extra banks alone."""
+    from .data.crops import read_extra_banks
+
+    parts = [read_bank(initial_bank_dir(cfg))] if cfg.synthesis.init_rounds > 0 or not cfg.distill.extra_banks else []
+    extra = read_extra_banks(cfg.distill.extra_banks, teacher_fingerprint)
+    return BankBatch.concat(parts + ([extra] if extra is not None else []))
