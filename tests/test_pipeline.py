@@ -273,3 +273,28 @@ def test_both_engines_train_on_the_same_batches_and_adversarial_rounds_let_the_s
             assert ray_epoch[k] == pytest.approx(local_epoch[k], rel=1e-5, abs=1e-6), (ray_epoch["epoch"], k)
     kd = [m["loss_kd"] for m in metrics["ray"]]
     assert kd[2] < kd[0] and kd[1] < kd[0], kd
+
+
+def test_extra_banks_and_batch_mixing_give_the_same_run_on_both_engines(tmp_path, tiny_assets, cifar10_decoded, ray_cluster):
+    """The control arms' pieces on Ray: photo-crop rows (distill.extra_banks) stream beside the bank
+    and CutMix draws from the run's generator, so the Ray engine trains on the same batches as the
+    local engine; the crops are in the stream."""
+    from dda_ray.data.crops import write_crop_bank
+    from dda_ray.local import run_local
+    from dda_ray.pipeline import run_ray
+
+    base = {"run.mode": "inversion", "augment.prior_source": "photos", "synthesis.rounds_per_epoch": 0, "distill.epochs": 1, "distill.steps_per_epoch": 4}
+    crops = write_crop_bank(load_config(None, tiny_run_args(tmp_path / "c", tiny_assets, cifar10_decoded, base)), tmp_path / "crops", 24, seed=0, progress=False)
+    metrics = {}
+    for engine in ("ray", "local"):
+        over = {**base, "run.name": engine, "run.engine": engine, "distill.mix": "cutmix", "distill.extra_banks": f"[{crops}]"}
+        cfg = load_config(None, tiny_run_args(tmp_path / engine, tiny_assets, cifar10_decoded, over)).with_absolute_paths()
+        prepare_run_dir(cfg)
+        (run_ray if engine == "ray" else run_local)(cfg, **({} if engine == "ray" else {"progress": False}))
+        metrics[engine] = read_jsonl(cfg.run_dir / "metrics.jsonl")[0]
+        if engine == "ray":
+            ids = [i for b in read_jsonl(cfg.run_dir / "stream" / "train-rank0-epoch0.jsonl") for i in b["ids"]]
+            assert any(i.startswith("crop-") for i in ids) and any(not i.startswith("crop-") for i in ids)
+    assert metrics["local"]["pool_rows"] == 2 * 16 + 24
+    for k in ("test_acc", "test_loss", "loss_kd", "loss_ce", "loss_fea", "rows"):
+        assert metrics["ray"][k] == pytest.approx(metrics["local"][k], rel=1e-5, abs=1e-6), k
