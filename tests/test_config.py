@@ -240,6 +240,17 @@ def test_config_presets_load_and_validate(path):
             assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
 
 
+PAPER_PRESETS = [p for p in CONFIG_FILES if p.parent.name == "paper"]
+
+
+@pytest.mark.parametrize("path", PAPER_PRESETS, ids=[p.name for p in PAPER_PRESETS])
+def test_paper_presets_use_the_papers_augmentation(path):
+    """The paper varies each image with Lambda's image-variations model: stock pipeline (strength 1), guidance 3, 25 steps."""
+    a = load_config(path).augment
+    assert (a.backend, a.model) == ("sd_image_variations", "lambdalabs/sd-image-variations-diffusers")
+    assert (a.strength, a.guidance, a.steps) == (1.0, 3.0, 25)
+
+
 def _cfg(tmp_path, *extra):
     return load_config(None, [f"run.output_dir={tmp_path / 'out'}", "run.name=r1", *extra])
 
