@@ -1,8 +1,18 @@
 """Diffusion augmentation (DDA): one :class:`Augmenter` over three diffusers backends.
 
-Every backend does the same thing, SDEdit-style image-to-image: push the synthetic image a
-fraction ``augment.strength`` into the noise schedule, then denoise it back with classifier-free
-guidance ``augment.guidance``. The backends differ in what they denoise and what conditions it:
+Every backend turns a synthetic image into variations by denoising with classifier-free guidance
+``augment.guidance`` over a DDIM schedule of ``augment.steps`` steps. Where the denoising starts
+is ``augment.strength``:
+
+* ``strength < 1`` (every backend): SDEdit-style image-to-image. The image (or its VAE latent) is
+  pushed a fraction ``strength`` into the noise schedule and denoised back (:func:`sdedit`).
+* ``strength = 1``: on ``local_prior`` and ``sd_img2img`` the same SDEdit loop from the schedule's
+  first timestep (diffusers' img2img maximum: a trace of the original survives there). On
+  ``sd_image_variations`` it is the stock ``StableDiffusionImageVariationPipeline``: pure Gaussian
+  latents, all ``steps`` timesteps, the parent entering only through its CLIP image embedding --
+  the paper's augmentation (lambdalabs/sd-image-variations-diffusers, guidance 3, 25 steps).
+
+The backends differ in what they denoise and what conditions it:
 
 =====================  =========================================  ==============================
 backend                model (``from_pretrained(augment.model)``)  condition
@@ -13,10 +23,11 @@ backend                model (``from_pretrained(augment.model)``)  condition
 ``sd_image_variations``  ``StableDiffusionImageVariationPipeline``   CLIP image embedding (paper)
 =====================  =========================================  ==============================
 
-One denoising loop (:func:`sdedit`) serves all three, so ``strength``, the DDIM schedule and the
-seeding mean the same everywhere. The SD backends use the pipeline's components (VAE, encoders,
-UNet) rather than its ``__call__``: the stock image-variation pipeline can only start from pure
-noise, and owning the loop lets every sample draw its noise from its own generator.
+One denoising loop (:func:`denoise`, behind :func:`sdedit`) serves all three, so ``strength``, the
+DDIM schedule and the seeding mean the same everywhere. The SD backends use the pipeline's
+components (VAE, encoders, UNet) rather than its ``__call__``: the stock image-variation pipeline
+can only start from pure noise, and owning the loop lets every sample draw its noise from its own
+generator.
 
 Determinism: variation ``k`` of image ``id`` draws its noise from a CPU ``torch.Generator`` seeded
 by :func:`variation_seed` (``augment.seed``, ``id``, ``k``) -- a stable hash, not Python's
@@ -47,6 +58,7 @@ __all__ = [
     "Augmenter",
     "ClassConditionalImg2ImgPipeline",
     "decode_image_column",
+    "denoise",
     "encode_image_column",
     "sdedit",
     "sdedit_timesteps",
@@ -95,6 +107,17 @@ def sdedit_timesteps(scheduler, steps: int, strength: float, device=None) -> tor
     return scheduler.timesteps[t_start:]
 
 
+def denoise(scheduler, x: torch.Tensor, timesteps: torch.Tensor, predict: Callable) -> torch.Tensor:
+    """Denoise ``x`` (noisy at ``timesteps[0]``) through ``timesteps``: the diffusers sampling loop.
+
+    ``predict(x_t, t)`` returns the model output (guidance already applied).
+    """
+    for t in timesteps:
+        model_out = predict(scheduler.scale_model_input(x, t), t)
+        x = scheduler.step(model_out, t, x, return_dict=False)[0]
+    return x
+
+
 def sdedit(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, predict: Callable) -> torch.Tensor:
     """Noise ``x0`` to ``timesteps[0]`` with ``noise``, then denoise through ``timesteps``.
 
@@ -102,11 +125,7 @@ def sdedit(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Te
     or VAE latents.
     """
     t0 = timesteps[:1].repeat(x0.shape[0])
-    x = scheduler.add_noise(x0, noise, t0)
-    for t in timesteps:
-        model_out = predict(scheduler.scale_model_input(x, t), t)
-        x = scheduler.step(model_out, t, x, return_dict=False)[0]
-    return x
+    return denoise(scheduler, scheduler.add_noise(x0, noise, t0), timesteps, predict)
 
 
 def _guided(model_out: torch.Tensor, guidance: float) -> torch.Tensor:
@@ -232,9 +251,14 @@ class _LocalPriorBackend(_Backend):
 
 
 class _LatentBackend(_Backend):
-    """Shared SD machinery: resize up, VAE-encode (latent mean), SDEdit in latent space, decode, resize down."""
+    """Shared SD machinery: resize up, VAE-encode (latent mean), SDEdit in latent space, decode, resize down.
+
+    With ``from_noise`` set (sd_image_variations at strength 1) the parent is not encoded: the
+    latents start as pure Gaussian noise and the whole schedule runs, as in a text-to-image call.
+    """
 
     load_kwargs = {"safety_checker": None, "requires_safety_checker": False}
+    from_noise = False
 
     def __init__(self, *args):
         super().__init__(*args)
@@ -250,13 +274,19 @@ class _LatentBackend(_Backend):
         """(cond, uncond) encoder hidden states, one row per parent."""
         raise NotImplementedError
 
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one latent at ``self.resolution``: what the VAE encodes a parent to."""
+        side = self.resolution // self.pipe.vae_scale_factor
+        return int(self.pipe.unet.config.in_channels), side, side
+
     @torch.no_grad()
     def generate(self, x, labels, generators, v):
         pipe, cfg, vae = self.pipe, self.cfg, self.pipe.vae
-        big = _resize(x, (self.resolution, self.resolution)).to(self.dtype)
-        latents = vae.encode(big * 2 - 1).latent_dist.mode()
         shift = getattr(vae.config, "shift_factor", None) or 0.0
-        latents = ((latents - shift) * vae.config.scaling_factor).repeat_interleave(v, 0)
+        if not self.from_noise:
+            big = _resize(x, (self.resolution, self.resolution)).to(self.dtype)
+            latents = vae.encode(big * 2 - 1).latent_dist.mode()
+            latents = ((latents - shift) * vae.config.scaling_factor).repeat_interleave(v, 0)
         cond, uncond = self.conditions(x, labels)
         cond, uncond = cond.repeat_interleave(v, 0), uncond.repeat_interleave(v, 0)
         guided = cfg.guidance != 1.0
@@ -267,9 +297,15 @@ class _LatentBackend(_Backend):
             out = pipe.unet(inp, t, encoder_hidden_states=hidden, return_dict=False)[0]
             return _guided(out, cfg.guidance) if guided else out
 
-        noise = per_sample_noise(generators, latents.shape[1:], self.device, self.dtype)
-        timesteps = sdedit_timesteps(self.scheduler, cfg.steps, cfg.strength, self.device)
-        latents = sdedit(self.scheduler, latents, noise, timesteps, predict)
+        if self.from_noise:
+            # The stock pipeline's prepare_latents + denoising loop: N(0, 1) latents times init_noise_sigma, every timestep.
+            noise = per_sample_noise(generators, self.latent_shape(), self.device, self.dtype)
+            self.scheduler.set_timesteps(cfg.steps, device=self.device)
+            latents = denoise(self.scheduler, noise * self.scheduler.init_noise_sigma, self.scheduler.timesteps, predict)
+        else:
+            noise = per_sample_noise(generators, latents.shape[1:], self.device, self.dtype)
+            timesteps = sdedit_timesteps(self.scheduler, cfg.steps, cfg.strength, self.device)
+            latents = sdedit(self.scheduler, latents, noise, timesteps, predict)
         images = vae.decode(latents / vae.config.scaling_factor + shift, return_dict=False)[0]
         return _resize((images.float() / 2 + 0.5).clamp(0, 1), tuple(x.shape[-2:])).clamp(0, 1)
 
@@ -302,13 +338,20 @@ class _SDImg2ImgBackend(_LatentBackend):
 
 
 class _SDImageVariationsBackend(_LatentBackend):
-    """The paper's augmenter (lambdalabs/sd-image-variations-diffusers), with an img2img start.
+    """The paper's augmenter (lambdalabs/sd-image-variations-diffusers), conditioned on the parent's CLIP image embedding.
 
-    The stock ``StableDiffusionImageVariationPipeline`` always starts from pure noise, so
-    ``strength`` would mean nothing. Here the parent is VAE-encoded, noised to the timestep
-    ``strength`` selects and denoised through the remaining DDIM steps (:func:`sdedit`), conditioned
-    on the parent's CLIP image embedding; the unconditional branch of guidance is a zero embedding,
-    as in the stock pipeline. ``strength = 1`` is the stock behaviour (up to DDIM's first timestep).
+    ``strength = 1`` is the stock ``StableDiffusionImageVariationPipeline`` -- the paper's
+    augmentation: Gaussian latents (times ``init_noise_sigma``), all ``steps`` timesteps, guidance
+    against a zero embedding; the parent's pixels enter only through its CLIP embedding (the VAE
+    encoder is never called). Given the same initial latents, scheduler and a tensor image, it
+    equals ``pipe(image, latents=..., guidance_scale=guidance, num_inference_steps=steps)`` for
+    ``guidance >= 1`` (below 1 the stock pipeline switches guidance off; here it still mixes in
+    the unconditional branch, as on every backend). The noise is drawn per (parent, variation),
+    so the result does not depend on the batch.
+
+    ``strength < 1`` is this project's SDEdit-style extension: the parent is VAE-encoded, noised to
+    the timestep ``strength`` selects and denoised through the remaining DDIM steps
+    (:func:`sdedit`), so the variation keeps the parent's layout as well as its embedding.
     """
 
     @property
@@ -319,16 +362,19 @@ class _SDImageVariationsBackend(_LatentBackend):
 
     def __init__(self, *args):
         super().__init__(*args)
+        self.from_noise = self.cfg.strength >= 1.0
         fe = self.pipe.feature_extractor
         self.clip_size = _clip_crop_size(fe)
         self.clip_mean = torch.tensor(fe.image_mean, device=self.device).view(1, -1, 1, 1)
         self.clip_std = torch.tensor(fe.image_std, device=self.device).view(1, -1, 1, 1)
 
+    def clip_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """CLIP preprocessing on tensors (the model card's recipe: bicubic resize to the crop size, then normalise)."""
+        return (_resize(x.float(), self.clip_size).clamp(0, 1) - self.clip_mean) / self.clip_std
+
     def conditions(self, x, labels):
-        # CLIP preprocessing on tensors (the model card's recipe: bicubic resize to the crop size, then normalise).
-        pix = (_resize(x.float(), self.clip_size).clamp(0, 1) - self.clip_mean) / self.clip_std
         encoder = self.pipe.image_encoder
-        emb = encoder(pix.to(encoder.dtype)).image_embeds.unsqueeze(1).to(self.dtype)
+        emb = encoder(self.clip_pixels(x).to(encoder.dtype)).image_embeds.unsqueeze(1).to(self.dtype)
         return emb, torch.zeros_like(emb)  # the stock pipeline's unconditional embedding is zeros
 
 

@@ -154,13 +154,23 @@ class SynthesisConfig:
         _check(self.meta_lr is None or self.meta_lr > 0, f"{p}.meta_lr", self.meta_lr, "null (lr_g * g_steps) or a positive number")
 
 
+_STRENGTH_MEANING = {  # what augment.strength means, per backend (validation messages)
+    "sd_image_variations": "below 1 SDEdits the original's VAE latent (this project's extension); 1 is the stock "
+    "image-variation pipeline from pure noise, the paper's setting (with augment.guidance=3, augment.steps=25)",
+    "": "the fraction of the noise schedule the original is pushed into before it is denoised back (SDEdit img2img; 1 is the maximum)",
+}
+
+
 @dataclass
 class AugmentConfig:
     """Diffusion augmentation of synthetic images (DDA)."""
 
     backend: str = "local_prior"  # local_prior | sd_img2img | sd_image_variations
     model: str = "outputs/prior"  # from_pretrained path or hub id
-    strength: float = 0.3  # fraction of the noise schedule the image is pushed into, (0, 1]
+    # (0, 1]. Below 1: SDEdit, the fraction of the noise schedule the image is pushed into before denoising (our extension
+    # for sd_image_variations). 1: local_prior / sd_img2img: img2img's maximum, from the schedule's first timestep;
+    # sd_image_variations: the stock image-variation pipeline from pure noise = the paper's setting (with guidance 3, steps 25).
+    strength: float = 0.3
     guidance: float = 2.0  # classifier-free guidance scale (1 = no guidance)
     num_variations: int = 2
     steps: int = 10  # denoising steps for the full schedule
@@ -196,7 +206,8 @@ class AugmentConfig:
 
     def validate(self, p: str) -> None:
         _check(self.backend in AUGMENT_BACKENDS, f"{p}.backend", self.backend, f"one of {AUGMENT_BACKENDS}")
-        _check(0 < self.strength <= 1, f"{p}.strength", self.strength, "a number in (0, 1]")
+        meaning = _STRENGTH_MEANING.get(self.backend, _STRENGTH_MEANING[""])
+        _check(0 < self.strength <= 1, f"{p}.strength", self.strength, f"a number in (0, 1]: {meaning}")
         _check(0 <= self.guidance <= 50, f"{p}.guidance", self.guidance, "a number in [0, 50]")
         _check(self.num_variations >= 1, f"{p}.num_variations", self.num_variations, "an integer >= 1")
         _check(self.steps >= 1, f"{p}.steps", self.steps, "an integer >= 1")

@@ -5,7 +5,8 @@ variations, one ``.npy`` file per original image under
 ``<cache_dir>/<key>/<image id>-<hash of its pixels>.npy``, where ``key`` hashes everything else
 that determines the variations: backend, model (for a local directory also its files' sizes and
 modification times, so a retrained prior at the same path is a new key), strength, guidance,
-steps, number of variations, seed and image size. The pixel hash matters because ids repeat
+steps, number of variations, seed and image size (and, for ``sd_image_variations`` at strength 1, a
+tag for its stock-pipeline semantics). The pixel hash matters because ids repeat
 across runs sharing the cache: rounds with the student are numbered alike in every run, but each
 run's student makes different images.
 A hit skips diffusion; a miss is computed and written atomically. So:
@@ -44,8 +45,13 @@ def augment_cache_key(cfg: Config) -> str:
         root = Path(model).resolve()
         files = sorted(p for p in root.rglob("*") if p.is_file())
         model = [str(root), [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]]
-    raw = json.dumps([a.backend, model, a.strength, a.guidance, a.steps, a.num_variations, a.seed, a.prompt_template, a.image_resolution, cfg.data.image_size])
-    return hashlib.sha1(raw.encode()).hexdigest()[:16]
+    fields = [a.backend, model, a.strength, a.guidance, a.steps, a.num_variations, a.seed, a.prompt_template, a.image_resolution]
+    fields.append(cfg.data.image_size)
+    if a.backend == "sd_image_variations" and a.strength >= 1.0:
+        # Strength 1 on this backend became the stock pipeline (pure-noise start, no VAE encode): a new key, so caches
+        # written when it was SDEdit from the first timestep are never read back. Every other key is unchanged.
+        fields.append("stock-image-variations")
+    return hashlib.sha1(json.dumps(fields).encode()).hexdigest()[:16]
 
 
 def augment_cache_dir(cfg: Config) -> Path:

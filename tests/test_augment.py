@@ -13,12 +13,14 @@ from dda_ray.augment import (
     Augmenter,
     AugmentError,
     ClassConditionalImg2ImgPipeline,
+    _resize,
     decode_image_column,
     encode_image_column,
     sdedit_timesteps,
     variation_seed,
 )
 from dda_ray.config import AugmentConfig, ConfigError
+from dda_ray.data.transforms import to_float, to_uint8
 
 from ._tiny_pipelines import (
     build_tiny_prior,
@@ -80,10 +82,12 @@ def test_sdedit_timesteps_follow_diffusers_img2img(pipes):
     assert len(sdedit_timesteps(sched, 10, 0.01)) == 1  # at least one denoising step
 
 
-@pytest.mark.parametrize("backend", ["local_prior", "sd_img2img", "sd_image_variations"])
-def test_end_to_end_shapes_ids_and_determinism(pipes, data, backend):
+@pytest.mark.parametrize(
+    ("backend", "strength"), [("local_prior", 0.5), ("sd_img2img", 0.5), ("sd_image_variations", 0.5), ("sd_image_variations", 1.0)]
+)
+def test_end_to_end_shapes_ids_and_determinism(pipes, data, backend, strength):
     images, labels, ids = data
-    aug = Augmenter(make_cfg(pipes, backend), CLASSES)
+    aug = Augmenter(make_cfg(pipes, backend, strength=strength), CLASSES)
     out = aug(images, labels, ids)
     assert set(out) == {"id", "parent_id", "image", "label", "variation"}
     assert out["image"].shape == (6, 16, 16, 3) and out["image"].dtype == np.uint8
@@ -94,15 +98,15 @@ def test_end_to_end_shapes_ids_and_determinism(pipes, data, backend):
     assert not np.array_equal(out["image"][0], out["image"][1]), "two variations of one image should differ"
 
     # A fresh actor (reloaded from disk) reproduces the batch exactly.
-    again = Augmenter(make_cfg(pipes, backend), CLASSES)(images, labels, ids)
+    again = Augmenter(make_cfg(pipes, backend, strength=strength), CLASSES)(images, labels, ids)
     np.testing.assert_array_equal(again["image"], out["image"])
     # The same image in another batch (other neighbours, other order, other chunking) -> the same variations.
-    other = Augmenter(make_cfg(pipes, backend, batch_size=2), CLASSES)
+    other = Augmenter(make_cfg(pipes, backend, strength=strength, batch_size=2), CLASSES)
     moved = other(images[[2, 1]], labels[[2, 1]], ids[[2, 1]])
     np.testing.assert_array_equal(moved["image"][0:2], out["image"][4:6])
     np.testing.assert_array_equal(moved["image"][2:4], out["image"][2:4])
     # Another seed -> other variations.
-    reseeded = Augmenter(make_cfg(pipes, backend, seed=1), CLASSES)(images, labels, ids)
+    reseeded = Augmenter(make_cfg(pipes, backend, strength=strength, seed=1), CLASSES)(images, labels, ids)
     assert not np.array_equal(reseeded["image"], out["image"])
 
 
@@ -114,10 +118,13 @@ def test_strength_controls_how_far_variations_move(pipes, data):
 
 
 def test_strength_in_latent_space(pipes, data):
-    """SD backends: a random tiny VAE garbles pixels, so compare the latents SDEdit starts and ends at."""
+    """SD backends: a random tiny VAE garbles pixels, so compare the latents SDEdit starts and ends at.
+
+    (sd_image_variations at strength 1 starts from pure noise, without encoding the parent: see
+    test_image_variations_at_strength_one_is_the_stock_pipeline.)"""
     images, labels, ids = data
     changes = []
-    for strength in (0.1, 0.5, 1.0):
+    for strength in (0.1, 0.5, 0.9):
         aug = Augmenter(make_cfg(pipes, "sd_image_variations", strength=strength), CLASSES)
         vae, seen = aug.pipeline.vae, {}
         encode, decode = vae.encode, vae.decode
@@ -135,6 +142,68 @@ def test_strength_in_latent_space(pipes, data):
         clean = seen["clean"].latent_dist.mode().repeat_interleave(2, 0)
         changes.append(float((seen["final"] * vae.config.scaling_factor - clean * vae.config.scaling_factor).abs().mean()))
     assert changes[0] < changes[1] < changes[2], changes
+
+
+@pytest.mark.parametrize(("guidance", "steps"), [(3.0, 25), (1.0, 4)])  # the paper's setting; no guidance
+def test_image_variations_at_strength_one_is_the_stock_pipeline(pipes, data, guidance, steps):
+    """strength 1 on sd_image_variations = diffusers' StableDiffusionImageVariationPipeline (the paper's augmenter)
+    called with the same initial latents (each variation's own seeded N(0, 1) draw), guidance and steps."""
+    from diffusers import StableDiffusionImageVariationPipeline
+
+    images, labels, ids = data
+    v = 2
+    aug = Augmenter(make_cfg(pipes, "sd_image_variations", strength=1.0, guidance=guidance, steps=steps, num_variations=v, batch_size=6))
+    decoded = []
+    decode = aug.pipeline.vae.decode
+    aug.pipeline.vae.decode = lambda z, *a, **k: decoded.append(decode(z, *a, **k)[0]) or (decoded[-1],)
+    out = aug(images, labels, ids)["image"]
+
+    stock = StableDiffusionImageVariationPipeline.from_pretrained(
+        pipes["sd_image_variations"], safety_checker=None, requires_safety_checker=False
+    )
+    stock.set_progress_bar_config(disable=True)
+    assert dict(stock.scheduler.config) == dict(aug.backend.scheduler.config)  # the tiny pipeline ships DDIM, clip_sample off
+    unet = stock.unet.config
+    shape = (unet.in_channels, unet.sample_size, unet.sample_size)
+    latents = torch.stack(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(variation_seed(0, i, k))) for i in ids for k in range(v)]
+    )
+    # A tensor image skips the pipeline's PIL feature extractor: give it the CLIP input the backend computes.
+    pixels = aug.backend.clip_pixels(to_float(images))
+    with torch.no_grad():
+        expected = stock(
+            pixels, num_images_per_prompt=v, guidance_scale=guidance, num_inference_steps=steps, latents=latents, output_type="pt"
+        ).images
+
+    assert len(decoded) == 1 and expected.shape == (6, 3, 32, 32)
+    ours = (decoded[0].float() / 2 + 0.5).clamp(0, 1)  # the backend's decode, before resizing to the parent's size
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(out, to_uint8(_resize(expected, (16, 16)).clamp(0, 1)))
+
+
+def test_image_variations_strength_one_sees_only_the_embedding(pipes, data):
+    """At strength 1 the parent's pixels enter only through its CLIP embedding (the VAE encoder never runs);
+    below 1 (the SDEdit extension) the encoded parent is the starting point."""
+    images, labels, ids = data
+    outs = {}
+    for strength in (1.0, 0.5):
+        aug = Augmenter(make_cfg(pipes, "sd_image_variations", strength=strength, steps=10))
+        encoded = []
+        encoder = aug.pipeline.vae.encoder
+        hook = encoder.register_forward_pre_hook(lambda _m, args, _seen=encoded: _seen.append(args[0].shape))
+        emb = aug.backend.conditions(to_float(images[:1]), labels[:1])
+        aug.backend.conditions = lambda x, _labels, _emb=emb: tuple(e.expand(len(x), -1, -1) for e in _emb)  # one embedding for any parent
+        first = aug(images[:1], labels[:1], ids[:1])["image"]
+        second = aug(images[1:2], labels[:1], ids[:1])["image"]  # other pixels, same id (same noise), same embedding
+        hook.remove()
+        outs[strength] = first
+        if strength == 1.0:
+            assert encoded == []
+            np.testing.assert_array_equal(first, second)
+        else:
+            assert len(encoded) == 2
+            assert not np.array_equal(first, second)
+    assert not np.array_equal(outs[1.0], outs[0.5])
 
 
 def test_guidance_one_skips_the_unconditional_pass(pipes, data):

@@ -117,6 +117,14 @@ def test_out_of_range_value_names_field_and_value(override, field, shown):
     assert "expected" in msg
 
 
+def test_strength_message_says_what_one_means_for_the_backend():
+    with pytest.raises(ConfigError, match=r"1 is the stock image-variation pipeline from pure noise, the paper's setting"):
+        load_config(None, ["augment.backend=sd_image_variations", "augment.strength=1.5"])
+    for backend in ("local_prior", "sd_img2img"):
+        with pytest.raises(ConfigError, match=r"SDEdit img2img; 1 is the maximum"):
+            load_config(None, [f"augment.backend={backend}", "augment.strength=0"])
+
+
 def test_boundary_values_are_accepted():
     cfg = load_config(None, ["augment.strength=1", "filter.threshold=-1", "distill.epochs=1", "teacher.arch=pkg.mod:factory"])
     assert cfg.augment.strength == 1.0 and cfg.filter.threshold == -1.0
@@ -230,6 +238,17 @@ def test_config_presets_load_and_validate(path):
             continue
         for key, value in (values or {}).items():
             assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
+
+
+PAPER_PRESETS = [p for p in CONFIG_FILES if p.parent.name == "paper"]
+
+
+@pytest.mark.parametrize("path", PAPER_PRESETS, ids=[p.name for p in PAPER_PRESETS])
+def test_paper_presets_use_the_papers_augmentation(path):
+    """The paper varies each image with Lambda's image-variations model: stock pipeline (strength 1), guidance 3, 25 steps."""
+    a = load_config(path).augment
+    assert (a.backend, a.model) == ("sd_image_variations", "lambdalabs/sd-image-variations-diffusers")
+    assert (a.strength, a.guidance, a.steps) == (1.0, 3.0, 25)
 
 
 def _cfg(tmp_path, *extra):

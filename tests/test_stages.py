@@ -8,7 +8,7 @@ import pytest
 from dda_ray.augment import decode_image_column, encode_image_column
 from dda_ray.checkpoint import save_classifier
 from dda_ray.config import load_config
-from dda_ray.stages import AugmentStage, FilterStage, FusedStage, augment_cache_dir
+from dda_ray.stages import AugmentStage, FilterStage, FusedStage, augment_cache_dir, augment_cache_key
 
 from ._tiny_pipelines import build_tiny_prior
 from .test_synthesis import teacher_with_stats
@@ -70,6 +70,26 @@ def test_a_retrained_model_at_the_same_path_gets_a_new_cache_key(tmp_path, asset
     weights = next(prior.rglob("*.safetensors"))
     weights.write_bytes(weights.read_bytes())  # rewritten in place, as a retraining would
     assert augment_cache_dir(cfg) != before
+
+
+def test_stock_image_variations_get_their_own_cache_key(tmp_path):
+    """sd_image_variations at strength 1 (now the stock pipeline) must not read caches written when it was SDEdit;
+    every other setting keeps its key, so existing caches stay valid."""
+    import hashlib
+    import json
+
+    def old_key(cfg):
+        a = cfg.augment
+        raw = [a.backend, a.model, a.strength, a.guidance, a.steps, a.num_variations, a.seed, a.prompt_template, a.image_resolution]
+        raw.append(cfg.data.image_size)
+        return hashlib.sha1(json.dumps(raw).encode()).hexdigest()[:16]
+
+    hub = "augment.model=lambdalabs/sd-image-variations-diffusers"  # not a local path: the key hashes the name only
+    for backend, strength in [("sd_image_variations", 0.5), ("sd_img2img", 1.0), ("local_prior", 1.0)]:
+        cfg = load_config(None, [f"run.output_dir={tmp_path}", hub, f"augment.backend={backend}", f"augment.strength={strength}"])
+        assert augment_cache_key(cfg) == old_key(cfg)
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", hub, "augment.backend=sd_image_variations", "augment.strength=1.0"])
+    assert augment_cache_key(cfg) != old_key(cfg)
 
 
 def test_fused_stage_equals_augment_then_filter(tmp_path, assets):
