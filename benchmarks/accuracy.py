@@ -21,7 +21,8 @@ Arms (same teacher, student, KD steps, batch and evaluation; ``ARMS`` below):
                    dda arms make variations (num_variations x every synthetic row of the run)
   photo_kd         photo crops alone as the transfer set (no synthesis): One-Image-KD-style, a
                    fresh crop for every other KD row (PHOTO_KD_SHARE of the budget's rows)
-  dda_photo        dda with the photo prior (PHOTO_PRIOR: trained on the packaged photos only)
+  dda_photo        dda with the photo prior (PHOTO_PRIOR: trained on the packaged photos only) at
+                   PHOTO_STRENGTH
   dda_photo_nofilter  as dda_photo, keeping every variation
 
 ``--sweep key=v1,v2,...`` replaces the arms by one ``dda`` arm per value (an ablation); several
@@ -60,6 +61,12 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "accuracy.jsonl"
 
 PHOTO_PRIOR = "checkpoints/photo_prior"  # the local prior trained on the packaged photos (configs/prior_photos_cpu.yaml)
+# The photo arms' strength, fixed before any of them ran, from the variation statistics alone
+# (benchmarks/variations.py on the pilot bank, seed 100; benchmarks/results/variations.jsonl): the
+# largest strength whose variations keep the parent's teacher class at least half of the time and
+# pass the preset's threshold (0.8) at least half of the time. The teacher-labelled prior beat the
+# unconditional one on both counts at every strength, so the photo prior is the teacher-labelled one.
+PHOTO_STRENGTH = 0.5
 
 # Fast-Datafree's own settings for 2 inner steps (its scripts' "Fast-2": lr_g 5e-3, lr_z 0.015,
 # bn 10, oh 0.5); how many rounds it gets is set by fast_budget() from the preset's cmi settings.
@@ -76,8 +83,8 @@ ARMS: dict[str, list[str]] = {
     "cutmix": ["run.mode=inversion", "distill.mix=cutmix"],
     "photos": ["run.mode=inversion"],  # + distill.extra_banks (photo_crops)
     "photo_kd": ["run.mode=inversion", "synthesis.init_rounds=0", "synthesis.rounds_per_epoch=0"],  # + distill.extra_banks
-    "dda_photo": ["run.mode=dda", f"augment.model={PHOTO_PRIOR}"],
-    "dda_photo_nofilter": ["run.mode=dda", f"augment.model={PHOTO_PRIOR}", "filter.threshold=-1"],
+    "dda_photo": ["run.mode=dda", f"augment.model={PHOTO_PRIOR}", f"augment.strength={PHOTO_STRENGTH}"],
+    "dda_photo_nofilter": ["run.mode=dda", f"augment.model={PHOTO_PRIOR}", f"augment.strength={PHOTO_STRENGTH}", "filter.threshold=-1"],
 }
 CROP_ARMS = ("photos", "photo_kd")
 PHOTO_KD_SHARE = 0.5  # photo_kd: crops = this share of the budget's KD rows (each crop seen about twice)
