@@ -317,3 +317,17 @@ def test_missing_or_empty_sources_are_clear_errors(assets, tmp_path, monkeypatch
     job = _load_job()
     with pytest.raises(ConfigError, match="augment.prior_folder is not set"):
         job.main(make_cfg(assets, tmp_path, "augment.prior_source=folder"))
+
+
+def test_shipped_photo_prior_was_trained_on_the_packaged_photos_and_augments():
+    """checkpoints/photo_prior: trained on crops of the packaged photographs only (teacher labels),
+    loads through from_pretrained and makes class-conditional variations."""
+    prior = REPO_ROOT / "checkpoints" / "photo_prior"
+    info = json.loads((prior / "training.json").read_text())
+    assert info["source"] == "photos" and info["labels"] == "teacher"
+    assert info["images"] == [p.name for p in PACKAGED_PHOTOS] and info["skipped"] == []
+    assert "data" not in info and "bank" not in info  # no dataset path, no bank
+    pipe = ClassConditionalImg2ImgPipeline.from_pretrained(prior)
+    assert pipe.num_classes == 10 and pipe.image_size == 32
+    out = augment_once(prior)
+    assert out.std() > 5  # an image, not a constant
