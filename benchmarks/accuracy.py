@@ -180,14 +180,16 @@ def build_bank(cfg) -> float:
 
 
 def git_commit(repo: Path = ROOT) -> str:
-    """Short HEAD of ``repo``, with ``-dirty`` when tracked files differ from it; ``unknown`` outside git."""
+    """Short HEAD of ``repo``, with ``-dirty`` when tracked files (other than ``benchmarks/results/``) differ
+    from it; ``unknown`` outside git."""
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout
 
     try:
         commit = git("rev-parse", "--short", "HEAD").strip()
-        dirty = git("status", "--porcelain", "--untracked-files=no").strip()
+        # results files are appended to while benchmarks run: they do not make the code dirty
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results").strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{commit}-dirty" if dirty else commit
