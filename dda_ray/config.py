@@ -95,6 +95,30 @@ class ModelConfig:
 
 
 @dataclass
+class TeacherConfig(ModelConfig):
+    """The teacher: its architecture, checkpoint and the input normalisation it expects.
+
+    The teacher sees ``(x * input_scale - mean) / std`` for images ``x`` in [0, 1].
+    """
+
+    arch: str | None = None  # None: the architecture the checkpoint's meta.json names (required for .pth files and teacher training)
+    checkpoint: str | None = "checkpoints/cifar10_wrn16_2"  # project checkpoint dir/json, or a .pth/.pt state dict
+    mean: list[float] | None = None  # per-channel, in input_scale units; None: meta.json's, else the dataset's standard values
+    std: list[float] | None = None  # per-channel, in input_scale units; None: meta.json's, else the dataset's standard values
+    input_scale: float = 1.0  # the model's pixel range: 1.0 for [0, 1] inputs, 255.0 for raw 0-255 (mean/std then default to 0/1)
+
+    def validate(self, p: str) -> None:
+        if self.arch is not None:
+            super().validate(p)
+        for n in ("mean", "std"):
+            v = getattr(self, n)
+            _check(v is None or len(v) == 3, f"{p}.{n}", v, "null or a list of 3 numbers (one per RGB channel)")
+        _check(self.std is None or all(s > 0 for s in self.std), f"{p}.std", self.std, "positive numbers")
+        scale_meaning = "a positive number (1.0 for [0, 1] inputs, 255.0 for raw pixels)"
+        _check(self.input_scale > 0, f"{p}.input_scale", self.input_scale, scale_meaning)
+
+
+@dataclass
 class TeacherTrainingConfig:
     """Supervised training of the teacher on real data (jobs/train_teacher.py)."""
 
@@ -358,7 +382,7 @@ class TrackingConfig:
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(arch="wrn16_2", checkpoint="checkpoints/cifar10_wrn16_2"))
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: ModelConfig = field(default_factory=lambda: ModelConfig(arch="wrn16_1"))
     teacher_training: TeacherTrainingConfig = field(default_factory=TeacherTrainingConfig)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
