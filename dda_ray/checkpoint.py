@@ -7,7 +7,9 @@ leaves a half-written checkpoint under the final name.
 
 Community format: ``.pth``/``.pt`` files holding ``{"state_dict": ...}`` (or a bare state
 dict), read with ``torch.load(..., weights_only=True)``: a file carrying pickled code is
-refused. Arch and class count then come from the config.
+refused. Arch and class count then come from the config. Files in the key layout of the DFKD
+codebases (CMI, Fast-Datafree, DDA) are renamed to the registry's (:mod:`.models.community`);
+such a teacher's normalisation defaults to those codebases' values.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .models import build_model
+from .models.community import COMMUNITY_NORMALIZATION, to_registry_layout
+from .models.community import LAYOUT as COMMUNITY_LAYOUT
 
 META = "meta.json"
 WEIGHTS = "model.safetensors"
@@ -147,6 +151,8 @@ def load_classifier(path: str | Path, arch: str | None, num_classes: int) -> tup
             raise CheckpointError(f"checkpoint {path} has {meta.get('num_classes')} classes but data.num_classes = {num_classes}")
     model = build_model(arch, num_classes)
     state = load_state_dict(path)
+    if not meta and (mapped := to_registry_layout(arch, state)) is not None:
+        state, meta = mapped, {"layout": COMMUNITY_LAYOUT}
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -160,9 +166,10 @@ def teacher_normalization(cfg, meta: dict) -> tuple[list[float], list[float], fl
     for images ``x`` in [0, 1].
 
     ``teacher.mean`` / ``teacher.std`` win. Left null with ``teacher.input_scale = 1`` they come from
-    the checkpoint's ``meta.json``, else the dataset's standard values (community ``.pth`` files record
-    none). With another ``input_scale`` (e.g. 255 for a model fed raw 0-255 pixels) they default to
-    0 and 1: meta.json and the dataset defaults describe [0, 1] inputs.
+    the checkpoint's ``meta.json``; for a file in the DFKD codebases' layout, from those codebases'
+    values for the dataset (:data:`.models.community.COMMUNITY_NORMALIZATION`); else the dataset's
+    standard values (other ``.pth`` files record none). With another ``input_scale`` (e.g. 255 for a
+    model fed raw 0-255 pixels) they default to 0 and 1: all of the above describe [0, 1] inputs.
     """
     from .data.datasets import NORMALIZATION
 
@@ -172,6 +179,8 @@ def teacher_normalization(cfg, meta: dict) -> tuple[list[float], list[float], fl
         mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
     elif meta.get("mean") and meta.get("std"):
         mean, std = meta["mean"], meta["std"]
+    elif meta.get("layout") == COMMUNITY_LAYOUT:
+        mean, std = COMMUNITY_NORMALIZATION.get(cfg.data.dataset, COMMUNITY_NORMALIZATION["cifar10"])
     else:
         mean, std = NORMALIZATION.get(cfg.data.dataset, NORMALIZATION["cifar10"])
     mean = list(t.mean) if t.mean is not None else list(mean)
