@@ -7,7 +7,9 @@ leaves a half-written checkpoint under the final name.
 
 Community format: ``.pth``/``.pt`` files holding ``{"state_dict": ...}`` (or a bare state
 dict), read with ``torch.load(..., weights_only=True)``: a file carrying pickled code is
-refused. Arch and class count then come from the config.
+refused. Arch and class count then come from the config. Files in the key layout of the DFKD
+codebases (CMI, Fast-Datafree, DDA) are renamed to the registry's (:mod:`.models.community`);
+such a teacher's normalisation defaults to those codebases' values.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .models import build_model
+from .models.community import COMMUNITY_NORMALIZATION, to_registry_layout
+from .models.community import LAYOUT as COMMUNITY_LAYOUT
 
 META = "meta.json"
 WEIGHTS = "model.safetensors"
@@ -117,12 +121,27 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} does not hold a state dict (a mapping of tensor names to tensors)")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    if obj and all(k.startswith("module.") for k in obj):  # saved from nn.DataParallel / DistributedDataParallel
+        obj = {k.removeprefix("module."): v for k, v in obj.items()}
+    return obj
 
 
-def load_classifier(path: str | Path, arch: str, num_classes: int) -> tuple[nn.Module, dict]:
-    """Build ``arch`` and load weights; refuse a checkpoint made for another arch/class count."""
+def load_classifier(path: str | Path, arch: str | None, num_classes: int) -> tuple[nn.Module, dict]:
+    """Build ``arch`` and load weights; refuse a checkpoint made for another arch/class count.
+
+    ``arch=None`` takes the architecture the checkpoint's ``meta.json`` names (a community
+    file without one is refused with a message saying to set the field).
+    """
     meta = read_meta(path) or {}
+    if arch is None:
+        arch = meta.get("arch")
+        if not arch:
+            from .config import ConfigError
+
+            raise ConfigError(
+                f"teacher.arch is not set and checkpoint {path} has no meta.json naming its architecture; "
+                "set teacher.arch to a registry name (e.g. wrn40_2) or 'package.module:factory'"
+            )
     if meta:
         if meta.get("arch") != arch:
             raise CheckpointError(
@@ -132,6 +151,8 @@ def load_classifier(path: str | Path, arch: str, num_classes: int) -> tuple[nn.M
             raise CheckpointError(f"checkpoint {path} has {meta.get('num_classes')} classes but data.num_classes = {num_classes}")
     model = build_model(arch, num_classes)
     state = load_state_dict(path)
+    if not meta and (mapped := to_registry_layout(arch, state)) is not None:
+        state, meta = mapped, {"layout": COMMUNITY_LAYOUT}
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -140,19 +161,56 @@ def load_classifier(path: str | Path, arch: str, num_classes: int) -> tuple[nn.M
     return model, meta
 
 
-def load_teacher(cfg) -> tuple[nn.Module, Normalize, dict]:  # noqa: F821 - imported lazily
-    """The configured teacher (frozen, eval mode) and the normalisation it was trained with."""
+def teacher_normalization(cfg, meta: dict) -> tuple[list[float], list[float], float]:
+    """``(mean, std, input_scale)`` of the teacher's input: the model sees ``(x * input_scale - mean) / std``
+    for images ``x`` in [0, 1].
+
+    ``teacher.mean`` / ``teacher.std`` win. Left null with ``teacher.input_scale = 1`` they come from
+    the checkpoint's ``meta.json``; for a file in the DFKD codebases' layout, from those codebases'
+    values for the dataset (:data:`.models.community.COMMUNITY_NORMALIZATION`); else the dataset's
+    standard values (other ``.pth`` files record none). With another ``input_scale`` (e.g. 255 for a
+    model fed raw 0-255 pixels) they default to 0 and 1: all of the above describe [0, 1] inputs.
+    """
     from .data.datasets import NORMALIZATION
+
+    t = cfg.teacher
+    scale = float(t.input_scale)
+    if scale != 1.0:
+        mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+    elif meta.get("mean") and meta.get("std"):
+        mean, std = meta["mean"], meta["std"]
+    elif meta.get("layout") == COMMUNITY_LAYOUT:
+        mean, std = COMMUNITY_NORMALIZATION.get(cfg.data.dataset, COMMUNITY_NORMALIZATION["cifar10"])
+    else:
+        mean, std = NORMALIZATION.get(cfg.data.dataset, NORMALIZATION["cifar10"])
+    mean = list(t.mean) if t.mean is not None else list(mean)
+    std = list(t.std) if t.std is not None else list(std)
+    return mean, std, scale
+
+
+def load_teacher(cfg) -> tuple[nn.Module, Normalize, dict]:  # noqa: F821 - imported lazily
+    """The configured teacher (frozen, eval mode) and the normalisation it was trained with.
+
+    ``teacher.arch`` may be null when the checkpoint's meta.json names the architecture; the
+    input normalisation is :func:`teacher_normalization`'s.
+    """
     from .data.transforms import Normalize
 
     if not cfg.teacher.checkpoint:
         raise CheckpointError("teacher.checkpoint is not set; point it at a project checkpoint directory or a .pth file")
     model, meta = load_classifier(cfg.teacher.checkpoint, cfg.teacher.arch, cfg.data.num_classes)
-    if meta.get("mean") and meta.get("std"):
-        mean, std = meta["mean"], meta["std"]
-    else:  # community .pth files carry no normalisation: use the dataset's standard values
-        mean, std = NORMALIZATION.get(cfg.data.dataset, NORMALIZATION["cifar10"])
+    mean, std, scale = teacher_normalization(cfg, meta)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return model, Normalize(mean, std), meta
+    return model, Normalize(mean, std, scale), meta
+
+
+def resolved_teacher_arch(cfg) -> str | None:
+    """``teacher.arch``, or the architecture the teacher checkpoint's meta.json names (None if neither)."""
+    if cfg.teacher.arch:
+        return cfg.teacher.arch
+    try:
+        return (read_meta(cfg.teacher.checkpoint) or {}).get("arch") if cfg.teacher.checkpoint else None
+    except CheckpointError:
+        return None

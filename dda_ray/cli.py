@@ -1,5 +1,8 @@
 """The shared command line of every job: ``--config FILE`` plus ``section.field=value`` overrides.
 
+``--help`` lists every config section and field with its default (generated from the config
+dataclasses); ``--print-config`` prints the resolved config as YAML and exits 0 without running.
+
 Errors a user can fix (bad config, missing data, refused checkpoint, existing run dir, ...)
 print one ``error:`` line and exit with status 2 instead of a traceback.
 
@@ -16,7 +19,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, config_reference, load_config
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -84,11 +87,25 @@ def _nothing_written(run_dir: Path) -> bool:
     return True
 
 
-def parse_args(argv: list[str] | None = None, description: str | None = None) -> tuple[Config, argparse.Namespace]:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(description: str | None = None, options: list[tuple[list[str], dict]] | None = None) -> argparse.ArgumentParser:
+    """The jobs' parser; ``options`` (``([flags], add_argument kwargs)``) add job-specific flags."""
+    parser = argparse.ArgumentParser(
+        description=description, epilog=config_reference(), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", help="YAML preset under configs/ (defaults apply when omitted)")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config (preset + overrides) as YAML and exit"
+    )
+    for flags, kwargs in options or []:
+        parser.add_argument(*flags, **kwargs)
     parser.add_argument("overrides", nargs="*", metavar="section.field=value", help="e.g. distill.epochs=3 augment.strength=0.5")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(
+    argv: list[str] | None = None, description: str | None = None, options: list[tuple[list[str], dict]] | None = None
+) -> tuple[Config, argparse.Namespace]:
+    args = build_parser(description, options).parse_args(argv)
     return load_config(args.config, args.overrides), args
 
 
@@ -98,8 +115,12 @@ def run_job(
     argv: list[str] | None = None,
     prepare_dir: bool = True,
     preflight: Callable[[Config], None] | None = None,
+    options: list[tuple[list[str], dict]] | None = None,
 ) -> object:
     """Parse, validate, ``preflight`` (cheap checks), create the run directory, run ``fn``.
+
+    ``--print-config`` prints the validated config as YAML and returns None: nothing else runs
+    and nothing is written.
 
     A user error prints one ``error:`` line and exits 2; a run directory this call created is
     removed again if the job fails on a user error (or is interrupted) before writing anything
@@ -118,7 +139,10 @@ def run_job(
     created = None
     run_dir = None
     try:
-        cfg, _ = parse_args(argv, description)
+        cfg, args = parse_args(argv, description, options)
+        if args.print_config:
+            print(cfg.to_yaml(), end="", flush=True)
+            return None
         if preflight is not None:
             preflight(cfg)
         if prepare_dir:

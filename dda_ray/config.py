@@ -95,6 +95,30 @@ class ModelConfig:
 
 
 @dataclass
+class TeacherConfig(ModelConfig):
+    """The teacher: its architecture, checkpoint and the input normalisation it expects.
+
+    The teacher sees ``(x * input_scale - mean) / std`` for images ``x`` in [0, 1].
+    """
+
+    arch: str | None = None  # None: the architecture the checkpoint's meta.json names (required for .pth files and teacher training)
+    checkpoint: str | None = "checkpoints/cifar10_wrn16_2"  # project checkpoint dir/json, or a .pth/.pt/.safetensors state dict
+    mean: list[float] | None = None  # per-channel, in input_scale units; None: meta.json's, else the dataset's standard values
+    std: list[float] | None = None  # per-channel, in input_scale units; None: meta.json's, else the dataset's standard values
+    input_scale: float = 1.0  # the model's pixel range: 1.0 for [0, 1] inputs, 255.0 for raw 0-255 (mean/std then default to 0/1)
+
+    def validate(self, p: str) -> None:
+        if self.arch is not None:
+            super().validate(p)
+        for n in ("mean", "std"):
+            v = getattr(self, n)
+            _check(v is None or len(v) == 3, f"{p}.{n}", v, "null or a list of 3 numbers (one per RGB channel)")
+        _check(self.std is None or all(s > 0 for s in self.std), f"{p}.std", self.std, "positive numbers")
+        scale_meaning = "a positive number (1.0 for [0, 1] inputs, 255.0 for raw pixels)"
+        _check(self.input_scale > 0, f"{p}.input_scale", self.input_scale, scale_meaning)
+
+
+@dataclass
 class TeacherTrainingConfig:
     """Supervised training of the teacher on real data (jobs/train_teacher.py)."""
 
@@ -358,7 +382,7 @@ class TrackingConfig:
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(arch="wrn16_2", checkpoint="checkpoints/cifar10_wrn16_2"))
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: ModelConfig = field(default_factory=lambda: ModelConfig(arch="wrn16_1"))
     teacher_training: TeacherTrainingConfig = field(default_factory=TeacherTrainingConfig)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
@@ -421,6 +445,76 @@ class Config:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.to_yaml())
+
+
+# ----------------------------------------------------------------- reference
+def _field_comments(cls: type) -> dict[str, str]:
+    """The ``# comment`` of each field in ``cls``'s source: the one after the field, else the block right above it."""
+    import inspect
+    import re
+
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    out: dict[str, str] = {}
+    above: list[str] = []
+    for line in lines:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("#").strip())
+            continue
+        m = re.match(r"\s+(\w+):\s*[^=]+=.*?(?:\s#\s*(.*))?$", line)
+        if m and not stripped.startswith(("def ", "return", '"""')):
+            trailing = (m.group(2) or "").strip()
+            if trailing and not trailing.startswith(("noqa", "fmt:")):
+                out[m.group(1)] = trailing
+            elif above:
+                out[m.group(1)] = " ".join(above)
+        above = []
+    return out
+
+
+def _show(value: Any) -> str:
+    """A default as it is written in YAML or an override."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value if value else "''"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def _type_name(typ: Any) -> str:
+    return typ.__name__ if isinstance(typ, type) else str(typ).replace("typing.", "")
+
+
+def config_reference(width: int = 100) -> str:
+    """Every config section and field with its type, default and comment (generated from the dataclasses): the jobs' ``--help`` epilog."""
+    import textwrap
+
+    default = Config()
+    out = ["config fields (set with section.field=value; defaults shown):"]
+    for f in dataclasses.fields(Config):
+        section = getattr(default, f.name)
+        if not dataclasses.is_dataclass(section):
+            out += ["", f"{f.name}: a mapping, default {_show(section)} (search space and scheduler of jobs/tune.py)"]
+            continue
+        cls = type(section)
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        out += ["", f"{f.name}: {doc}" if doc else f"{f.name}:"]
+        hints = get_type_hints(cls)
+        comments = _field_comments(cls)
+        for sub in dataclasses.fields(cls):
+            out.append(f"  {f.name}.{sub.name} = {_show(getattr(section, sub.name))}  ({_type_name(hints[sub.name])})")
+            if sub.name in comments:
+                out += textwrap.wrap(comments[sub.name], width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(out)
 
 
 # ----------------------------------------------------------------- building

@@ -12,7 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import load_classifier, save_classifier
-from .config import Config
+from .config import Config, ConfigError
 from .data import NORMALIZATION, Normalize, TrainTransform, channel_stats, load_data, to_float
 from .evaluation import evaluate
 from .models import build_model
@@ -32,6 +32,11 @@ def train_teacher(cfg: Config, progress: bool = True, tracker=None) -> dict:
     Writes ``<run_dir>/teacher`` (project checkpoint of the last epoch), ``state.pt``
     (optimizer + epoch for resuming) and ``metrics.jsonl``. Returns the last epoch's metrics.
     """
+    if cfg.teacher.arch is None:
+        raise ConfigError(
+            "teacher.arch is not set; training a teacher needs its architecture "
+            "(a registry name such as wrn16_2, or 'package.module:factory')"
+        )
     tc = cfg.teacher_training
     run_dir = cfg.run_dir
     set_threads(cfg.resources.torch_threads)

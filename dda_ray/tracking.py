@@ -121,6 +121,8 @@ class Tracker:
             return cls.disabled()
         from mlflow import MlflowClient
 
+        from .checkpoint import resolved_teacher_arch
+
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name(cfg.tracking.experiment)
         exp_id = exp.experiment_id if exp is not None else client.create_experiment(cfg.tracking.experiment)
@@ -128,7 +130,7 @@ class Tracker:
             "job": job,
             "mode": cfg.run.mode,
             "dataset": cfg.data.dataset,
-            "teacher": cfg.teacher.arch,
+            "teacher": resolved_teacher_arch(cfg) or "unknown",
             "student": cfg.student.arch,
             "mlflow.runName": run_name or cfg.run.name,
             **({"git_commit": c} if (c := git_commit()) else {}),

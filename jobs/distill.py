@@ -3,12 +3,11 @@
     python jobs/distill.py --config configs/cifar10_cpu_smoke.yaml [section.field=value ...]
     ray job submit --working-dir . -- python jobs/distill.py --config configs/cifar10_cpu_smoke.yaml
 
-Starts an embedded local Ray unless RAY_ADDRESS points at a cluster; run.engine=local runs
-everything in this process without Ray.
+The same command as the console script ``dda-distill`` (dda_ray/entrypoints.py; ``--help`` lists every
+config field, ``--print-config`` prints the resolved config).
 """
 
-from dda_ray.api import distill, preflight
-from dda_ray.cli import run_job
+from dda_ray.entrypoints import distill_main
 
 if __name__ == "__main__":
-    run_job(distill, description=__doc__, preflight=preflight)
+    distill_main()

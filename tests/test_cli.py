@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import inspect
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
 import pytest
+import yaml
 
 from dda_ray.cli import parse_args, run_job
-from dda_ray.config import Config
+from dda_ray.config import Config, config_from_dict, load_config
 
 
 def _never_called(cfg):
@@ -112,3 +122,118 @@ def test_programming_errors_are_not_swallowed(tmp_path):
 def test_prepare_dir_false_creates_nothing(tmp_path):
     assert run_job(lambda cfg: cfg.run.name, argv=[f"run.output_dir={tmp_path}", "run.name=x"], prepare_dir=False) == "x"
     assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------- --help, --print-config, console scripts
+REPO = Path(__file__).resolve().parents[1]
+CONSOLE_SCRIPTS = {
+    "dda-distill": "distill_main",
+    "dda-tune": "tune_main",
+    "dda-train-teacher": "train_teacher_main",
+    "dda-train-prior": "train_prior_main",
+}
+
+
+def _help_text(capsys, main, argv=("--help",)) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    assert exc.value.code == 0
+    return capsys.readouterr().out
+
+
+def _field_line(text: str, key: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip().startswith(f"{key} = ")]
+    assert len(lines) == 1, f"{key} is not listed once in --help"
+    return lines[0]
+
+
+@pytest.mark.parametrize("main", sorted(CONSOLE_SCRIPTS.values()))
+def test_help_lists_every_config_field_with_its_default(capsys, main):
+    from dda_ray import entrypoints
+
+    text = _help_text(capsys, getattr(entrypoints, main))
+    assert "--print-config" in text and "--config" in text
+    default = Config()
+    assert "distill.epochs = 200  (int)" in _field_line(text, "distill.epochs")
+    assert "augment.strength = 0.3  (float)" in _field_line(text, "augment.strength")
+    assert "teacher.input_scale = 1.0" in _field_line(text, "teacher.input_scale")
+    assert "data.eval_subset = null" in _field_line(text, "data.eval_subset")
+    assert "augment.prior_channels = [32, 64, 64]" in _field_line(text, "augment.prior_channels")
+    for section in dataclasses.fields(Config):
+        value = getattr(default, section.name)
+        if not dataclasses.is_dataclass(value):
+            assert f"\n{section.name}: " in text
+            continue
+        assert f"\n{section.name}: " in text, section.name
+        for f in dataclasses.fields(value):
+            _field_line(text, f"{section.name}.{f.name}")
+    # the fields' comments come along
+    assert "each run writes to <output_dir>/<name>/" in text
+    assert "None: exactly one pass over the training rows per epoch" in text
+
+
+def test_help_of_train_prior_lists_its_own_flags(capsys):
+    from dda_ray.entrypoints import train_prior_main
+
+    text = _help_text(capsys, train_prior_main)
+    for flag in ("--bank DIR", "--folder DIR", "--overwrite"):
+        assert flag in text
+
+
+def test_print_config_prints_the_resolved_config_and_runs_nothing(capsys, tmp_path):
+    preset = REPO / "configs" / "cifar10_cpu_smoke.yaml"
+    overrides = [f"run.output_dir={tmp_path}", "distill.epochs=3", "augment.strength=0.55", "teacher.mean=[0.1, 0.2, 0.3]"]
+    assert run_job(_never_called, argv=["--config", str(preset), "--print-config", *overrides], preflight=_never_called) is None
+    printed = capsys.readouterr().out
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(printed)
+    expected = load_config(preset, overrides)
+    assert load_config(saved) == expected
+    assert expected.distill.epochs == 3 and expected.augment.strength == 0.55 and expected.teacher.mean == [0.1, 0.2, 0.3]
+    assert expected.run.name == "cifar10_cpu_smoke"  # the preset's, not a default
+    assert [p.name for p in tmp_path.iterdir()] == ["printed.yaml"], "--print-config created a run directory"
+
+
+def test_print_config_of_a_bad_config_is_the_usual_error(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        run_job(_never_called, argv=["--print-config", "augment.strength=2"])
+    assert exc.value.code == 2
+    assert _error_lines(capsys)[0].startswith("error: augment.strength = 2")
+
+
+def test_train_prior_print_config_applies_its_flags(capsys):
+    from dda_ray.entrypoints import train_prior_main
+
+    assert train_prior_main(["--folder", "imgs", "--print-config", "augment.prior_steps=5"]) is None
+    cfg = config_from_dict(yaml.safe_load(capsys.readouterr().out))
+    assert (cfg.augment.prior_source, cfg.augment.prior_folder, cfg.augment.prior_steps) == ("folder", "imgs", 5)
+
+
+def test_console_scripts_resolve_to_the_job_entry_points():
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == set(CONSOLE_SCRIPTS)
+    for name, target in scripts.items():
+        module, _, attr = target.partition(":")
+        assert module == "dda_ray.entrypoints" and attr == CONSOLE_SCRIPTS[name], name
+        fn = getattr(importlib.import_module(module), attr)
+        assert callable(fn)
+        assert list(inspect.signature(fn).parameters) == ["argv"], name  # console scripts call it without arguments
+
+
+@pytest.mark.parametrize("job", ["distill", "tune", "train_teacher", "train_prior"])
+def test_job_scripts_are_thin_wrappers_of_the_entry_points(job):
+    source = (REPO / "jobs" / f"{job}.py").read_text()
+    assert f"from dda_ray.entrypoints import {job}_main" in source.replace("source_overrides, ", "")
+    assert f"    {job}_main()" in source
+
+
+def test_job_script_print_config_in_a_real_process(tmp_path):
+    """``python jobs/distill.py`` still works as a script: --print-config exits 0 with the YAML on stdout."""
+    preset = REPO / "configs" / "cifar10_cpu_smoke.yaml"
+    out = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "distill.py"), "--config", str(preset), "--print-config", "distill.epochs=4"],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    cfg = config_from_dict(yaml.safe_load(out.stdout))
+    assert cfg == load_config(preset, ["distill.epochs=4"])

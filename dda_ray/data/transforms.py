@@ -27,9 +27,21 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 class Normalize:
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    """``(x * scale - mean) / std`` for images ``x`` in [0, 1].
+
+    ``scale`` is the model's input range (255 for a model fed raw 0-255 pixels); ``mean`` and
+    ``std`` are in those units. The scale is folded in: ``self.mean`` / ``self.std`` are the
+    equivalent values for [0, 1] inputs (``mean / scale``, ``std / scale``), so whatever reads
+    them (the student's transform, its checkpoint's meta.json) gets the same normalisation.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], scale: float = 1.0):
+        self.scale = float(scale)
+        self.mean = torch.tensor(mean, dtype=torch.float64).div(self.scale).float().view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float64).div(self.scale).float().view(1, -1, 1, 1)
+
+    def __repr__(self) -> str:
+        return f"Normalize(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean.to(x.device, x.dtype)) / self.std.to(x.device, x.dtype)

@@ -34,6 +34,12 @@ class ImportedClassifier(Classifier):
 
     The embedding is the input of that final linear layer (captured by a hook); with no
     spatial map available the feature map is the embedding viewed as (N, C, 1, 1).
+
+    Weights: the wrapper's own state dict is the module's under ``module.``; ``fc`` is only a
+    reference to the module's last linear layer, not a second registered copy of it. Loading
+    accepts the module's plain ``state_dict()`` (what ``torch.save(model.state_dict())`` of the
+    user's own model writes) as well as the wrapped layout, including the one of older
+    checkpoints that also held that layer under ``fc.``.
     """
 
     def __init__(self, module: nn.Module):
@@ -42,12 +48,32 @@ class ImportedClassifier(Classifier):
         if not linears:
             raise ValueError(f"imported model {type(module).__name__} has no nn.Linear classifier layer")
         self.module = module
-        self.fc = linears[-1]
+        object.__setattr__(self, "fc", linears[-1])  # not a submodule: its weights are already under module.
         self._captured: torch.Tensor | None = None
         self.fc.register_forward_hook(self._capture)
+        self._register_load_state_dict_pre_hook(self._accept_plain_layout)
 
     def _capture(self, _mod, inputs, _out):
         self._captured = inputs[0]
+
+    def _accept_plain_layout(self, state_dict, prefix, *_args) -> None:
+        """Rename a plain module state dict (``conv.weight``) to the wrapped one (``module.conv.weight``),
+        and drop the duplicate ``fc.*`` copy of the last linear layer older wrapped checkpoints carry."""
+        inner = set(self.module.state_dict())
+        local = [k for k in state_dict if k.startswith(prefix)]
+        wrapped = {f"module.{k}" for k in inner}
+        duplicates = {"fc.weight", "fc.bias"}
+        if any(k[len(prefix) :] in wrapped for k in local):  # the wrapped layout
+            for k in local:
+                if k[len(prefix) :] in duplicates:
+                    del state_dict[k]
+            return
+        for k in local:
+            name = k[len(prefix) :]
+            value = state_dict.pop(k)
+            if name in duplicates and name not in inner:
+                continue  # a wrapped checkpoint whose module. prefix was stripped (DataParallel-style loading)
+            state_dict[f"{prefix}module.{name}"] = value
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
         logits = self.module(x)

@@ -4,7 +4,9 @@ Every classifier takes a normalised NCHW float batch and returns logits, or, wit
 ``return_features=True``, a :class:`ModelOutput` carrying what DFKD needs: the last
 convolutional feature map (feature-alignment loss) and the pooled embedding (rotation
 head, cosine filter, bank). Architectures follow the CIFAR variants used across the
-DFKD literature (3x3 stems, no max-pool), so community checkpoints load by name.
+DFKD literature (3x3 stems, no max-pool): the WRNs, ResNets and VGG compute what the DFKD
+codebases' networks compute, so their checkpoints load by name once their keys are renamed
+(:mod:`.community`). MobileNetV2 is a CIFAR variant (stride-1 stem) of its own.
 """
 
 from __future__ import annotations
@@ -137,27 +139,39 @@ class WideResNet(Classifier):
 
 
 # ------------------------------------------------------------------ VGG (CIFAR)
-_VGG11 = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512]
+_VGG11 = [[64], [128], [256, 256], [512, 512], [512, 512]]  # 3x3 conv widths per stage
 
 
 class VGG(Classifier):
-    """VGG with BatchNorm; the last max-pool is replaced by global pooling in ``forward``."""
+    """VGG with BatchNorm: five stages of conv-BN-ReLU, max-pooled in between, globally pooled at the end.
 
-    def __init__(self, cfg: list, num_classes: int = 10):
+    Laid out as the CIFAR VGGs of the DFKD codebases (CMI, Fast-Datafree, DDA), so their
+    teachers load (``checkpoint.py`` maps their key names): stages 0-2 are each followed by a
+    2x2 max-pool; the pool after stage 3 is only applied to 64-px inputs (Tiny-ImageNet), so on
+    32-px inputs the last two stages both run at 4x4.
+    """
+
+    def __init__(self, stages: list[list[int]], num_classes: int = 10):
         super().__init__()
-        layers: list[nn.Module] = []
+        blocks: list[nn.Module] = []
         c = 3
-        for v in cfg:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2))
-            else:
-                layers += [nn.Conv2d(c, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
-                c = v
-        self.body = nn.Sequential(*layers)
+        for widths in stages:
+            layers: list[nn.Module] = []
+            for w in widths:
+                layers += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+                c = w
+            blocks.append(nn.Sequential(*layers))
+        self.stages = nn.ModuleList(blocks)
         self.fc = nn.Linear(c, num_classes)
 
     def features(self, x):
-        return self.body(x)
+        pool_before_last = x.shape[-2] == 64
+        last = len(self.stages) - 1
+        for i, stage in enumerate(self.stages):
+            if 0 < i < last or (i == last and pool_before_last):
+                x = F.max_pool2d(x, 2)
+            x = stage(x)
+        return x
 
 
 # ------------------------------------------------------------ MobileNetV2 (CIFAR)
