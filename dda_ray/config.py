@@ -373,9 +373,12 @@ class TrackingConfig:
     uri: str | None = None
     experiment: str = "dda_ray"
     on_unreachable: str = "fail"  # fail | warn
+    register_as: str | None = None  # model registry name for the job's MLflow Model (student; teacher; tune: best trial's)
 
     def validate(self, p: str) -> None:
         _check(self.on_unreachable in ("fail", "warn"), f"{p}.on_unreachable", self.on_unreachable, "fail or warn")
+        name = self.register_as
+        _check(name is None or bool(str(name).strip()), f"{p}.register_as", name, "null or a non-empty name")
 
 
 @dataclass

@@ -21,7 +21,9 @@ DISTILL_HELP = """Distil a student from a teacher without its training data (DDA
     ray job submit --working-dir . -- python jobs/distill.py --config configs/cifar10_cpu_smoke.yaml
 
 Starts an embedded local Ray unless RAY_ADDRESS points at a cluster; run.engine=local runs
-everything in this process without Ray.
+everything in this process without Ray. The student is logged to MLflow as the model ``model``
+(float32 NCHW RGB in [0, 1] -> logits; ``mlflow.pytorch.load_model("runs:/<run_id>/model")``),
+registered as ``tracking.register_as`` when set.
 """
 
 TUNE_HELP = """Ray Tune search over augment.strength, augment.guidance and filter.threshold (space: the YAML's ``tune:``).
@@ -42,6 +44,10 @@ TRAIN_TEACHER_HELP = """Train a teacher on real data.
 
     dda-train-teacher --config configs/teacher_cifar10_wrn16_2.yaml [section.field=value ...]
     python jobs/train_teacher.py --config configs/teacher_cifar10_wrn16_2.yaml [section.field=value ...]
+
+MLflow (``tracking.*``): params, per-epoch metrics, the checkpoint files, and the teacher as the MLflow
+Model ``model`` (float32 NCHW RGB in [0, 1] -> logits; ``mlflow.pytorch.load_model("runs:/<run_id>/model")``),
+registered as ``tracking.register_as`` when set.
 """
 
 TRAIN_PRIOR_HELP = """Train the local diffusion prior (augment.backend=local_prior), never on the teacher's dataset (data.path).
