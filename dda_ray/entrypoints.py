@@ -72,7 +72,9 @@ The pipeline is written to ``augment.model`` (the path the ``local_prior`` backe
 replaced atomically. An existing prior there is only replaced with ``--overwrite``. The loss log
 streams to ``<run_dir>/prior_loss.jsonl`` and is copied beside the weights (``loss.jsonl``,
 ``training.json``: also the source, its image list and the label mode). The class count is
-``data.num_classes``; hyper-parameters are the ``augment.prior_*`` fields.
+``data.num_classes``; hyper-parameters are the ``augment.prior_*`` fields. MLflow (``tracking.*``):
+the config as params, the loss log as metrics (loss, lr, img_per_s per logged step), the saved
+prior under the run's ``prior`` artifacts.
 """
 
 # --bank / --folder / --overwrite are taken out of argv before the shared parser runs; they are
@@ -110,6 +112,7 @@ def train_prior_job(cfg: Config, overwrite: bool = False) -> dict:
     from .prior import train_prior
     from .prior_data import build_prior_source
     from .runtime import resolve_device, set_threads
+    from .tracking import Tracker
 
     aug = cfg.augment
     if aug.prior_source == "bank" and aug.prior_bank is None:
@@ -125,16 +128,26 @@ def train_prior_job(cfg: Config, overwrite: bool = False) -> dict:
         )
     set_threads(cfg.resources.torch_threads)
     device = resolve_device(aug.device)
-    source = build_prior_source(cfg, device)
-    summary = train_prior(
-        source,
-        out,
-        aug,
-        num_classes=cfg.data.num_classes,
-        log_path=cfg.run_dir / "prior_loss.jsonl",
-        seed=cfg.run.seed,
-        device=str(device),
-    )
+    tracker = Tracker.start(cfg, "train_prior")
+    try:
+        source = build_prior_source(cfg, device)
+        summary = train_prior(
+            source,
+            out,
+            aug,
+            num_classes=cfg.data.num_classes,
+            log_path=cfg.run_dir / "prior_loss.jsonl",
+            seed=cfg.run.seed,
+            device=str(device),
+            on_log=lambda line: tracker.log_metrics({k: v for k, v in line.items() if k != "step"}, step=line["step"]),
+        )
+        tracker.log_artifact(cfg.run_dir / "config.yaml")
+        tracker.log_artifact(cfg.run_dir / "prior_loss.jsonl")
+        tracker.log_artifact(out, "prior")  # the pipeline (weights, configs, loss.jsonl, training.json)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
     shown = {k: v for k, v in summary.items() if k not in ("images", "skipped")}  # the lists are in training.json
     print(json.dumps(shown, indent=2))
     print(f"prior saved to {out} (augment.backend=local_prior augment.model={out})")

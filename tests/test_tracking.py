@@ -278,6 +278,37 @@ def test_train_teacher_logs_the_teacher_as_an_mlflow_model(mlflow_server_started
     assert [v.version for v in client.search_model_versions("name='tiny_teacher'")] == ["1"]
 
 
+def test_train_prior_job_logs_params_the_loss_curve_and_the_prior(mlflow_server_started, tmp_path):
+    from dda_ray.entrypoints import train_prior_job
+    from dda_ray.runtime import prepare_run_dir
+
+    from .test_prior import write_bank
+
+    server = mlflow_server_started
+    bank = write_bank(tmp_path / "bank")
+    cfg = load_config(None, [
+        f"run.output_dir={tmp_path}", "run.name=prior", "data.num_classes=4", "augment.device=cpu",
+        "augment.prior_channels=[8, 16]", "augment.prior_steps=4", "augment.prior_batch_size=8", "augment.prior_log_every=2",
+        f"augment.prior_bank={bank}", f"augment.model={tmp_path / 'prior_out'}", "resources.torch_threads=1",
+        f"tracking.uri={server.uri}", "tracking.experiment=prior_job",
+    ])  # fmt: skip
+    prepare_run_dir(cfg)
+    server.wait()
+    train_prior_job(cfg)
+
+    client, runs = _runs(server, "prior_job")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["job"] == "train_prior"
+    assert run.data.params["augment.prior_steps"] == "4" and run.data.params["augment.prior_source"] == "bank"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4]
+    assert {"lr", "img_per_s"} <= set(run.data.metrics)
+    top = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "prior_loss.jsonl", "prior"} <= top
+    prior = {f.path for f in client.list_artifacts(run.info.run_id, "prior")}
+    assert {"prior/model_index.json", "prior/loss.jsonl", "prior/training.json", "prior/unet"} <= prior
+
+
 def test_a_model_that_cannot_be_logged_is_a_loud_warning_not_a_failed_run(mlflow_server, tmp_path, monkeypatch, capsys):
     """Training is over when the model is logged: an export or upload error must not fail the job."""
     import mlflow.pytorch
