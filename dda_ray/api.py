@@ -11,7 +11,8 @@ def preflight(cfg: Config) -> None:
 
     Each failure raises a user error (one ``error:`` line, exit 2): missing data, a teacher
     checkpoint that is missing/corrupt/unsafe/mismatched, a missing or wrong diffusion model,
-    xformers requested where it cannot run, a corrupt or foreign bank.
+    xformers requested where it cannot run, a corrupt or foreign bank, a RAY_ADDRESS where no
+    cluster answers.
     """
     from pathlib import Path
 
@@ -51,6 +52,10 @@ def preflight(cfg: Config) -> None:
 
         for path in bank_files(cfg.synthesis.bank_dir):
             read_table(path)  # BankError for corrupt or foreign files
+    if cfg.run.engine == "ray":
+        from .runtime import check_ray_address
+
+        check_ray_address()  # an unreachable RAY_ADDRESS: seconds, not minutes of ray.init retries
 
 
 def last_epoch(run_dir) -> int:

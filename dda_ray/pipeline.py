@@ -436,6 +436,9 @@ def init_ray(cfg: Config) -> None:
     sigterm = signal.getsignal(signal.SIGTERM)
     address = os.environ.get("RAY_ADDRESS")
     if address:
+        from .runtime import check_ray_address
+
+        check_ray_address(address)  # preflight checked already; library callers get the same fast error
         ray.init(address=address)
     else:
         if not any(k in os.environ for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):

@@ -481,12 +481,13 @@ def tune_search(cfg: Config) -> dict:
     from ray import tune
 
     from .pipeline import init_ray
-    from .runtime import prepare_run_dir
+    from .runtime import check_ray_address, prepare_run_dir
     from .tracking import Tracker, check_reachable, tracking_uri
 
     spec = TuneSpec.from_config(cfg)
     if cfg.tracking.enabled and cfg.tracking.on_unreachable == "fail":
         check_reachable(tracking_uri(cfg))  # TrackingError before anything is written or trained
+    check_ray_address()  # likewise for an unreachable RAY_ADDRESS
     prepare_run_dir(cfg)
     parent = Tracker.start(cfg, "tune")  # on_unreachable=warn: a loud warning, no tracking
     try:
