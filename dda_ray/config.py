@@ -66,6 +66,7 @@ class DataConfig:
     eval_subset: int | None = None  # evaluate on a random subset of the test split (None: all)
     train_subset: int | None = None  # real_kd / teacher training on a subset (None: all)
     download: bool = True
+    skip_corrupt: bool = False  # leave undecodable images out with a warning (default: stop, naming the file)
 
     def validate(self, p: str) -> None:
         _check(self.dataset in DATASETS, f"{p}.dataset", self.dataset, f"one of {DATASETS}")

@@ -215,6 +215,39 @@ def test_ray_address_check_asks_for_a_gcs_not_just_a_listening_port():
             server.stop(0)
 
 
+def test_undecodable_dataset_image_is_named_in_one_error_line_in_a_real_process(tmp_path, assets):
+    """A corrupt JPEG inside an image-folder archive: the job names the archive member, suggests
+    data.skip_corrupt=true, exits 2 and leaves no run directory."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    def png(rgb) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), rgb).save(buf, format="PNG")
+        return buf.getvalue()
+
+    members = {f"data/{split}/{cls}/{i}.png": png((i, 50, 100)) for split in ("train", "test") for cls in ("cat", "dog") for i in range(2)}
+    members["data/train/dog/broken.jpg"] = b"\xff\xd8\xff\xe0 cut short"
+    archive = tmp_path / "images.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    args = [
+        f"run.output_dir={tmp_path}", "run.name=bad", "run.engine=local", f"data.path={archive}", f"data.cache_dir={tmp_path / 'cache'}",
+        "teacher.arch=wrn16_1", f"teacher.checkpoint={assets / 'teacher'}", f"augment.model={assets / 'prior'}", "tracking.enabled=false",
+    ]  # fmt: skip
+    out, _ = _run_distill(args)
+    assert out.returncode == 2, out.stderr[-3000:]
+    err = error_lines(out.stderr)
+    assert len(err) == 1 and f"cannot decode image member data/train/dog/broken.jpg of archive {archive}" in err[0], err
+    assert "data.skip_corrupt=true" in err[0]
+    assert not (tmp_path / "bad").exists()
+
+
 TINY_RUN = [
     "run.mode=dda",
     "data.eval_subset=50",
