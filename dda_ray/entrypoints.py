@@ -89,19 +89,20 @@ PRIOR_OPTIONS = [
 def distill_main(argv: list[str] | None = None) -> None:
     from .api import distill, preflight
 
-    run_job(distill, description=DISTILL_HELP, argv=argv, preflight=preflight)
+    run_job(distill, description=DISTILL_HELP, argv=argv, preflight=preflight, job="distill")
 
 
 def tune_main(argv: list[str] | None = None) -> None:
     from .tune import tune_search
 
-    run_job(tune_search, description=TUNE_HELP, argv=argv, prepare_dir=False)  # tune_search checks the space and the tracking server first
+    # prepare_dir=False: tune_search checks the space, the tracking server and RAY_ADDRESS before it makes its directory
+    run_job(tune_search, description=TUNE_HELP, argv=argv, prepare_dir=False, job="tune")
 
 
 def train_teacher_main(argv: list[str] | None = None) -> None:
     from .api import train_teacher
 
-    run_job(train_teacher, description=TRAIN_TEACHER_HELP, argv=argv)
+    run_job(train_teacher, description=TRAIN_TEACHER_HELP, argv=argv, job="train_teacher")
 
 
 def train_prior_job(cfg: Config, overwrite: bool = False) -> dict:
@@ -191,6 +192,7 @@ def train_prior_main(argv: list[str] | None = None) -> None:
         description=TRAIN_PRIOR_HELP,
         argv=argv + source_overrides(bank, folder),
         options=PRIOR_OPTIONS,
+        job="train_prior",
     )
 
 

@@ -124,6 +124,24 @@ def register_run_model(uri: str, run_id: str, name: str) -> int:
         return int(mlflow.register_model(f"runs:/{run_id}/{MODEL_NAME}", name).version)
 
 
+_STARTED: list[tuple[str, str, str]] = []  # (uri, experiment id, run id) of every run Tracker.start created here
+
+
+def started_runs() -> list[tuple[str, str, str]]:
+    """``(uri, experiment id, run id)`` of the runs :meth:`Tracker.start` created in this process, oldest first
+    (the job summary names the first one a job started: its own run, not a search's trials)."""
+    return list(_STARTED)
+
+
+def run_location(uri: str, experiment_id: str, run_id: str) -> str:
+    """Where a user finds a run: its page on an MLflow server, or the ``mlflow ui`` command for a local store."""
+    if uri.startswith(("http://", "https://")):
+        return f"{redact(uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    if uri.startswith("sqlite:"):
+        return f"mlflow ui --backend-store-uri {uri}   (then open run {run_id})"
+    return f"run {run_id} in {redact(uri)}"
+
+
 class Tracker:
     """One MLflow run; a disabled tracker (``Tracker.disabled()``) accepts every call and does nothing."""
 
@@ -180,6 +198,7 @@ class Tracker:
             **(extra_tags or {}),
         }
         run = client.create_run(exp_id, tags=tags, run_name=run_name or cfg.run.name)
+        _STARTED.append((uri, str(exp_id), run.info.run_id))
         tracker = cls(uri, run.info.run_id)
         tracker._client = client
         tracker.log_params(params_of(cfg))
