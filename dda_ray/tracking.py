@@ -2,7 +2,8 @@
 
 Where runs go: ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else an embedded sqlite store
 ``<run.output_dir>/mlflow.db`` (browse it with ``mlflow ui --backend-store-uri
-sqlite:///$PWD/outputs/mlflow.db``). On a cluster use an MLflow server (``http://...``): every
+sqlite:///$PWD/outputs/mlflow.db``); a sqlite store's new experiments keep their artifacts in
+``mlartifacts/`` beside the database. On a cluster use an MLflow server (``http://...``): every
 node must reach it.
 
 The driver creates the run (params, tags) and passes its id on; only rank 0 of the trainer
@@ -55,6 +56,16 @@ def tracking_uri(cfg: Config) -> str:
     db = Path(cfg.run.output_dir).expanduser().resolve() / "mlflow.db"
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}"
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment of a sqlite store keeps its artifacts: ``mlartifacts/`` beside the
+    database file. MLflow's own default is ``./mlruns`` in the current directory, so an embedded-store
+    run started from the repository left its checkpoints and models there, away from its mlflow.db.
+    None (the server's or store's choice) for every other URI."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -185,7 +196,10 @@ class Tracker:
 
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name(cfg.tracking.experiment)
-        exp_id = exp.experiment_id if exp is not None else client.create_experiment(cfg.tracking.experiment)
+        if exp is None:
+            exp_id = client.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location(uri))
+        else:
+            exp_id = exp.experiment_id
         tags = {
             "job": job,
             "mode": cfg.run.mode,

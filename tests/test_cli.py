@@ -313,3 +313,5 @@ def test_a_finished_job_ends_with_the_summary_in_a_real_process(tmp_path, tiny_a
     run = MlflowClient(db).get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["mlflow.runName"] == "summary"
     assert re.fullmatch(r"\d+m \d\ds", rows["wall time"])
+    assert not (tmp_path / "mlruns").exists()  # artifacts and the model live beside mlflow.db, not in the current directory
+    assert list((tmp_path / "out" / "mlartifacts").rglob("MLmodel"))

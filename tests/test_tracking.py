@@ -124,6 +124,26 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
     assert tracking_uri(cfg_with(tmp_path, **{"tracking.uri": "http://127.0.0.1:6001"})) == "http://127.0.0.1:6001"  # config wins
 
 
+def test_the_embedded_store_keeps_artifacts_beside_its_database(tmp_path, monkeypatch):
+    """Not in ./mlruns of whatever directory the job was started from (MLflow's default)."""
+    from mlflow import MlflowClient
+
+    from dda_ray.tracking import artifact_location
+
+    assert artifact_location("http://127.0.0.1:5000") is None
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = cfg_with(tmp_path / "out")
+    tracker = Tracker.start(cfg, "distill")
+    (tmp_path / "note.txt").write_text("x")
+    tracker.log_artifact(tmp_path / "note.txt")
+    tracker.finish()
+    exp = MlflowClient(tracker.uri).get_experiment_by_name(cfg.tracking.experiment)
+    assert exp.artifact_location == (tmp_path / "out" / "mlartifacts").resolve().as_uri()
+    assert len(list((tmp_path / "out" / "mlartifacts").rglob("note.txt"))) == 1
+    assert not (tmp_path / "mlruns").exists()
+
+
 def test_unreachable_server_fails_before_anything_runs(tmp_path):
     cfg = cfg_with(tmp_path, **{"tracking.uri": closed_port_uri()})
     with pytest.raises(TrackingError, match="unreachable.*on_unreachable=warn"):
