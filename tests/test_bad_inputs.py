@@ -146,7 +146,7 @@ def _run_distill(args: list[str], env: dict | None = None, timeout: float = 120)
     t0 = time.monotonic()
     out = subprocess.run(
         [sys.executable, str(ROOT / "jobs" / "distill.py"), *args],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})},
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
     )  # fmt: skip
     return out, time.monotonic() - t0
 
