@@ -11,7 +11,8 @@ def preflight(cfg: Config) -> None:
 
     Each failure raises a user error (one ``error:`` line, exit 2): missing data, a teacher
     checkpoint that is missing/corrupt/unsafe/mismatched, a missing or wrong diffusion model,
-    xformers requested where it cannot run, a corrupt or foreign bank.
+    xformers requested where it cannot run, a corrupt or foreign bank, a RAY_ADDRESS where no
+    cluster answers.
     """
     from pathlib import Path
 
@@ -51,10 +52,24 @@ def preflight(cfg: Config) -> None:
 
         for path in bank_files(cfg.synthesis.bank_dir):
             read_table(path)  # BankError for corrupt or foreign files
+    if cfg.run.engine == "ray":
+        from .runtime import check_ray_address
+
+        check_ray_address()  # an unreachable RAY_ADDRESS: seconds, not minutes of ray.init retries
 
 
-def log_run_artifacts(tracker: Tracker, cfg: Config) -> None:
-    """What every distillation run leaves in MLflow: config, metrics, curve, grids, student."""
+def last_epoch(run_dir) -> int:
+    """The last epoch ``<run_dir>/metrics.jsonl`` records (0 if none): the step a logged model's metrics are read at."""
+    from .runtime import read_jsonl
+
+    lines = read_jsonl(run_dir / "metrics.jsonl")
+    return int(lines[-1].get("epoch", 0)) if lines else 0
+
+
+def log_run_artifacts(tracker: Tracker, cfg: Config, register: bool = True) -> None:
+    """What every distillation run leaves in MLflow: config, metrics, curve, grids, the student's
+    checkpoint files, and the student as the MLflow Model ``model`` (registered as
+    ``tracking.register_as`` when set and ``register``; a tune trial leaves that to the search)."""
     run_dir = cfg.run_dir
     tracker.log_artifact(run_dir / "config.yaml")
     tracker.log_artifact(run_dir / "metrics.jsonl")
@@ -63,6 +78,8 @@ def log_run_artifacts(tracker: Tracker, cfg: Config) -> None:
         tracker.log_artifact(curve)
     tracker.log_artifact(run_dir / "grids", "grids")
     tracker.log_artifact(run_dir / "student", "student")
+    register_as = cfg.tracking.register_as if register else None
+    tracker.log_model(run_dir / "student", cfg.data.image_size, register_as=register_as, step=last_epoch(run_dir))
 
 
 def distill(cfg: Config, tracker: Tracker | None = None) -> dict:
@@ -102,6 +119,7 @@ def train_teacher(cfg: Config) -> dict:
         tracker.log_artifact(cfg.run_dir / "config.yaml")
         tracker.log_artifact(cfg.run_dir / "metrics.jsonl")
         tracker.log_artifact(cfg.run_dir / "teacher", "teacher")
+        tracker.log_model(cfg.run_dir / "teacher", cfg.data.image_size, register_as=cfg.tracking.register_as, step=last_epoch(cfg.run_dir))
     except BaseException:
         tracker.finish("FAILED")
         raise

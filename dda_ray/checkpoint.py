@@ -206,6 +206,33 @@ def load_teacher(cfg) -> tuple[nn.Module, Normalize, dict]:  # noqa: F821 - impo
     return model, Normalize(mean, std, scale), meta
 
 
+class NormalizedClassifier(nn.Module):
+    """A classifier with its input normalisation inside: float32 NCHW RGB images in [0, 1] -> logits.
+
+    What the MLflow Model of a job is (``runs:/<run_id>/model``, :meth:`~dda_ray.tracking.Tracker.log_model`):
+    a user feeds plain images, not images normalised with the statistics the network was trained on.
+    The statistics are buffers, so they travel inside the exported graph.
+    """
+
+    def __init__(self, model: nn.Module, mean, std):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model((images - self.mean) / self.std)
+
+
+def load_normalized_classifier(path: str | Path) -> tuple[NormalizedClassifier, dict]:
+    """A project checkpoint (``student/``, ``teacher/``) as a :class:`NormalizedClassifier` in eval mode, with its meta."""
+    meta = read_meta(path)
+    if not meta or not meta.get("arch") or not meta.get("mean") or not meta.get("std"):
+        raise CheckpointError(f"{path} is not a project checkpoint with arch, mean and std in its {META}")
+    model, _ = load_classifier(path, meta["arch"], meta["num_classes"])
+    return NormalizedClassifier(model, meta["mean"], meta["std"]).eval(), meta
+
+
 def resolved_teacher_arch(cfg) -> str | None:
     """``teacher.arch``, or the architecture the teacher checkpoint's meta.json names (None if neither)."""
     if cfg.teacher.arch:

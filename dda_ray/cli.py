@@ -87,6 +87,42 @@ def _nothing_written(run_dir: Path) -> bool:
     return True
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h {rest // 60:02d}m {rest % 60:02d}s" if h else f"{rest // 60}m {rest % 60:02d}s"
+
+
+def summary_block(job: str, cfg: Config, result: object, run: tuple[str, str, str] | None, seconds: float) -> str:
+    """The block every job prints when it finishes: its result, where its files and its MLflow run are, how long it took."""
+    from .tracking import run_location
+
+    rows: list[tuple[str, str]] = []
+    res = result if isinstance(result, dict) else {}
+    if res.get("trial_id") is not None:
+        rows.append(("best trial", str(res["trial_id"])))
+    if isinstance(res.get("test_acc"), (int, float)):
+        rows.append(("best test accuracy" if "trial_id" in res else "test accuracy", f"{res['test_acc']:.2f} %"))
+    if isinstance(res.get("final_loss"), (int, float)):
+        rows.append(("final loss", f"{res['final_loss']:.4f}"))
+    rows.append(("run directory", str(cfg.run_dir.expanduser().resolve())))
+    for name in ("student", "teacher"):
+        if (cfg.run_dir / name / "meta.json").exists():
+            rows.append((name, str((cfg.run_dir / name).expanduser().resolve())))
+    if "final_loss" in res:  # train_prior: the pipeline is written to augment.model
+        rows.append(("prior", str(Path(cfg.augment.model).expanduser().resolve())))
+    if res.get("best_yaml"):
+        rows.append(("best config", str(res["best_yaml"])))
+    if run is not None:
+        rows.append(("MLflow", run_location(*run)))
+    else:
+        why = "tracking.enabled=false" if not cfg.tracking.enabled else "see the warning above"
+        rows.append(("MLflow", f"not tracked ({why})"))
+    rows.append(("wall time", _duration(seconds)))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join([f"== {job} finished ==", *(f"  {k:<{width}}  {v}" for k, v in rows)])
+
+
 def build_parser(description: str | None = None, options: list[tuple[list[str], dict]] | None = None) -> argparse.ArgumentParser:
     """The jobs' parser; ``options`` (``([flags], add_argument kwargs)``) add job-specific flags."""
     parser = argparse.ArgumentParser(
@@ -116,11 +152,13 @@ def run_job(
     prepare_dir: bool = True,
     preflight: Callable[[Config], None] | None = None,
     options: list[tuple[list[str], dict]] | None = None,
+    job: str = "job",
 ) -> object:
     """Parse, validate, ``preflight`` (cheap checks), create the run directory, run ``fn``.
 
     ``--print-config`` prints the validated config as YAML and returns None: nothing else runs
-    and nothing is written.
+    and nothing is written. A job that finishes prints :func:`summary_block` (``job`` names it):
+    its accuracy (or loss), run directory, MLflow run and wall time.
 
     A user error prints one ``error:`` line and exits 2; a run directory this call created is
     removed again if the job fails on a user error (or is interrupted) before writing anything
@@ -129,8 +167,12 @@ def run_job(
     import shutil
     import signal
     import threading
+    import time
 
     from .runtime import prepare_run_dir
+    from .tracking import started_runs
+
+    t0 = time.monotonic()
 
     previous = {}
     if threading.current_thread() is threading.main_thread():
@@ -149,7 +191,14 @@ def run_job(
             created = None if cfg.run_dir.exists() else cfg.run_dir
             prepare_run_dir(cfg)
             run_dir = cfg.run_dir
-        return fn(cfg)
+        first_run = len(started_runs())
+        result = fn(cfg)
+        runs = started_runs()[first_run:]
+        try:
+            print(summary_block(job, cfg, result, runs[0] if runs else None, time.monotonic() - t0), flush=True)
+        except Exception as e:  # noqa: BLE001 - the job is done; a summary must not turn it into a failure
+            print(f"== {job} finished (no summary: {type(e).__name__}: {e}) ==", flush=True)
+        return result
     except user_errors() as e:
         if created is not None and _nothing_written(created):
             shutil.rmtree(created, ignore_errors=True)

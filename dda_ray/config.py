@@ -66,6 +66,7 @@ class DataConfig:
     eval_subset: int | None = None  # evaluate on a random subset of the test split (None: all)
     train_subset: int | None = None  # real_kd / teacher training on a subset (None: all)
     download: bool = True
+    skip_corrupt: bool = False  # leave undecodable images out with a warning (default: stop, naming the file)
 
     def validate(self, p: str) -> None:
         _check(self.dataset in DATASETS, f"{p}.dataset", self.dataset, f"one of {DATASETS}")
@@ -373,9 +374,12 @@ class TrackingConfig:
     uri: str | None = None
     experiment: str = "dda_ray"
     on_unreachable: str = "fail"  # fail | warn
+    register_as: str | None = None  # model registry name for the job's MLflow Model (student; teacher; tune: best trial's)
 
     def validate(self, p: str) -> None:
         _check(self.on_unreachable in ("fail", "warn"), f"{p}.on_unreachable", self.on_unreachable, "fail or warn")
+        name = self.register_as
+        _check(name is None or bool(str(name).strip()), f"{p}.register_as", name, "null or a non-empty name")
 
 
 @dataclass

@@ -21,7 +21,9 @@ DISTILL_HELP = """Distil a student from a teacher without its training data (DDA
     ray job submit --working-dir . -- python jobs/distill.py --config configs/cifar10_cpu_smoke.yaml
 
 Starts an embedded local Ray unless RAY_ADDRESS points at a cluster; run.engine=local runs
-everything in this process without Ray.
+everything in this process without Ray. The student is logged to MLflow as the model ``model``
+(float32 NCHW RGB in [0, 1] -> logits; ``mlflow.pytorch.load_model("runs:/<run_id>/model")``),
+registered as ``tracking.register_as`` when set.
 """
 
 TUNE_HELP = """Ray Tune search over augment.strength, augment.guidance and filter.threshold (space: the YAML's ``tune:``).
@@ -42,6 +44,10 @@ TRAIN_TEACHER_HELP = """Train a teacher on real data.
 
     dda-train-teacher --config configs/teacher_cifar10_wrn16_2.yaml [section.field=value ...]
     python jobs/train_teacher.py --config configs/teacher_cifar10_wrn16_2.yaml [section.field=value ...]
+
+MLflow (``tracking.*``): params, per-epoch metrics, the checkpoint files, and the teacher as the MLflow
+Model ``model`` (float32 NCHW RGB in [0, 1] -> logits; ``mlflow.pytorch.load_model("runs:/<run_id>/model")``),
+registered as ``tracking.register_as`` when set.
 """
 
 TRAIN_PRIOR_HELP = """Train the local diffusion prior (augment.backend=local_prior), never on the teacher's dataset (data.path).
@@ -66,7 +72,9 @@ The pipeline is written to ``augment.model`` (the path the ``local_prior`` backe
 replaced atomically. An existing prior there is only replaced with ``--overwrite``. The loss log
 streams to ``<run_dir>/prior_loss.jsonl`` and is copied beside the weights (``loss.jsonl``,
 ``training.json``: also the source, its image list and the label mode). The class count is
-``data.num_classes``; hyper-parameters are the ``augment.prior_*`` fields.
+``data.num_classes``; hyper-parameters are the ``augment.prior_*`` fields. MLflow (``tracking.*``):
+the config as params, the loss log as metrics (loss, lr, img_per_s per logged step), the saved
+prior under the run's ``prior`` artifacts.
 """
 
 # --bank / --folder / --overwrite are taken out of argv before the shared parser runs; they are
@@ -81,19 +89,20 @@ PRIOR_OPTIONS = [
 def distill_main(argv: list[str] | None = None) -> None:
     from .api import distill, preflight
 
-    run_job(distill, description=DISTILL_HELP, argv=argv, preflight=preflight)
+    run_job(distill, description=DISTILL_HELP, argv=argv, preflight=preflight, job="distill")
 
 
 def tune_main(argv: list[str] | None = None) -> None:
     from .tune import tune_search
 
-    run_job(tune_search, description=TUNE_HELP, argv=argv, prepare_dir=False)  # tune_search checks the space and the tracking server first
+    # prepare_dir=False: tune_search checks the space, the tracking server and RAY_ADDRESS before it makes its directory
+    run_job(tune_search, description=TUNE_HELP, argv=argv, prepare_dir=False, job="tune")
 
 
 def train_teacher_main(argv: list[str] | None = None) -> None:
     from .api import train_teacher
 
-    run_job(train_teacher, description=TRAIN_TEACHER_HELP, argv=argv)
+    run_job(train_teacher, description=TRAIN_TEACHER_HELP, argv=argv, job="train_teacher")
 
 
 def train_prior_job(cfg: Config, overwrite: bool = False) -> dict:
@@ -104,6 +113,7 @@ def train_prior_job(cfg: Config, overwrite: bool = False) -> dict:
     from .prior import train_prior
     from .prior_data import build_prior_source
     from .runtime import resolve_device, set_threads
+    from .tracking import Tracker
 
     aug = cfg.augment
     if aug.prior_source == "bank" and aug.prior_bank is None:
@@ -119,16 +129,26 @@ def train_prior_job(cfg: Config, overwrite: bool = False) -> dict:
         )
     set_threads(cfg.resources.torch_threads)
     device = resolve_device(aug.device)
-    source = build_prior_source(cfg, device)
-    summary = train_prior(
-        source,
-        out,
-        aug,
-        num_classes=cfg.data.num_classes,
-        log_path=cfg.run_dir / "prior_loss.jsonl",
-        seed=cfg.run.seed,
-        device=str(device),
-    )
+    tracker = Tracker.start(cfg, "train_prior")
+    try:
+        source = build_prior_source(cfg, device)
+        summary = train_prior(
+            source,
+            out,
+            aug,
+            num_classes=cfg.data.num_classes,
+            log_path=cfg.run_dir / "prior_loss.jsonl",
+            seed=cfg.run.seed,
+            device=str(device),
+            on_log=lambda line: tracker.log_metrics({k: v for k, v in line.items() if k != "step"}, step=line["step"]),
+        )
+        tracker.log_artifact(cfg.run_dir / "config.yaml")
+        tracker.log_artifact(cfg.run_dir / "prior_loss.jsonl")
+        tracker.log_artifact(out, "prior")  # the pipeline (weights, configs, loss.jsonl, training.json)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
     shown = {k: v for k, v in summary.items() if k not in ("images", "skipped")}  # the lists are in training.json
     print(json.dumps(shown, indent=2))
     print(f"prior saved to {out} (augment.backend=local_prior augment.model={out})")
@@ -172,6 +192,7 @@ def train_prior_main(argv: list[str] | None = None) -> None:
         description=TRAIN_PRIOR_HELP,
         argv=argv + source_overrides(bank, folder),
         options=PRIOR_OPTIONS,
+        job="train_prior",
     )
 
 

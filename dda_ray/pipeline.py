@@ -148,9 +148,11 @@ def make_pool_datasource(load, run_dir: str, seed: int, num_variations: int, blo
 # dead actor had finished but not yet handed on is run again (at least once upstream: the second
 # run reads the variations the first one cached), yet reaches the trainer once: downstream no row
 # is lost or duplicated, and the Augmenter's per-(seed, image id, variation) seeds make any
-# recomputed variations identical. These are Ray Data's defaults for actor pools in 2.60, stated
-# here so a change of default cannot silently turn an actor loss into a failed run.
-ACTOR_RESTARTS = {"max_restarts": -1, "max_task_retries": -1}
+# recomputed variations identical. That is Ray Data's default for actor pools in 2.60
+# (max_restarts=-1, max_task_retries=-1). It is not passed explicitly: map_batches takes those only
+# through **ray_remote_args, deprecated in 2.60 (a RayDeprecationWarning, removal in 2.64).
+# tests/test_pipeline.py::test_actor_pools_restart_dead_actors_by_default pins the default instead,
+# so a Ray upgrade that changes it fails a test rather than turning an actor loss into a failed run.
 
 def build_dataset(cfg: Config, class_names: list[str] | None = None):
     """The training stream for ``cfg.run.mode`` (lazy; executes once per epoch)."""
@@ -180,7 +182,6 @@ def build_dataset(cfg: Config, class_names: list[str] | None = None):
             num_gpus=res.augment_gpus,
             resources=res.augment_resources or None,
             batch_format="numpy",
-            **ACTOR_RESTARTS,
         )
         if not res.fused_stages:
             ds = ds.map_batches(
@@ -192,7 +193,6 @@ def build_dataset(cfg: Config, class_names: list[str] | None = None):
                 num_gpus=res.filter_gpus,
                 resources=res.filter_resources or None,
                 batch_format="numpy",
-                **ACTOR_RESTARTS,
             )
     return in_order(ds)
 
@@ -436,6 +436,9 @@ def init_ray(cfg: Config) -> None:
     sigterm = signal.getsignal(signal.SIGTERM)
     address = os.environ.get("RAY_ADDRESS")
     if address:
+        from .runtime import check_ray_address
+
+        check_ray_address(address)  # preflight checked already; library callers get the same fast error
         ray.init(address=address)
     else:
         if not any(k in os.environ for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):

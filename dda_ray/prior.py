@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -147,6 +147,7 @@ def train_prior(
     seed: int = 0,
     device: str = "auto",
     progress: bool = True,
+    on_log: Callable[[dict], None] | None = None,
 ) -> dict:
     """Train the local prior on ``source``; save the pipeline to ``output_dir``.
 
@@ -156,7 +157,8 @@ def train_prior(
     averaged since the previous line, lr, img/s) goes to ``log_path`` while training (default:
     a temporary file) and is copied to ``<output_dir>/loss.jsonl``; ``training.json`` records the
     run, the source, its image list and the label mode. The directory is replaced atomically, so
-    a crash never leaves a half-written prior. Returns the training summary.
+    a crash never leaves a half-written prior. ``on_log`` gets each loss-log line as it is written
+    (the job sends them to MLflow). Returns the training summary.
     """
     cfg.validate("augment")
     output_dir = Path(output_dir)
@@ -232,7 +234,10 @@ def train_prior(
         if (step + 1) % cfg.prior_log_every == 0 or step + 1 == cfg.prior_steps:
             now = time.perf_counter()
             last_loss = running / count
-            append_jsonl(log_path, {"step": step + 1, "loss": last_loss, "lr": sched.get_last_lr()[0], "img_per_s": count * bs / max(now - t_log, 1e-9)})
+            line = {"step": step + 1, "loss": last_loss, "lr": sched.get_last_lr()[0], "img_per_s": count * bs / max(now - t_log, 1e-9)}
+            append_jsonl(log_path, line)
+            if on_log is not None:
+                on_log(line)
             bar.set_postfix(loss=f"{last_loss:.4f}")
             running, count, t_log = 0.0, 0, now
 

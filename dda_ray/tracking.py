@@ -2,7 +2,8 @@
 
 Where runs go: ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else an embedded sqlite store
 ``<run.output_dir>/mlflow.db`` (browse it with ``mlflow ui --backend-store-uri
-sqlite:///$PWD/outputs/mlflow.db``). On a cluster use an MLflow server (``http://...``): every
+sqlite:///$PWD/outputs/mlflow.db``); a sqlite store's new experiments keep their artifacts in
+``mlartifacts/`` beside the database. On a cluster use an MLflow server (``http://...``): every
 node must reach it.
 
 The driver creates the run (params, tags) and passes its id on; only rank 0 of the trainer
@@ -10,6 +11,12 @@ logs metrics, through an ``MlflowClient`` bound to the run id (no global MLflow 
 works from any Ray worker). An unreachable server stops the job before any work with a clear
 message, unless ``tracking.on_unreachable = warn`` (then a loud warning and no tracking).
 Credentials embedded in URIs are never logged as params.
+
+A job's classifier (the distilled student; the teacher of ``train_teacher``) is logged as an
+MLflow Model named ``model`` (:meth:`Tracker.log_model`): ``mlflow.pytorch.load_model("runs:/<run_id>/model")``
+returns a module that takes float32 NCHW RGB images in [0, 1] (normalisation inside) and returns
+logits. It is saved in MLflow's ``pt2`` format (``torch.export``): loading runs no pickled code and
+needs only torch, not dda_ray. ``tracking.register_as`` also registers it in the model registry.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import subprocess
 import urllib.error
 import urllib.request
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .config import Config, ConfigError
@@ -47,6 +56,16 @@ def tracking_uri(cfg: Config) -> str:
     db = Path(cfg.run.output_dir).expanduser().resolve() / "mlflow.db"
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}"
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment of a sqlite store keeps its artifacts: ``mlartifacts/`` beside the
+    database file. MLflow's own default is ``./mlruns`` in the current directory, so an embedded-store
+    run started from the repository left its checkpoints and models there, away from its mlflow.db.
+    None (the server's or store's choice) for every other URI."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -80,6 +99,58 @@ def params_of(cfg: Config) -> dict[str, str]:
             continue
         out[k] = str(redact(v))[:6000]
     return out
+
+
+MODEL_NAME = "model"  # the artifact path of a job's MLflow Model: runs:/<run_id>/model
+MODEL_METADATA = ("arch", "num_classes", "mean", "std", "accuracy", "mode", "dataset", "classes")  # copied from meta.json
+
+
+@contextmanager
+def fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (``mlflow.pytorch.log_model``, ``mlflow.register_model``) at ``uri``
+    for a moment, then restore exactly what was set before (the global URI and MLFLOW_TRACKING_URI,
+    which ``mlflow.set_tracking_uri`` also writes): the Tracker itself keeps no global state."""
+    import os
+
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    saved_global, saved_env = getattr(utils, "_tracking_uri", None), os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_global)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
+def register_run_model(uri: str, run_id: str, name: str) -> int:
+    """Register the MLflow Model of run ``run_id`` (``runs:/<run_id>/model``) as a new version of ``name``; returns the version."""
+    import mlflow
+
+    with fluent_tracking_uri(uri):
+        return int(mlflow.register_model(f"runs:/{run_id}/{MODEL_NAME}", name).version)
+
+
+_STARTED: list[tuple[str, str, str]] = []  # (uri, experiment id, run id) of every run Tracker.start created here
+
+
+def started_runs() -> list[tuple[str, str, str]]:
+    """``(uri, experiment id, run id)`` of the runs :meth:`Tracker.start` created in this process, oldest first
+    (the job summary names the first one a job started: its own run, not a search's trials)."""
+    return list(_STARTED)
+
+
+def run_location(uri: str, experiment_id: str, run_id: str) -> str:
+    """Where a user finds a run: its page on an MLflow server, or the ``mlflow ui`` command for a local store."""
+    if uri.startswith(("http://", "https://")):
+        return f"{redact(uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    if uri.startswith("sqlite:"):
+        return f"mlflow ui --backend-store-uri {uri}   (then open run {run_id})"
+    return f"run {run_id} in {redact(uri)}"
 
 
 class Tracker:
@@ -125,7 +196,10 @@ class Tracker:
 
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name(cfg.tracking.experiment)
-        exp_id = exp.experiment_id if exp is not None else client.create_experiment(cfg.tracking.experiment)
+        if exp is None:
+            exp_id = client.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location(uri))
+        else:
+            exp_id = exp.experiment_id
         tags = {
             "job": job,
             "mode": cfg.run.mode,
@@ -138,6 +212,7 @@ class Tracker:
             **(extra_tags or {}),
         }
         run = client.create_run(exp_id, tags=tags, run_name=run_name or cfg.run.name)
+        _STARTED.append((uri, str(exp_id), run.info.run_id))
         tracker = cls(uri, run.info.run_id)
         tracker._client = client
         tracker.log_params(params_of(cfg))
@@ -172,6 +247,62 @@ class Tracker:
             self.client.log_artifacts(self.run_id, str(path), artifact_path)
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_model(self, checkpoint: str | Path, image_size: int, register_as: str | None = None, step: int = 0) -> str | None:
+        """Log the project checkpoint ``checkpoint`` as the MLflow Model ``model`` of this run; returns its URI.
+
+        The model is a :class:`~dda_ray.checkpoint.NormalizedClassifier`: float32 NCHW RGB in [0, 1]
+        -> logits, any batch size (signature and a 4-image input example of ``image_size``). Metrics
+        logged at ``step`` (the final epoch) are linked to it. ``register_as`` creates a new version of
+        that registered model. A failure to export or upload is a loud warning, not an error: the run's
+        training is done and its checkpoint is still logged as plain files.
+        """
+        if not self.enabled or not Path(checkpoint).is_dir():
+            return None
+        try:
+            return self._log_model(Path(checkpoint), image_size, register_as, step)
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            message = f"the MLflow Model of {checkpoint} was not logged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            warnings.warn(message, stacklevel=2)
+            print(f"WARNING: {message}", flush=True)
+            self.set_tag("model_logging_error", message[:5000])
+            return None
+
+    def _log_model(self, checkpoint: Path, image_size: int, register_as: str | None, step: int) -> str:
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        from .checkpoint import load_normalized_classifier
+
+        model, meta = load_normalized_classifier(checkpoint)
+        example = torch.rand(4, len(meta["mean"]), image_size, image_size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            logits = model(example)
+        example_np = example.numpy()
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        with fluent_tracking_uri(self.uri):
+            # Created here so that it lands in the run's experiment: given only run_id, log_model puts the
+            # model in the fluent API's current (default) experiment, where runs:/<run_id>/model is not looked up.
+            logged = mlflow.initialize_logged_model(name=MODEL_NAME, source_run_id=self.run_id, experiment_id=experiment_id)
+            info = mlflow.pytorch.log_model(
+                model,
+                name=MODEL_NAME,
+                model_id=logged.model_id,
+                run_id=self.run_id,
+                input_example=example_np,
+                signature=infer_signature(example_np, logits.numpy()),
+                serialization_format="pt2",
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],  # pt2 needs torch only (inferring runs a subprocess)
+                registered_model_name=register_as,
+                step=step,
+                metadata={
+                    "input": "float32 NCHW RGB images in [0, 1]; the normalisation (mean, std) is inside the model",
+                    "output": "logits (N, num_classes)",
+                    **{k: meta[k] for k in MODEL_METADATA if meta.get(k) is not None},
+                },
+            )
+        return info.model_uri
 
     def set_tag(self, key: str, value: str) -> None:
         if self.enabled:

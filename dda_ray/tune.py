@@ -268,7 +268,7 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
     )
     try:
         run_ray(cfg, tracker=tracker, callbacks=[TuneReportCallback()])
-        log_run_artifacts(tracker, cfg)
+        log_run_artifacts(tracker, cfg, register=False)  # tracking.register_as: the search registers its best trial's model
     except BaseException:
         tracker.finish("FAILED")
         raise
@@ -434,6 +434,26 @@ def _close_unfinished_children(parent, rows: list[dict], cfg: Config) -> None:
         child.finish("FAILED" if status == "error" else "KILLED")
 
 
+def _register_best(parent, run_name: str, name: str) -> None:
+    """Register the MLflow Model of the best trial's child run (``tracking.register_as``); a warning if it has none."""
+    from .tracking import register_run_model
+
+    if not parent.enabled:
+        return
+    client = parent.client
+    exp_id = client.get_run(parent.run_id).info.experiment_id
+    runs = client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}' and tags.mlflow.runName = '{run_name}'")
+    try:
+        if not runs:
+            raise LookupError(f"no child run named {run_name!r}")
+        version = register_run_model(parent.uri, runs[0].info.run_id, name)
+    except Exception as e:  # noqa: BLE001 - the search's results are written already; say what is missing
+        print(f"WARNING: the best trial's model was not registered as {name!r} ({type(e).__name__}: {e})", flush=True)
+        return
+    parent.set_tag("registered_model", f"{name}/{version}")
+    print(f"registered the best trial's model as {name!r} version {version}", flush=True)
+
+
 def _curves_png(rows: list[dict], metric: str, path: Path) -> Path | None:
     if not any(r["history"] for r in rows):
         return None
@@ -461,12 +481,13 @@ def tune_search(cfg: Config) -> dict:
     from ray import tune
 
     from .pipeline import init_ray
-    from .runtime import prepare_run_dir
+    from .runtime import check_ray_address, prepare_run_dir
     from .tracking import Tracker, check_reachable, tracking_uri
 
     spec = TuneSpec.from_config(cfg)
     if cfg.tracking.enabled and cfg.tracking.on_unreachable == "fail":
         check_reachable(tracking_uri(cfg))  # TrackingError before anything is written or trained
+    check_ray_address()  # likewise for an unreachable RAY_ADDRESS
     prepare_run_dir(cfg)
     parent = Tracker.start(cfg, "tune")  # on_unreachable=warn: a loud warning, no tracking
     try:
@@ -524,6 +545,8 @@ def tune_search(cfg: Config) -> dict:
         parent.set_tag("tune.best_run_name", best["run_name"])
         for k in spec.keys:
             parent.set_tag(f"best.{k}", str(best[k]))
+        if cfg.tracking.register_as:
+            _register_best(parent, best["run_name"], cfg.tracking.register_as)
         parent.log_artifact(run_dir / "config.yaml")
         parent.log_artifact(best_path)
         parent.log_artifact(run_dir / "trials.json")

@@ -140,6 +140,114 @@ def test_script_exits_2_in_a_real_process(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def _run_distill(args: list[str], env: dict | None = None, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
+    import time
+
+    t0 = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "distill.py"), *args],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )  # fmt: skip
+    return out, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:1", "203.0.113.1:6379"], ids=["closed-port", "dead-host"])
+def test_unreachable_ray_address_fails_fast_in_a_real_process(tmp_path, assets, cifar10_decoded, address):
+    """ray.init retries an unreachable GCS for minutes; the job says so in seconds (one error line,
+    exit 2) and leaves no run directory. 203.0.113.0/24 is TEST-NET-3: no host answers there
+    (behind a proxy that accepts every connection, the GCS question still gets no GCS answer)."""
+    args = base_args(tmp_path, assets, cifar10_decoded) + ["run.engine=ray"]
+    out, seconds = _run_distill(args, env={"RAY_ADDRESS": address})
+    assert out.returncode == 2, out.stderr[-3000:]
+    err = error_lines(out.stderr)
+    assert len(err) == 1 and err[0].startswith(f"error: no Ray cluster answers at RAY_ADDRESS={address}"), err
+    assert "ray start --head" in err[0]
+    assert seconds < 30, seconds  # the check itself is bounded by a 5 s deadline; the rest is imports
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    "address, expected",
+    [
+        ("127.0.0.1:1", "no Ray cluster answers at RAY_ADDRESS=127.0.0.1:1 (UNAVAILABLE"),
+        ("ray://127.0.0.1:1", "no Ray cluster answers at RAY_ADDRESS=ray://127.0.0.1:1 (ConnectionRefusedError"),
+        ("no-such-host.invalid:6379", "no Ray cluster answers"),
+        ("http://127.0.0.1:8265", "is a dashboard address, which `ray job submit --address` takes"),
+        ("head-node", "is not of the form host:port"),
+    ],
+)
+def test_ray_address_check_names_the_problem(address, expected):
+    import time
+
+    from dda_ray.runtime import RayAddressError, check_ray_address
+
+    t0 = time.monotonic()
+    with pytest.raises(RayAddressError) as exc:
+        check_ray_address(address, timeout=5)
+    assert expected in str(exc.value) and time.monotonic() - t0 < 15
+    for embedded in ("", "local"):
+        check_ray_address(embedded)
+
+
+def test_ray_address_check_asks_for_a_gcs_not_just_a_listening_port():
+    """A gRPC server that answers the GCS's GetClusterId passes; one that does not know it (a
+    proxy, the wrong port) is refused. Checked against a real Ray 2.60 GCS by hand: it answers OK,
+    or UNAUTHENTICATED under token auth, and both pass."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from dda_ray.runtime import _GCS_PROBE, RayAddressError, check_ray_address
+
+    service, method = _GCS_PROBE.strip("/").split("/")
+    handler = grpc.method_handlers_generic_handler(service, {method: grpc.unary_unary_rpc_method_handler(lambda request, context: b"")})
+    for handlers, ok in (([handler], True), ([], False)):
+        server = grpc.server(ThreadPoolExecutor(max_workers=1), handlers=handlers)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        try:
+            if ok:
+                check_ray_address(f"127.0.0.1:{port}")
+            else:
+                with pytest.raises(RayAddressError, match="not a Ray GCS"):
+                    check_ray_address(f"127.0.0.1:{port}")
+        finally:
+            server.stop(0)
+
+
+def test_undecodable_dataset_image_is_named_in_one_error_line_in_a_real_process(tmp_path, assets):
+    """A corrupt JPEG inside an image-folder archive: the job names the archive member, suggests
+    data.skip_corrupt=true, exits 2 and leaves no run directory."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    def png(rgb) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), rgb).save(buf, format="PNG")
+        return buf.getvalue()
+
+    members = {f"data/{split}/{cls}/{i}.png": png((i, 50, 100)) for split in ("train", "test") for cls in ("cat", "dog") for i in range(2)}
+    members["data/train/dog/broken.jpg"] = b"\xff\xd8\xff\xe0 cut short"
+    archive = tmp_path / "images.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    args = [
+        f"run.output_dir={tmp_path}", "run.name=bad", "run.engine=local", f"data.path={archive}", f"data.cache_dir={tmp_path / 'cache'}",
+        "teacher.arch=wrn16_1", f"teacher.checkpoint={assets / 'teacher'}", f"augment.model={assets / 'prior'}", "tracking.enabled=false",
+    ]  # fmt: skip
+    out, _ = _run_distill(args)
+    assert out.returncode == 2, out.stderr[-3000:]
+    err = error_lines(out.stderr)
+    assert len(err) == 1 and f"cannot decode image member data/train/dog/broken.jpg of archive {archive}" in err[0], err
+    assert "data.skip_corrupt=true" in err[0]
+    assert not (tmp_path / "bad").exists()
+
+
 TINY_RUN = [
     "run.mode=dda",
     "data.eval_subset=50",

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import json
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -237,3 +239,79 @@ def test_job_script_print_config_in_a_real_process(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     cfg = config_from_dict(yaml.safe_load(out.stdout))
     assert cfg == load_config(preset, ["distill.epochs=4"])
+
+
+# ------------------------------------------------------------- the summary block
+def test_summary_block_names_result_outputs_mlflow_run_and_wall_time(tmp_path):
+    from dda_ray.cli import summary_block
+
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=s", "augment.model=priors/p"])
+    (tmp_path / "s" / "student").mkdir(parents=True)
+    (tmp_path / "s" / "student" / "meta.json").write_text("{}")
+    run = ("http://user:pw@mlflow.internal:5000/", "3", "abc123")
+    text = summary_block("distill", cfg, {"test_acc": 71.234, "epoch": 4}, run, 3725.4)
+    lines = text.splitlines()
+    assert lines[0] == "== distill finished =="
+    rows = {line.split("  ")[1].strip(): line.split("  ", 2)[2].strip() for line in lines[1:]}
+    assert rows == {
+        "test accuracy": "71.23 %",
+        "run directory": str((tmp_path / "s").resolve()),
+        "student": str((tmp_path / "s" / "student").resolve()),
+        "MLflow": "http://user:***@mlflow.internal:5000/#/experiments/3/runs/abc123",
+        "wall time": "1h 02m 05s",
+    }
+
+    sqlite = ("sqlite:////data/out/mlflow.db", "1", "r1")
+    prior = summary_block("train_prior", cfg, {"final_loss": 0.03125, "steps": 10}, sqlite, 65)
+    assert "final loss     0.0312" in prior and f"prior          {(Path('priors/p')).resolve()}" in prior
+    assert "mlflow ui --backend-store-uri sqlite:////data/out/mlflow.db   (then open run r1)" in prior and "1m 05s" in prior
+    tune = summary_block("tune", cfg, {"trial_id": "t1", "test_acc": 50.0, "best_yaml": "/o/best.yaml"}, None, 1)
+    assert "best trial" in tune and "best test accuracy  50.00 %" in tune and "best config" in tune
+    assert "not tracked (see the warning above)" in tune
+    untracked = load_config(None, [f"run.output_dir={tmp_path}", "run.name=s", "tracking.enabled=false"])
+    assert "not tracked (tracking.enabled=false)" in summary_block("x", untracked, None, None, 0)
+
+
+def test_run_job_prints_the_summary_after_a_successful_job_only(capsys, tmp_path):
+    argv = [f"run.output_dir={tmp_path}", "run.name=sum", "tracking.enabled=false"]
+    assert run_job(lambda cfg: {"test_acc": 12.5}, argv=argv, job="distill") == {"test_acc": 12.5}
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "== distill finished ==" and "12.50 %" in out[1] and out[-1].split()[:2] == ["wall", "time"]
+    with pytest.raises(SystemExit):
+        run_job(_never_called, argv=argv, job="distill")  # the run directory exists: a user error, no summary
+    assert "finished" not in capsys.readouterr().out
+
+
+def test_a_finished_job_ends_with_the_summary_in_a_real_process(tmp_path, tiny_assets, cifar10_decoded):
+    """A seconds-long local-engine distillation through ``jobs/distill.py`` with the embedded MLflow
+    default: its stdout ends with the summary, whose MLflow line opens the run it names."""
+    from mlflow import MlflowClient
+
+    from .conftest import tiny_run_args
+
+    args = tiny_run_args(tmp_path / "out", tiny_assets, cifar10_decoded, {
+        "run.name": "summary", "run.engine": "local", "run.mode": "inversion", "run.stream_log": False,
+        "data.eval_subset": 50, "distill.epochs": 1, "distill.steps_per_epoch": 2, "tracking.enabled": True,
+    })  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    out = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "distill.py"), *args],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    block = out.stdout[out.stdout.rindex("== distill finished ==") :].splitlines()
+    rows = {line.split("  ")[1].strip(): line.split("  ", 2)[2].strip() for line in block[1:]}
+    run_dir = (tmp_path / "out" / "summary").resolve()
+    assert set(rows) == {"test accuracy", "run directory", "student", "MLflow", "wall time"}, block
+    assert rows["run directory"] == str(run_dir) and rows["student"] == str(run_dir / "student")
+    final = json.loads((run_dir / "metrics.json").read_text())
+    assert rows["test accuracy"] == f"{final['test_acc']:.2f} %"
+    db = f"sqlite:///{(tmp_path / 'out').resolve() / 'mlflow.db'}"
+    prefix = f"mlflow ui --backend-store-uri {db}   (then open run "
+    assert rows["MLflow"].startswith(prefix), rows["MLflow"]
+    run_id = rows["MLflow"][len(prefix) : -1]
+    run = MlflowClient(db).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow.runName"] == "summary"
+    assert re.fullmatch(r"\d+m \d\ds", rows["wall time"])
+    assert not (tmp_path / "mlruns").exists()  # artifacts and the model live beside mlflow.db, not in the current directory
+    assert list((tmp_path / "out" / "mlartifacts").rglob("MLmodel"))

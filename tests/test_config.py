@@ -107,6 +107,7 @@ def test_malformed_override_raises(text):
         ("resources.augment_resources={GPU: 1}", "resources.augment_resources", "'GPU'"),
         ("resources.worker_resources.train=-1", "resources.worker_resources.train", "-1"),
         ("resources.filter_resources={x: big}", "resources.filter_resources.x", "'big'"),
+        ("tracking.register_as=' '", "tracking.register_as", "' '"),
     ],
 )
 def test_out_of_range_value_names_field_and_value(override, field, shown):

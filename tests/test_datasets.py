@@ -422,3 +422,54 @@ def test_subset_and_channel_stats():
     assert np.array_equal(arrays.subset(4, seed=1).labels, sub.labels)
     mean, std = channel_stats(images)
     assert mean == (1.0, 0.0, 0.0) and std == (0.0, 0.0, 0.0)
+
+
+# ------------------------------------------------------------- undecodable images
+def _with_corrupt_images(root: Path) -> list[str]:
+    """Two bad files in the tiny folder: bytes that are no image, and a JPEG cut in half."""
+    (root / "train" / "zebra" / "9.png").write_bytes(b"this is not a png")
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), (9, 9, 9)).save(buf, format="JPEG")
+    (root / "test" / "ant" / "5.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    return ["train/zebra/9.png", "test/ant/5.jpg"]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["folder", "archive"])
+def test_an_undecodable_image_is_named_or_left_out_with_a_warning(tmp_path, packed, monkeypatch, capsys):
+    root = _write_folder(tmp_path / "mini")
+    bad = _with_corrupt_images(root)
+    path = root
+    if packed:
+        path = tmp_path / "mini.tar.gz"
+        with tarfile.open(path, "w:gz") as tf:
+            tf.add(root, arcname="mini")
+        bad = [f"mini/{name}" for name in bad]
+    cache = tmp_path / "cache"
+
+    with pytest.raises(DatasetError) as exc:
+        load_dataset("imagefolder", path, cache_dir=cache, image_size=16, progress=False)
+    msg = str(exc.value)
+    where = f"member {bad[0]} of archive {path}" if packed else str(root / bad[0])
+    assert f"cannot decode image {where}" in msg and "data.skip_corrupt=true" in msg, msg
+    assert not cache.exists() or not list(cache.glob("*.npz"))  # nothing cached from a failed load
+
+    ds = load_dataset("imagefolder", path, cache_dir=cache, image_size=16, progress=False, skip_corrupt=True)
+    _check_mini(ds)  # every good image, nothing else
+    assert ds.skipped == bad
+    assert f"warning: left out 2 unreadable image(s) of {path} (data.skip_corrupt=true): {bad[0]}, {bad[1]}" in capsys.readouterr().out
+
+    with pytest.raises(DatasetError, match="cannot decode image"):  # the skipping run's cache does not hide the error
+        load_dataset("imagefolder", path, cache_dir=cache, image_size=16, progress=False)
+    _forbid(monkeypatch, "_decode", "_iter_tar", "_iter_dir", "load_image_folder")
+    cfg = DataConfig(dataset="imagefolder", path=str(path), cache_dir=str(cache), num_classes=2, image_size=16, skip_corrupt=True)
+    cached = load_data(cfg, progress=False)  # what the jobs call: data.skip_corrupt reaches the loader
+    assert cached.skipped == bad and np.array_equal(cached.train.images, ds.train.images)
+    assert "left out 2 unreadable image(s)" in capsys.readouterr().out
+
+
+def test_a_split_left_without_readable_images_is_refused(tmp_path):
+    root = _write_folder(tmp_path / "mini")
+    for p in (root / "test").rglob("*.png"):
+        p.write_bytes(b"broken")
+    with pytest.raises(DatasetError, match=r"\(test split\) has no readable images"):
+        load_dataset("imagefolder", root, progress=False, skip_corrupt=True)

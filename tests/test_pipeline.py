@@ -298,3 +298,43 @@ def test_extra_banks_and_batch_mixing_give_the_same_run_on_both_engines(tmp_path
     assert metrics["local"]["pool_rows"] == 2 * 16 + 24
     for k in ("test_acc", "test_loss", "loss_kd", "loss_ce", "loss_fea", "rows"):
         assert metrics["ray"][k] == pytest.approx(metrics["local"][k], rel=1e-5, abs=1e-6), k
+
+
+# ------------------------------------------------ Ray API use (no cluster started)
+RAY_DATA_CALLS = ("map_batches", "read_datasource")
+
+
+def test_ray_data_calls_use_only_named_parameters():
+    """Every map_batches / read_datasource call in the package and the benchmarks names only
+    parameters of Ray's own signature: extra keywords land in ``**ray_remote_args``, deprecated in
+    Ray 2.60 (a RayDeprecationWarning on every run; removed in 2.64)."""
+    import ast
+    import inspect
+
+    import ray.data
+
+    named = {
+        "map_batches": set(inspect.signature(ray.data.Dataset.map_batches).parameters) - {"self", "ray_remote_args"},
+        "read_datasource": set(inspect.signature(ray.data.read_datasource).parameters) - {"ray_remote_args", "read_args"},
+    }
+    root = Path(__file__).resolve().parents[1]
+    found = 0
+    for path in [*sorted((root / "dda_ray").rglob("*.py")), *sorted((root / "benchmarks").rglob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in RAY_DATA_CALLS:
+                found += 1
+                where = f"{path.relative_to(root)}:{node.lineno}"
+                assert all(k.arg is not None for k in node.keywords), f"{where}: **kwargs reach ray_remote_args"
+                extra = {k.arg for k in node.keywords} - named[node.func.attr]
+                assert not extra, f"{where}: {sorted(extra)} are not named parameters of {node.func.attr}"
+    assert found >= 4  # the augment, filter and pool stages, and the benchmark's augment pool
+
+
+def test_actor_pools_restart_dead_actors_by_default():
+    """What build_dataset relies on without passing it (see dda_ray/pipeline.py): a dead augment or
+    filter actor is restarted and its unfinished batches retried, without limit."""
+    from ray.data import DataContext
+    from ray.data._internal.execution.operators.actor_pool_map_operator import ActorPoolMapOperator
+
+    args = ActorPoolMapOperator._apply_default_remote_args({}, DataContext())
+    assert args["max_restarts"] == -1 and args["max_task_retries"] == -1

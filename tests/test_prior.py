@@ -139,6 +139,7 @@ def test_job_arguments_and_refusals(tmp_path, trained):
         job._split_argv(["--bank", "b", "--folder=f"])
     root, _ = trained
     base = [f"run.output_dir={tmp_path}", "data.num_classes=4", "augment.device=cpu", "augment.prior_channels=[8, 16]", "augment.prior_steps=2"]
+    base.append("tracking.enabled=false")  # MLflow logging of this job: tests/test_tracking.py
     with pytest.raises(ConfigError, match="augment.prior_bank is not set"):
         job.main(load_config(None, base))
     with pytest.raises(ConfigError, match="--overwrite"):

@@ -15,6 +15,8 @@ import pytest
 from dda_ray.config import load_config
 from dda_ray.tracking import Tracker, TrackingError, params_of, redact, tracking_uri
 
+from .test_local import tiny_teacher  # noqa: F401 - a fixture
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -122,6 +124,26 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
     assert tracking_uri(cfg_with(tmp_path, **{"tracking.uri": "http://127.0.0.1:6001"})) == "http://127.0.0.1:6001"  # config wins
 
 
+def test_the_embedded_store_keeps_artifacts_beside_its_database(tmp_path, monkeypatch):
+    """Not in ./mlruns of whatever directory the job was started from (MLflow's default)."""
+    from mlflow import MlflowClient
+
+    from dda_ray.tracking import artifact_location
+
+    assert artifact_location("http://127.0.0.1:5000") is None
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = cfg_with(tmp_path / "out")
+    tracker = Tracker.start(cfg, "distill")
+    (tmp_path / "note.txt").write_text("x")
+    tracker.log_artifact(tmp_path / "note.txt")
+    tracker.finish()
+    exp = MlflowClient(tracker.uri).get_experiment_by_name(cfg.tracking.experiment)
+    assert exp.artifact_location == (tmp_path / "out" / "mlartifacts").resolve().as_uri()
+    assert len(list((tmp_path / "out" / "mlartifacts").rglob("note.txt"))) == 1
+    assert not (tmp_path / "mlruns").exists()
+
+
 def test_unreachable_server_fails_before_anything_runs(tmp_path):
     cfg = cfg_with(tmp_path, **{"tracking.uri": closed_port_uri()})
     with pytest.raises(TrackingError, match="unreachable.*on_unreachable=warn"):
@@ -178,3 +200,154 @@ def test_tracker_logs_params_metrics_and_artifacts_to_a_real_server(tmp_path, ml
     assert run.data.params["augment.strength"] == str(cfg.augment.strength)
     assert [(m.step, m.value) for m in client.get_metric_history(child.run_id, "test_acc")] == [(1, 10.0), (2, 20.0), (3, 30.0)]
     assert [f.path for f in client.list_artifacts(child.run_id, "grids")] == ["grids/g.png"]
+
+
+# ------------------------------------------------------- models and jobs, real server
+def _runs(server, experiment: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(server.uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client, (client.search_runs([exp.experiment_id]) if exp is not None else [])
+
+
+def _normalized_logits(checkpoint: Path, images):
+    """What a user would compute from the checkpoint on disk: its classifier on the normalised images."""
+    import torch
+
+    from dda_ray.checkpoint import load_classifier, read_meta
+
+    meta = read_meta(checkpoint)
+    model, _ = load_classifier(checkpoint, meta["arch"], meta["num_classes"])
+    mean, std = torch.tensor(meta["mean"]).view(1, -1, 1, 1), torch.tensor(meta["std"]).view(1, -1, 1, 1)
+    with torch.no_grad():
+        return model.eval()((images - mean) / std)
+
+
+def test_distill_logs_the_student_as_a_loadable_registered_mlflow_model(
+    mlflow_server_started, tmp_path, tiny_teacher, cifar10_decoded  # noqa: F811 - the fixture imported above
+):
+    """A tiny local-engine distillation: ``runs:/<id>/model`` takes [0, 1] images (any batch size) and
+    gives the saved student's logits; ``tracking.register_as`` makes version 1 of the registered model."""
+    import mlflow.pytorch
+    import torch
+
+    from dda_ray.api import distill
+    from dda_ray.data.transforms import to_float
+    from dda_ray.tracking import fluent_tracking_uri, register_run_model
+
+    from .test_local import tiny_config
+
+    server = mlflow_server_started
+    tracking = {"tracking.enabled": True, "tracking.uri": server.uri, "tracking.experiment": "student_model"}
+    tracking["tracking.register_as"] = "tiny_student"
+    cfg = tiny_config(tmp_path, tiny_teacher, cifar10_decoded, **{**tracking, "distill.epochs": 1})
+    server.wait()
+    final = distill(cfg)
+
+    client, runs = _runs(server, "student_model")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run_id = runs[0].info.run_id
+    images = to_float(cifar10_decoded.ds.test.images[:7])  # 7: not the example's batch of 4
+    expected = _normalized_logits(cfg.run_dir / "student", images)
+    with fluent_tracking_uri(server.uri):
+        model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+        info = mlflow.models.get_model_info(f"runs:/{run_id}/model")
+        registered = mlflow.pytorch.load_model("models:/tiny_student/1")
+    with torch.no_grad():
+        assert torch.allclose(model(images), expected, atol=1e-5)
+        assert torch.allclose(registered(images), expected, atol=1e-5)
+    spec = info.signature.inputs.inputs[0]
+    assert spec.shape == (-1, 3, 32, 32) and str(spec.type) == "float32"
+    assert info.metadata["arch"] == "wrn16_1" and "[0, 1]" in info.metadata["input"]
+    assert info.metadata["accuracy"] == final["test_acc"]
+
+    versions = client.search_model_versions("name='tiny_student'")
+    assert [v.version for v in versions] == ["1"]
+    assert register_run_model(server.uri, run_id, "tiny_student") == 2  # what a tune search does for its best trial
+
+
+def test_train_teacher_logs_the_teacher_as_an_mlflow_model(mlflow_server_started, tmp_path, cifar10_decoded):
+    import mlflow.pytorch
+    import torch
+
+    from dda_ray.api import train_teacher
+    from dda_ray.data.transforms import to_float
+    from dda_ray.runtime import prepare_run_dir
+    from dda_ray.tracking import fluent_tracking_uri
+
+    server = mlflow_server_started
+    cfg = load_config(None, [
+        f"run.output_dir={tmp_path}", "run.name=teacher",
+        f"data.path={cifar10_decoded.path}", f"data.cache_dir={cifar10_decoded.cache_dir}", "data.train_subset=64",
+        "data.eval_subset=64", "teacher.arch=wrn16_1", "teacher.checkpoint=null",
+        "teacher_training.epochs=1", "teacher_training.batch_size=32", "resources.torch_threads=1",
+        f"tracking.uri={server.uri}", "tracking.experiment=teacher_model", "tracking.register_as=tiny_teacher",
+    ])  # fmt: skip
+    prepare_run_dir(cfg)
+    server.wait()
+    train_teacher(cfg)
+
+    client, runs = _runs(server, "teacher_model")
+    assert len(runs) == 1 and runs[0].data.tags["job"] == "train_teacher"
+    images = to_float(cifar10_decoded.ds.test.images[:5])
+    with fluent_tracking_uri(server.uri):
+        model = mlflow.pytorch.load_model(f"runs:/{runs[0].info.run_id}/model")
+    with torch.no_grad():
+        assert torch.allclose(model(images), _normalized_logits(cfg.run_dir / "teacher", images), atol=1e-5)
+    assert [v.version for v in client.search_model_versions("name='tiny_teacher'")] == ["1"]
+
+
+def test_train_prior_job_logs_params_the_loss_curve_and_the_prior(mlflow_server_started, tmp_path):
+    from dda_ray.entrypoints import train_prior_job
+    from dda_ray.runtime import prepare_run_dir
+
+    from .test_prior import write_bank
+
+    server = mlflow_server_started
+    bank = write_bank(tmp_path / "bank")
+    cfg = load_config(None, [
+        f"run.output_dir={tmp_path}", "run.name=prior", "data.num_classes=4", "augment.device=cpu",
+        "augment.prior_channels=[8, 16]", "augment.prior_steps=4", "augment.prior_batch_size=8", "augment.prior_log_every=2",
+        f"augment.prior_bank={bank}", f"augment.model={tmp_path / 'prior_out'}", "resources.torch_threads=1",
+        f"tracking.uri={server.uri}", "tracking.experiment=prior_job",
+    ])  # fmt: skip
+    prepare_run_dir(cfg)
+    server.wait()
+    train_prior_job(cfg)
+
+    client, runs = _runs(server, "prior_job")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["job"] == "train_prior"
+    assert run.data.params["augment.prior_steps"] == "4" and run.data.params["augment.prior_source"] == "bank"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4]
+    assert {"lr", "img_per_s"} <= set(run.data.metrics)
+    top = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "prior_loss.jsonl", "prior"} <= top
+    prior = {f.path for f in client.list_artifacts(run.info.run_id, "prior")}
+    assert {"prior/model_index.json", "prior/loss.jsonl", "prior/training.json", "prior/unet"} <= prior
+
+
+def test_a_model_that_cannot_be_logged_is_a_loud_warning_not_a_failed_run(mlflow_server, tmp_path, monkeypatch, capsys):
+    """Training is over when the model is logged: an export or upload error must not fail the job."""
+    import mlflow.pytorch
+
+    from dda_ray.checkpoint import save_classifier
+    from dda_ray.models import build_model
+
+    save_classifier(build_model("wrn16_1", 10), tmp_path / "student", arch="wrn16_1", num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("export failed\nsecond line")
+
+    monkeypatch.setattr(mlflow.pytorch, "log_model", broken)
+    tracker = Tracker.start(cfg_with(tmp_path, **{"tracking.uri": mlflow_server.uri, "tracking.experiment": "model_failure"}), "distill")
+    with pytest.warns(UserWarning, match="was not logged"):
+        assert tracker.log_model(tmp_path / "student", 32, register_as="never_registered") is None
+    tracker.finish()
+    assert "WARNING: the MLflow Model of" in capsys.readouterr().out
+    from mlflow import MlflowClient
+
+    run = MlflowClient(mlflow_server.uri).get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and "RuntimeError: export failed" in run.data.tags["model_logging_error"]

@@ -28,7 +28,8 @@ def channel_stats(images) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 def load_data(cfg_data, progress: bool = True) -> SplitDataset:
     """Load the dataset a :class:`~dda_ray.config.DataConfig` describes and check its class count."""
-    ds = load_dataset(cfg_data.dataset, cfg_data.path, cfg_data.cache_dir, cfg_data.image_size, cfg_data.download, progress)
+    c = cfg_data
+    ds = load_dataset(c.dataset, c.path, c.cache_dir, c.image_size, c.download, progress, skip_corrupt=c.skip_corrupt)
     if ds.num_classes != cfg_data.num_classes:
         raise DatasetError(f"{cfg_data.path} has {ds.num_classes} classes but data.num_classes = {cfg_data.num_classes}")
     return ds

@@ -13,6 +13,11 @@ Supported sources:
 Every loader returns :class:`ImageArrays` (uint8 NHWC + int64 labels). The decoded arrays are
 stored as ``.npz`` under ``cache_dir`` keyed by the source's path, size and mtime, so a second
 run starts in about a second instead of re-decoding JPEGs.
+
+An image file that does not decode (truncated, not an image, ...) stops the load with a
+:class:`DatasetError` naming the file (the archive member for a ``.tar.gz``), or, with
+``skip_corrupt=True`` (``data.skip_corrupt``), is left out with a warning; the dataset then lists
+what it left out in :attr:`SplitDataset.skipped`.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import pickle
 import tarfile
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +73,7 @@ class SplitDataset:
     train: ImageArrays
     test: ImageArrays
     classes: list[str]
+    skipped: list[str] = field(default_factory=list)  # undecodable files left out (skip_corrupt=True)
 
     @property
     def num_classes(self) -> int:
@@ -95,6 +101,7 @@ def _load_cached(cache_file: Path) -> SplitDataset | None:
                 ImageArrays(z["train_x"], z["train_y"]),
                 ImageArrays(z["test_x"], z["test_y"]),
                 [str(c) for c in z["classes"]],
+                [str(n) for n in z["skipped"]] if "skipped" in z.files else [],
             )
     except Exception:  # a truncated cache is rebuilt, never trusted
         return None
@@ -110,6 +117,7 @@ def _save_cache(cache_file: Path, ds: SplitDataset) -> None:
         test_x=ds.test.images,
         test_y=ds.test.labels,
         classes=np.array(ds.classes),
+        skipped=np.array(ds.skipped, dtype=str),
     )
     os.replace(tmp, cache_file)  # atomic: readers never see a half-written cache
 
@@ -122,6 +130,35 @@ def _decode(data: bytes, size: int | None) -> np.ndarray:
     if size is not None and img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR)
     return np.asarray(img, dtype=np.uint8)
+
+
+class _Decoder:
+    """Decodes the images of one dataset source; an undecodable one is a DatasetError naming it, or,
+    with ``skip``, is recorded in ``skipped`` and left out."""
+
+    def __init__(self, source: Path, skip: bool):
+        self.source, self.skip, self.skipped = source, skip, []
+
+    def __call__(self, data: bytes, size: int | None, name: str) -> np.ndarray | None:
+        from PIL import Image
+
+        try:
+            return _decode(data, size)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's ways of saying "not a valid image"
+            if self.skip:
+                self.skipped.append(name)
+                return None
+            where = f"member {name} of archive {self.source}" if self.source.is_file() else str(self.source / name)
+            raise DatasetError(
+                f"cannot decode image {where} ({type(e).__name__}: {e}); remove or replace it, "
+                "or set data.skip_corrupt=true to leave unreadable images out with a warning"
+            ) from e
+
+
+def _stack(xs: list[np.ndarray], ys: list[int], what: str) -> ImageArrays:
+    if not xs:
+        raise DatasetError(f"{what} has no readable images")
+    return ImageArrays(np.stack(xs), np.asarray(ys, dtype=np.int64))
 
 
 def _iter_tar(path: Path) -> Iterator[tuple[str, bytes]]:
@@ -154,7 +191,7 @@ def _split_files(files: Iterator[tuple[str, bytes]], splits: tuple[str, ...]) ->
     return out
 
 
-def load_image_folder(path: str | Path, image_size: int | None = None, progress: bool = True) -> SplitDataset:
+def load_image_folder(path: str | Path, image_size: int | None = None, progress: bool = True, skip_corrupt: bool = False) -> SplitDataset:
     """``train/<class>/*`` and ``test/<class>/*`` (or ``val``) from a folder or ``.tar.gz``."""
     from tqdm import tqdm
 
@@ -173,15 +210,19 @@ def load_image_folder(path: str | Path, image_size: int | None = None, progress:
     if sorted(groups[test_key]) != classes:
         raise DatasetError(f"{path}: the test split's classes differ from the train split's")
 
-    def to_arrays(split: dict[str, list]) -> ImageArrays:
+    decode = _Decoder(path, skip_corrupt)
+
+    def to_arrays(split: dict[str, list], name: str) -> ImageArrays:
         xs, ys = [], []
         for ci, c in enumerate(classes):
-            for _, data in sorted(split[c]):
-                xs.append(_decode(data, image_size))
-                ys.append(ci)
-        return ImageArrays(np.stack(xs), np.asarray(ys, dtype=np.int64))
+            for member, data in sorted(split[c]):
+                if (image := decode(data, image_size, member)) is not None:
+                    xs.append(image)
+                    ys.append(ci)
+        return _stack(xs, ys, f"{path} ({name} split)")
 
-    return SplitDataset(to_arrays(groups["train"]), to_arrays(groups[test_key]), classes)
+    train, test = to_arrays(groups["train"], "train"), to_arrays(groups[test_key], test_key)
+    return SplitDataset(train, test, classes, decode.skipped)
 
 
 # ------------------------------------------------------------ CIFAR (python)
@@ -258,7 +299,7 @@ def load_cifar(name: str, root: str | Path, download: bool = True) -> SplitDatas
 
 
 # --------------------------------------------------------------- Tiny-ImageNet
-def load_tiny_imagenet(root: str | Path, progress: bool = True) -> SplitDataset:
+def load_tiny_imagenet(root: str | Path, progress: bool = True, skip_corrupt: bool = False) -> SplitDataset:
     from tqdm import tqdm
 
     root = Path(root)
@@ -269,12 +310,14 @@ def load_tiny_imagenet(root: str | Path, progress: bool = True) -> SplitDataset:
         raise DatasetError(f"{root} is not a Tiny-ImageNet folder (no wnids.txt); expected the tiny-imagenet-200 layout")
     classes = sorted(wnids_file.read_text().split())
     index = {c: i for i, c in enumerate(classes)}
+    decode = _Decoder(root, skip_corrupt)
     xs, ys = [], []
     for c in tqdm(classes, desc="tiny-imagenet train", disable=not progress):
         for p in sorted((root / "train" / c / "images").glob("*")):
-            xs.append(_decode(p.read_bytes(), 64))
-            ys.append(index[c])
-    train = ImageArrays(np.stack(xs), np.asarray(ys, dtype=np.int64))
+            if (image := decode(p.read_bytes(), 64, p.relative_to(root).as_posix())) is not None:
+                xs.append(image)
+                ys.append(index[c])
+    train = _stack(xs, ys, f"{root} (train split)")
     ann = root / "val" / "val_annotations.txt"
     if not ann.exists():
         raise DatasetError(f"{ann} is missing")
@@ -282,30 +325,54 @@ def load_tiny_imagenet(root: str | Path, progress: bool = True) -> SplitDataset:
     for line in ann.read_text().splitlines():
         parts = line.split("\t")
         if len(parts) >= 2:
-            xs.append(_decode((root / "val" / "images" / parts[0]).read_bytes(), 64))
-            ys.append(index[parts[1]])
-    return SplitDataset(train, ImageArrays(np.stack(xs), np.asarray(ys, dtype=np.int64)), classes)
+            if (image := decode((root / "val" / "images" / parts[0]).read_bytes(), 64, f"val/images/{parts[0]}")) is not None:
+                xs.append(image)
+                ys.append(index[parts[1]])
+    return SplitDataset(train, _stack(xs, ys, f"{root} (val split)"), classes, decode.skipped)
 
 
 # ------------------------------------------------------------------ entry point
-def load_dataset(name: str, path: str | Path, cache_dir: str | Path | None = None, image_size: int | None = None, download: bool = True, progress: bool = True) -> SplitDataset:
-    """Load a dataset by kind, decoding once and reusing the ``.npz`` cache afterwards."""
+def load_dataset(
+    name: str,
+    path: str | Path,
+    cache_dir: str | Path | None = None,
+    image_size: int | None = None,
+    download: bool = True,
+    progress: bool = True,
+    skip_corrupt: bool = False,
+) -> SplitDataset:
+    """Load a dataset by kind, decoding once and reusing the ``.npz`` cache afterwards.
+
+    An undecodable image is a DatasetError naming it, unless ``skip_corrupt`` (then a warning and
+    ``SplitDataset.skipped``). A dataset that lost images that way is cached under its own name
+    (``...-skipped.npz``), which only ``skip_corrupt`` runs read: without it the files are decoded
+    again and the error names the bad file.
+    """
     path = Path(path).expanduser()
     if name in CIFAR_URLS:
         return load_cifar(name, path, download=download)  # already raw arrays: no extra cache
     if not path.exists():
         raise DatasetError(f"dataset path {path} does not exist (data.path); check the path or mount")
     if cache_dir is not None:
-        cache_file = Path(cache_dir).expanduser() / f"{name}-{_cache_key(name, path)}-{image_size or 0}.npz"
-        cached = _load_cached(cache_file)
-        if cached is not None:
-            return cached
+        stem = Path(cache_dir).expanduser() / f"{name}-{_cache_key(name, path)}-{image_size or 0}"
+        for cache_file in [stem.with_suffix(".npz")] + ([stem.with_name(stem.name + "-skipped.npz")] if skip_corrupt else []):
+            cached = _load_cached(cache_file)
+            if cached is not None:
+                _warn_skipped(cached, path)
+                return cached
     if name == "imagefolder":
-        ds = load_image_folder(path, image_size, progress)
+        ds = load_image_folder(path, image_size, progress, skip_corrupt)
     elif name == "tiny_imagenet":
-        ds = load_tiny_imagenet(path, progress)
+        ds = load_tiny_imagenet(path, progress, skip_corrupt)
     else:
         raise DatasetError(f"unknown dataset kind {name!r}; use cifar10, cifar100, imagefolder or tiny_imagenet")
     if cache_dir is not None:
-        _save_cache(cache_file, ds)
+        _save_cache(stem.with_name(stem.name + "-skipped.npz") if ds.skipped else stem.with_suffix(".npz"), ds)
+    _warn_skipped(ds, path)
     return ds
+
+
+def _warn_skipped(ds: SplitDataset, path: Path) -> None:
+    if ds.skipped:
+        shown = ", ".join(ds.skipped[:5]) + (f", ... ({len(ds.skipped) - 5} more)" if len(ds.skipped) > 5 else "")
+        print(f"warning: left out {len(ds.skipped)} unreadable image(s) of {path} (data.skip_corrupt=true): {shown}", flush=True)
