@@ -66,9 +66,9 @@ def last_epoch(run_dir) -> int:
     return int(lines[-1].get("epoch", 0)) if lines else 0
 
 
-def log_run_artifacts(tracker: Tracker, cfg: Config, register: bool = True) -> None:
+def log_run_artifacts(tracker: Tracker, cfg: Config, register: bool = True, model: bool = True) -> None:
     """What every distillation run leaves in MLflow: config, metrics, curve, grids, the student's
-    checkpoint files, and the student as the MLflow Model ``model`` (registered as
+    checkpoint files, and (``model``) the student as the MLflow Model ``model`` (registered as
     ``tracking.register_as`` when set and ``register``; a tune trial leaves that to the search)."""
     run_dir = cfg.run_dir
     tracker.log_artifact(run_dir / "config.yaml")
@@ -78,6 +78,8 @@ def log_run_artifacts(tracker: Tracker, cfg: Config, register: bool = True) -> N
         tracker.log_artifact(curve)
     tracker.log_artifact(run_dir / "grids", "grids")
     tracker.log_artifact(run_dir / "student", "student")
+    if not model:
+        return
     register_as = cfg.tracking.register_as if register else None
     tracker.log_model(run_dir / "student", cfg.data.image_size, register_as=register_as, step=last_epoch(run_dir))
 

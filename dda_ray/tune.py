@@ -268,7 +268,9 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
     )
     try:
         run_ray(cfg, tracker=tracker, callbacks=[TuneReportCallback()])
-        log_run_artifacts(tracker, cfg, register=False)  # tracking.register_as: the search registers its best trial's model
+        # A trial's student becomes an MLflow Model (a torch.export, seconds per trial) only when the search
+        # registers its best one (tracking.register_as); its checkpoint files are logged either way.
+        log_run_artifacts(tracker, cfg, register=False, model=bool(cfg.tracking.register_as))
     except BaseException:
         tracker.finish("FAILED")
         raise
