@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -34,10 +33,10 @@ from dda_ray.augment import Augmenter  # noqa: E402
 from dda_ray.checkpoint import load_teacher  # noqa: E402
 from dda_ray.config import load_config  # noqa: E402
 from dda_ray.data.bank import read_bank  # noqa: E402
-from dda_ray.data.transforms import to_float  # noqa: E402
 from dda_ray.filter import CosineFilter  # noqa: E402
 from dda_ray.grids import make_grid  # noqa: E402
 from dda_ray.runtime import set_threads  # noqa: E402
+from dda_ray.synthesis import teacher_outputs  # noqa: E402
 
 
 def main() -> None:
@@ -61,7 +60,6 @@ def main() -> None:
     bank = read_bank(args.bank)
     n = min(args.images, len(bank))
     images, labels, ids, ref = bank.images[:n], bank.labels[:n], bank.ids[:n], bank.teacher_embedding[:n]
-    filt = CosineFilter(cfg.filter, teacher, normalize)
     k = args.variations or cfg.augment.num_variations
     guidance = cfg.augment.guidance if args.guidance is None else args.guidance
     steps = args.steps or cfg.augment.steps
@@ -75,13 +73,9 @@ def main() -> None:
             out = Augmenter(aug_cfg, meta.get("classes"))(images, labels, ids)
             seconds = time.perf_counter() - t0
             var = out["image"].reshape(n, k, *images.shape[1:])
-            emb = filt.embed(out["image"])
+            logits, emb = teacher_outputs(teacher, normalize, out["image"])  # one teacher pass: scores and classes
             scores = CosineFilter.cosine(emb, np.repeat(ref, k, axis=0)).reshape(n, k)
-            logits = []
-            with torch.no_grad():
-                for s in range(0, len(out["image"]), 256):
-                    logits.append(teacher(normalize(to_float(torch.from_numpy(out["image"][s : s + 256])))).argmax(1).numpy())
-            agree = (np.concatenate(logits).reshape(n, k) == labels[:, None]).mean()
+            agree = (logits.argmax(1).reshape(n, k) == labels[:, None]).mean()
             kept = {str(t): float((scores >= t).mean()) for t in args.threshold}
             row = {
                 "prior": prior,

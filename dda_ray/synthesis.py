@@ -314,17 +314,22 @@ class Synthesizer:
         self.bn_momentum_stats = None if stats is None else [(s["mean"].to(self.device), s["var"].to(self.device)) for s in stats]
         self.rounds_done = int(state["rounds_done"])
 
-    @torch.no_grad()
     def teacher_outputs(self, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
         """Teacher logits and pooled embeddings of uint8 NHWC images (as stored in the bank)."""
-        from .data.transforms import to_float
+        return teacher_outputs(self.teacher, self.normalize, images, batch_size, self.device)
 
-        logits, embs = [], []
-        for i in range(0, len(images), batch_size):
-            out = self.teacher(self.normalize(to_float(images[i : i + batch_size]).to(self.device)), return_features=True)
-            logits.append(out.logits.float().cpu().numpy())
-            embs.append(out.embedding.float().cpu().numpy())
-        return np.concatenate(logits), np.concatenate(embs)
+
+@torch.no_grad()
+def teacher_outputs(teacher, normalize, images, batch_size: int = 256, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """``teacher``'s logits and pooled embeddings (float32 numpy) of uint8 NHWC ``images`` (numpy or tensor)."""
+    from .data.transforms import to_float
+
+    logits, embs = [], []
+    for i in range(0, len(images), batch_size):
+        out = teacher(normalize(to_float(images[i : i + batch_size]).to(device)), return_features=True)
+        logits.append(out.logits.float().cpu().numpy())
+        embs.append(out.embedding.float().cpu().numpy())
+    return np.concatenate(logits), np.concatenate(embs)
 
 
 

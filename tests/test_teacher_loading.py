@@ -244,15 +244,14 @@ def test_input_scale_255_feeds_raw_pixels(community_pth):
     assert norm.scale == 255.0
 
 
+def pixel_units_cfg(checkpoint, mean, std):
+    """The user net from ``checkpoint``, fed raw 0-255 pixels, normalised by ``mean`` / ``std`` in those units."""
+    return teacher_cfg(f"teacher.arch={USER_NET}", f"teacher.checkpoint={checkpoint}", "teacher.input_scale=255", f"teacher.mean={mean}", f"teacher.std={std}")
+
+
 def test_input_scale_with_mean_and_std_in_pixel_units(community_pth):
     mean, std = [125.3, 123.0, 113.9], [63.0, 62.1, 66.7]
-    cfg = teacher_cfg(
-        f"teacher.arch={USER_NET}",
-        f"teacher.checkpoint={community_pth}",
-        "teacher.input_scale=255",
-        f"teacher.mean={mean}",
-        f"teacher.std={std}",
-    )
+    cfg = pixel_units_cfg(community_pth, mean, std)
     _, norm, _ = load_teacher(cfg)
     expected = (_x() * 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     torch.testing.assert_close(norm(_x()), expected)
@@ -266,13 +265,7 @@ def test_the_teacher_sees_the_overridden_input(community_pth):
     model = trained(UserNet())
     torch.save(model.state_dict(), community_pth)
     mean, std = [10.0, 20.0, 30.0], [50.0, 60.0, 70.0]
-    cfg = teacher_cfg(
-        f"teacher.arch={USER_NET}",
-        f"teacher.checkpoint={community_pth}",
-        "teacher.input_scale=255",
-        f"teacher.mean={mean}",
-        f"teacher.std={std}",
-    )
+    cfg = pixel_units_cfg(community_pth, mean, std)
     teacher, norm, _ = load_teacher(cfg)
     x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -46,7 +46,7 @@ def write_crop_bank(cfg: Config, out_dir: str | Path, num_images: int, seed: int
     settings; ``cfg.teacher`` labels them. Never reads ``cfg.data.path``."""
     from ..checkpoint import fingerprint, load_teacher
     from ..prior_data import MAX_SIDE_FACTOR, load_folder_images, load_packaged_photos, random_resized_crops
-    from .transforms import to_float
+    from ..synthesis import teacher_outputs
 
     aug = cfg.augment
     if aug.prior_source not in ("photos", "folder"):
@@ -77,19 +77,13 @@ def write_crop_bank(cfg: Config, out_dir: str | Path, num_images: int, seed: int
         crops = random_resized_crops(
             images, n, size, gen, scale=tuple(aug.prior_crop_scale), hflip=aug.prior_hflip, jitter=aug.prior_color_jitter
         ).images
-        logits, embs = [], []
-        with torch.no_grad():
-            for s in range(0, n, 256):
-                out = teacher(normalize(to_float(crops[s : s + 256])), return_features=True)
-                logits.append(out.logits.float().numpy())
-                embs.append(out.embedding.float().numpy())
-        logit = np.concatenate(logits)
+        logit, emb = teacher_outputs(teacher, normalize, crops)
         batch = BankBatch(
             ids=np.array([f"crop-s{seed}-{c * CHUNK + i:07d}" for i in range(n)]),
             images=crops.numpy(),
             labels=logit.argmax(1).astype(np.int64),
             teacher_logits=logit,
-            teacher_embedding=np.concatenate(embs),
+            teacher_embedding=emb,
             rounds=np.full(n, c, dtype=np.int32),
             seeds=np.full(n, seed, dtype=np.int64),
         )
