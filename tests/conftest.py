@@ -65,15 +65,30 @@ def end_processes_under(temp_dir: str) -> None:
         proc.kill()
 
 
+_ray_temp_dirs: list[str] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
+    for d in _ray_temp_dirs:  # the test clusters' temp dirs, once every cluster has shut down
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def start_test_ray(tmp_path_factory, **kwargs) -> None:
     """``ray.init`` of a local test cluster in its own temp dir, retried when the node "times out
     during startup": Ray waits a fixed 30 s for the raylet to register, which a busy 2-core machine
     can miss (ray-project/ray#65983). The half-started node's processes are ours: ended by pid
     before the next try."""
+    import tempfile
+
     import ray
 
     for attempt in range(3):
-        temp_dir = str(tmp_path_factory.mktemp("ray"))
+        # Not under pytest's basetemp: with xdist workers (``popen-gwN/``) the dashboard's socket
+        # paths would pass the 107-byte AF_UNIX limit and its MetricsHead module fail to start.
+        temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+        _ray_temp_dirs.append(temp_dir)
         try:
             ray.init(_temp_dir=temp_dir, **kwargs)
             return
