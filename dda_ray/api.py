@@ -17,14 +17,18 @@ def preflight(cfg: Config) -> None:
     from pathlib import Path
 
     from .checkpoint import load_teacher
+    from .data import data_source
     from .data.datasets import CIFAR_URLS, DatasetError
 
-    data_path = Path(cfg.data.path).expanduser()
-    if cfg.data.dataset in CIFAR_URLS:
-        if not cfg.data.download and not data_path.exists():
-            raise DatasetError(f"data.path = {cfg.data.path} does not exist and data.download = false")
+    kind, path = data_source(cfg.data)
+    data_path = Path(path).expanduser()
+    where = "" if data_path.is_absolute() else f" (relative to {Path.cwd()}: under `ray job submit --working-dir` that is the uploaded copy, so pass an absolute path every node can read)"
+    if kind in CIFAR_URLS:
+        folder = data_path / CIFAR_URLS[kind][1]
+        if not cfg.data.download and not (folder.exists() or data_path.name == CIFAR_URLS[kind][1]):
+            raise DatasetError(f"{kind} is not at {folder}{where} and data.download = false")
     elif not data_path.exists():
-        raise DatasetError(f"data.path = {cfg.data.path} does not exist; point it at the {cfg.data.dataset} data (a folder or .tar.gz)")
+        raise DatasetError(f"data.path = {cfg.data.path} does not exist{where}; point it at the {kind} data (a folder or .tar.gz) or set data.fallback")
     teacher, _, _ = load_teacher(cfg)  # every mode distils from the teacher
     if cfg.distill.extra_banks:
         from .checkpoint import fingerprint

@@ -67,9 +67,13 @@ class DataConfig:
     train_subset: int | None = None  # real_kd / teacher training on a subset (None: all)
     download: bool = True
     skip_corrupt: bool = False  # leave undecodable images out with a warning (default: stop, naming the file)
+    # cifar10 | cifar100 | null: when data.path is absent, read the official dataset from data.path's
+    # folder instead, downloaded there first (data.download) if it is not there yet
+    fallback: str | None = None
 
     def validate(self, p: str) -> None:
         _check(self.dataset in DATASETS, f"{p}.dataset", self.dataset, f"one of {DATASETS}")
+        _check(self.fallback in (None, "cifar10", "cifar100"), f"{p}.fallback", self.fallback, "null, cifar10 or cifar100")
         _check(self.num_classes >= 2, f"{p}.num_classes", self.num_classes, "an integer >= 2")
         _check(self.image_size >= 8, f"{p}.image_size", self.image_size, "an integer >= 8")
         for n in ("eval_subset", "train_subset"):

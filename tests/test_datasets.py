@@ -473,3 +473,39 @@ def test_a_split_left_without_readable_images_is_refused(tmp_path):
         p.write_bytes(b"broken")
     with pytest.raises(DatasetError, match=r"\(test split\) has no readable images"):
         load_dataset("imagefolder", root, progress=False, skip_corrupt=True)
+
+
+def test_presets_fall_back_to_the_official_cifar10_download_when_the_local_copy_is_absent(tmp_path, monkeypatch, capsys):
+    """A fresh machine without ../shared: the presets' data.fallback reads the official CIFAR-10
+    from data.path's folder, downloading it there once (a fake downloader here: no network); with
+    data.download=false the run stops before starting, naming where it looked."""
+    from dda_ray.api import preflight
+    from dda_ray.config import load_config
+
+    calls = []
+    expected = {}
+
+    def fake_download(name, root):
+        calls.append((name, root))
+        expected["data"] = _write_cifar10(root)[1:]
+
+    monkeypatch.setattr(dsmod, "_download_cifar", fake_download)
+    absent = tmp_path / "shared" / "data" / "cifar10-jpg.tar.gz"
+    overrides = [f"data.path={absent}", f"data.cache_dir={tmp_path / 'cache'}", f"run.output_dir={tmp_path / 'out'}", "data.eval_subset=null"]
+    cfg = load_config("configs/cifar10_cpu_smoke.yaml", overrides)
+    assert cfg.data.fallback == "cifar10" and cfg.data.dataset == "imagefolder"
+    preflight(cfg)  # download allowed: nothing to refuse before the run starts
+    assert calls == []  # ... and nothing fetched by the check itself
+    ds = load_data(cfg.data, progress=False)
+    assert calls == [("cifar10", absent.parent)]
+    _check_cifar10(ds, *expected["data"])
+    assert "reading the official cifar10" in capsys.readouterr().out
+    load_data(cfg.data, progress=False)  # the second run finds the download in place
+    assert len(calls) == 1
+
+    cfg = load_config("configs/cifar10_cpu_smoke.yaml", [*overrides, f"data.path={tmp_path / 'elsewhere' / 'x.tar.gz'}", "data.download=false"])
+    with pytest.raises(DatasetError, match="cifar10 is not at .*elsewhere/cifar-10-batches-py and data.download = false"):
+        preflight(cfg)
+    cfg = load_config("configs/cifar10_cpu_smoke.yaml", [*overrides, "data.path=no/such/dir.tar.gz", "data.fallback=null"])
+    with pytest.raises(DatasetError, match=r"does not exist \(relative to .*ray job submit --working-dir"):
+        preflight(cfg)

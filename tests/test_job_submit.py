@@ -210,14 +210,30 @@ def tiny_overrides(out_dir: Path, assets: Path, cifar) -> list[str]:
     )
 
 
+def readme_submit_entrypoint() -> list[str]:
+    """The README's ``ray job submit --working-dir . -- ...`` entrypoint, ``$PWD`` expanded as the
+    shell does in the project root."""
+    import shlex
+
+    (line,) = [ln for ln in (REPO_ROOT / "README.md").read_text().splitlines() if ln.startswith("`ray job submit --working-dir . -- ")]
+    words = shlex.split(line.strip("`").replace("$PWD", str(REPO_ROOT)))
+    return words[words.index("--") + 1 :]
+
+
 def test_ray_job_submit_runs_the_distillation_job(ray_head, tiny_assets, cifar10_decoded, tmp_path):
+    """Submitted as the README writes it (its data path resolved by the shell before the upload),
+    with the tiny run's sizes added."""
     out_dir = tmp_path / "out"
     job_id = f"dda-test-{uuid.uuid4().hex[:8]}"
+    entrypoint = readme_submit_entrypoint()
+    assert entrypoint[:4] == ["python", "jobs/distill.py", "--config", "configs/cifar10_cpu_smoke.yaml"]
+    readme_fields = {a.split("=", 1)[0] for a in entrypoint[4:]}
+    assert "data.path" in readme_fields
+    tiny = [a for a in tiny_overrides(out_dir, tiny_assets, cifar10_decoded) if a.split("=", 1)[0] not in readme_fields]
     submit = [
         "job", "submit", "--address", ray_head.address, "--submission-id", job_id, "--no-wait",
         "--working-dir", str(REPO_ROOT), "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
-        "--", "python", "jobs/distill.py", "--config", "configs/cifar10_cpu_smoke.yaml",
-        *tiny_overrides(out_dir, tiny_assets, cifar10_decoded),
+        "--", *entrypoint, *tiny,
     ]  # fmt: skip
     t0 = time.time()
     r = ray_cli(*submit, timeout=120)
