@@ -68,7 +68,7 @@ def never(cfg):
 
 CASES = {
     "missing dataset path": (["data.path=/nonexistent/cifar.tar.gz"], "data.path"),
-    "teacher class count mismatch": (["data.num_classes=100", "data.dataset=cifar100", "data.download=false"], "classes"),
+    "teacher class count mismatch": (["data.num_classes=100"], "classes"),
     "teacher architecture mismatch": (["teacher.arch=wrn16_2"], "wrn16_2"),
     "corrupt teacher checkpoint": (["teacher.checkpoint={assets}/corrupt"], "corrupt"),
     "pickled code in a .pth": (["teacher.checkpoint={assets}/payload.pth"], "weights-only"),
