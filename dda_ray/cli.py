@@ -132,6 +132,7 @@ def build_parser(description: str | None = None, options: list[tuple[list[str], 
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config (preset + overrides) as YAML and exit"
     )
+    parser.add_argument("--verbose", action="store_true", help="Ray's own INFO logs and Ray Data progress bars (run.verbose=true)")
     for flags, kwargs in options or []:
         parser.add_argument(*flags, **kwargs)
     parser.add_argument("overrides", nargs="*", metavar="section.field=value", help="e.g. distill.epochs=3 augment.strength=0.5")
@@ -142,7 +143,7 @@ def parse_args(
     argv: list[str] | None = None, description: str | None = None, options: list[tuple[list[str], dict]] | None = None
 ) -> tuple[Config, argparse.Namespace]:
     args = build_parser(description, options).parse_args(argv)
-    return load_config(args.config, args.overrides), args
+    return load_config(args.config, [*args.overrides, *(["run.verbose=true"] if args.verbose else [])]), args
 
 
 def run_job(

@@ -47,6 +47,9 @@ class RunConfig:
     seed: int = 0
     resume: bool = False  # required to reuse an existing run directory
     stream_log: bool = False  # per-batch timestamps/ids of the Ray stream under <run_dir>/stream
+    # Ray's own INFO logs (driver, actors, Train controller), Ray Data's progress bars and the Ray
+    # backend's warnings; false (the default, or no --verbose): Ray prints warnings and errors only
+    verbose: bool = False
 
     def validate(self, p: str) -> None:
         _check(self.mode in MODES, f"{p}.mode", self.mode, f"one of {MODES}")

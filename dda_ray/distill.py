@@ -264,14 +264,16 @@ def train_loop(
     report: Callable[[dict, int], None],
     start_epoch: int = 0,
     generator: torch.Generator | None = None,
-    progress: bool = True,
+    progress: bool | Callable[..., object] = True,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run epochs ``start_epoch..cfg.epochs-1``; ``report(metrics, epoch)`` after each.
 
     An epoch = the source's between-epoch work, then ``steps_per_epoch`` KD steps (``None``:
     until the source's pass ends; a source that runs dry ends the epoch early, and the step
-    count is reported), then evaluation.
+    count is reported), then evaluation. ``progress``: a tqdm bar of the KD steps (false: none), or
+    a tqdm-like class called with ``total`` and ``desc`` (a Ray Train worker passes Ray's
+    ``tqdm_ray``, which the driver renders).
     """
     cfg = distiller.cfg
     metrics: dict = {}
@@ -284,7 +286,11 @@ def train_loop(
         steps, rows = 0, 0
         t1 = time.perf_counter()
         it = source.batches(epoch)
-        bar = tqdm(total=cfg.steps_per_epoch, desc=f"distill epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False, mininterval=2)
+        desc = f"distill epoch {epoch + 1}/{cfg.epochs}"
+        if callable(progress):
+            bar = progress(total=cfg.steps_per_epoch, desc=desc)
+        else:
+            bar = tqdm(total=cfg.steps_per_epoch, desc=desc, disable=not progress, leave=False, mininterval=2)
         with distiller.epoch_context():
             for images, labels in it:
                 losses = distiller.train_step(images, labels, generator)

@@ -306,6 +306,19 @@ class BankCollate(NumpyBatchCollateFn):
         }
 
 
+def kd_progress(cfg: Config, rank: int):
+    """The KD-step bar of a Ray run: rank 0 only; a plain tqdm when the loop runs in the driver
+    (``resources.num_workers=0``), else Ray's ``tqdm_ray``, whose updates the driver draws (a worker's
+    own carriage-return bar would reach the driver's log as one line per refresh)."""
+    if rank != 0:
+        return False
+    if cfg.resources.num_workers == 0:
+        return True
+    from ray.experimental.tqdm_ray import tqdm as tqdm_ray
+
+    return lambda total, desc: tqdm_ray(total=total, desc=desc, flush_interval_s=2.0)
+
+
 def train_worker(config: dict) -> None:
     """Ray Train worker: the same Distiller and train_loop as the single-process path."""
     import tempfile
@@ -384,7 +397,7 @@ def train_worker(config: dict) -> None:
             ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, checkpoint=checkpoint)
 
     log = (lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None)
-    final = train_loop(distiller, source, lambda m: evaluate(m, test, normalize, device=device), report, start_epoch, gen, progress=False, log=log)
+    final = train_loop(distiller, source, lambda m: evaluate(m, test, normalize, device=device), report, start_epoch, gen, progress=kd_progress(cfg, rank), log=log)
     if rank == 0:
         mean, std = normalize.mean.flatten().tolist(), normalize.std.flatten().tolist()
         save_classifier(distiller.student_module, cfg.run_dir / "student", arch=cfg.student.arch, num_classes=cfg.data.num_classes, mean=mean, std=std, accuracy=final.get("test_acc"), mode=cfg.run.mode)
@@ -423,14 +436,26 @@ def scaling_config(cfg: Config):
     return ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu, resources_per_worker=per_worker)
 
 
-def init_ray(cfg: Config) -> None:
-    """Attach to ``RAY_ADDRESS`` when set, else start an embedded local Ray with the dashboard."""
+def init_ray(cfg: Config | None) -> None:
+    """Attach to ``RAY_ADDRESS`` when set, else start an embedded local Ray with the dashboard; one
+    line says which. Ray's own logs are quiet (warnings and errors) unless ``run.verbose``."""
     import signal
 
     import ray
 
     if ray.is_initialized():
         return
+    verbose = cfg is not None and cfg.run.verbose
+    # Ray's loggers in the driver and every task/actor of the job: INFO, or warnings and errors only.
+    quiet = {"logging_config": ray.LoggingConfig(log_level="INFO" if verbose else "WARNING")}
+    if not verbose:
+        from ray.data import DataContext
+
+        from .runtime import quiet_ray_data_console
+
+        DataContext.get_current().enable_progress_bars = False  # the KD bar (rank 0) shows progress
+        quiet_ray_data_console()
+        quiet["runtime_env"] = {"worker_process_setup_hook": "dda_ray.runtime.quiet_ray_data_console"}
     # ray.init replaces the driver's SIGTERM handler with a bare sys.exit; keep the job's own
     # (cli.run_job's: a clear message and a consistent run directory) when one is installed.
     sigterm = signal.getsignal(signal.SIGTERM)
@@ -439,7 +464,8 @@ def init_ray(cfg: Config) -> None:
         from .runtime import check_ray_address
 
         check_ray_address(address)  # preflight checked already; library callers get the same fast error
-        ray.init(address=address)
+        ray.init(address=address, **quiet)
+        print(f"attached to the Ray cluster at {address}", flush=True)
     else:
         if not any(k in os.environ for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
             # Ray turns token auth on for a new local cluster and, finding no token, writes one to
@@ -450,7 +476,8 @@ def init_ray(cfg: Config) -> None:
 
             os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
         # The dashboard stays on: without it, Tune/ASHA can hang waiting for released resources.
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+        ctx = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True, **quiet)
+        print(f"started a local Ray (dashboard: http://{ctx.dashboard_url})" if ctx.dashboard_url else "started a local Ray", flush=True)
     if callable(sigterm) and signal.getsignal(signal.SIGTERM) is not sigterm:
         import threading
 
@@ -503,6 +530,7 @@ def run_ray(cfg: Config, tracker=None, callbacks: list | None = None) -> dict:
             failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks or []),
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if cfg.run.verbose else "WARNING"),
         ),
         datasets={"train": ds},
         dataset_config=uneven_data_config(),

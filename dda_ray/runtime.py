@@ -117,6 +117,19 @@ def check_ray_address(address: str | None = None, timeout: float = 5.0) -> None:
         raise RayAddressError(f"no Ray cluster answers at RAY_ADDRESS={raw} ({reason}); {hint}")
 
 
+def quiet_ray_data_console() -> None:
+    """Ray Data prints warnings and errors only on this process's console (its ``ray-data.log``
+    under the session's logs keeps every level). A default (not ``--verbose``) run calls this in
+    the driver and, as Ray's ``worker_process_setup_hook``, in every worker of the job."""
+    import logging
+
+    import ray.data  # noqa: F401 - importing it installs Ray Data's handlers, at INFO
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+
+
 def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -14,6 +14,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CIFAR10_JPG = REPO_ROOT.parent / "shared/data/cifar10-jpg.tar.gz"
 
 
+RAY_FIXTURES = {"ray_cluster", "tune_cluster", "ray_head"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that starts Ray goes to one xdist group (``--dist loadgroup``): they run one after
+    another on one worker while the other worker takes the rest."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("ray"):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 def pytest_configure(config):
     # Tiny test batches gain nothing from intra-op threads, and on a busy 2-core machine
     # torch's spinning worker threads make a forward pass 10-50x slower.

@@ -121,25 +121,6 @@ def test_two_ddp_workers_split_the_stream_without_losing_rows(tmp_path, tiny_ass
     assert read_provenance(round_file)["teacher"] == read_provenance(bank_files(cfg.run_dir / "bank")[0])["teacher"]
 
 
-def test_fused_stage_pool_keeps_the_same_rows_as_two_pools(tmp_path, tiny_assets, cifar10_decoded, ray_cluster):
-    from dda_ray.pipeline import run_ray
-
-    common = {"distill.epochs": 1, "synthesis.init_rounds": 2, "synthesis.rounds_per_epoch": 0, "augment.cache_dir": str(tmp_path / "cache")}
-    kept = {}
-    for fused in (True, False):
-        cfg = ray_config(tmp_path, tiny_assets, cifar10_decoded, **common, **{"run.name": f"fused-{fused}", "resources.fused_stages": fused})
-        run_ray(cfg)
-        (m,) = read_jsonl(cfg.run_dir / "metrics.jsonl")
-        ids = [i for r in read_jsonl(cfg.run_dir / "stream" / "train-rank0-epoch0.jsonl") for i in r["ids"]]
-        assert m["variations"] == 2 * 16 * 2 == m["kept"] + m["rejected"]
-        assert len(ids) == len(set(ids)) == 16 * 2 + m["kept"]
-        kept[fused] = sorted(i for i in ids if "-v" in i)
-        pids = {stage: {p.stem.split("-")[1] for p in (cfg.run_dir / "stream").glob(f"{stage}-*.jsonl")} for stage in ("augment", "filter")}
-        # fused: augment and filter ran in the same actor processes; two pools: in different ones
-        assert (pids["augment"] == pids["filter"]) if fused else not (pids["augment"] & pids["filter"])
-    assert kept[True] == kept[False]  # same seeds, same filter: the same kept set
-
-
 @pytest.mark.parametrize("method", ["cmi", "fast"])
 def test_initial_bank_from_ray_tasks_matches_the_driver_built_one(tmp_path, tiny_assets, cifar10_decoded, ray_cluster, monkeypatch, method):
     """cmi: rounds spread over two tasks; fast: the one chain in one task, the driver continuing from it."""
@@ -189,14 +170,19 @@ def test_real_kd_stream_mixes_classes_in_every_batch(tmp_path, tiny_assets, cifa
     assert len(first_pass) == len(set(first_pass))
 
 
+@pytest.mark.ray
 def test_embedded_ray_uses_token_auth_without_writing_a_token_file(tmp_path):
+    """Also: ``run.verbose`` (``--verbose``) brings Ray's own INFO logs back (Ray Data's execution
+    plan here); tests/test_job_submit.py checks that a default run leaves them out."""
     import subprocess
     import sys
 
     script = (
         "import os, ray\n"
+        "from dda_ray.config import load_config\n"
         "from dda_ray.pipeline import init_ray\n"
-        "init_ray(None)\n"
+        "init_ray(load_config(None, ['run.verbose=true']))\n"
+        "print(ray.data.range(4).map_batches(lambda b: b).count())\n"
         "print(ray.get(ray.remote(num_cpus=0.1)(lambda: os.environ.get('RAY_AUTH_MODE')).remote()))\n"
         "ray.shutdown()\n"
     )
@@ -205,6 +191,8 @@ def test_embedded_ray_uses_token_auth_without_writing_a_token_file(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-1] == "token"  # the cluster's processes run with token auth on
+    assert "started a local Ray" in out.stdout
+    assert "Execution plan of Dataset" in out.stderr + out.stdout  # verbose: Ray Data's INFO lines
     assert not (tmp_path / ".ray").exists()  # and no token file was left in the home directory
 
 
@@ -235,7 +223,7 @@ def test_custom_resources_pin_each_stage_to_its_node_type(tmp_path, ray_cluster)
 def test_both_engines_train_on_the_same_batches_and_adversarial_rounds_let_the_student_learn(tmp_path, cifar10_decoded, ray_cluster, method):
     """The shipped teacher, rounds with the student and the rotation-adversarial term on: the Ray
     engine and the local engine give the same per-epoch metrics for one seed, and on both the KD
-    loss falls from epoch to epoch (on the landed code before this test the Ray engine's stayed flat).
+    loss falls from the first epoch to the second (on the landed code before this test the Ray engine's stayed flat).
     ``fast``: the Ray worker continues the meta-generator chain from the bank the driver made, as the
     local engine continues its own."""
     from dda_ray.local import run_local
@@ -254,7 +242,7 @@ def test_both_engines_train_on_the_same_batches_and_adversarial_rounds_let_the_s
         "synthesis.g_steps": 3,
         "synthesis.adv": 10.0,
         "synthesis.rounds_per_epoch": 1,
-        "distill.epochs": 3,
+        "distill.epochs": 2,
         "distill.steps_per_epoch": 10,
         "distill.batch_size": 32,
         "distill.lr": 0.05,
@@ -272,7 +260,7 @@ def test_both_engines_train_on_the_same_batches_and_adversarial_rounds_let_the_s
         for k in keys:
             assert ray_epoch[k] == pytest.approx(local_epoch[k], rel=1e-5, abs=1e-6), (ray_epoch["epoch"], k)
     kd = [m["loss_kd"] for m in metrics["ray"]]
-    assert kd[2] < kd[0] and kd[1] < kd[0], kd
+    assert kd[1] < kd[0], kd
 
 
 def test_extra_banks_and_batch_mixing_give_the_same_run_on_both_engines(tmp_path, tiny_assets, cifar10_decoded, ray_cluster):

@@ -152,12 +152,20 @@ def kept_variations(run_dir: Path) -> list[tuple[str, int]]:
     return out
 
 
+def stage_pids(run_dir: Path, stage: str) -> set[str]:
+    """The pids of the actors that logged ``stage`` batches (stream logs are ``<stage>-<pid>.jsonl``)."""
+    return {p.stem.split("-")[1] for p in (run_dir / "stream").glob(f"{stage}-*.jsonl")}
+
+
 def test_killed_augment_actor_is_restarted_and_no_variation_is_lost_or_duplicated(tmp_path, tiny_assets, cifar10_decoded, ray_cluster):  # noqa: F811
     from dda_ray.pipeline import run_ray
 
     overrides = {"distill.epochs": 1, "synthesis.init_rounds": 1, "augment.batch_size": 2, "augment.steps": 4}
-    ref = ray_config(tmp_path / "ref", tiny_assets, cifar10_decoded, **overrides)
+    # The uninterrupted reference runs the fused pool (augment then filter in one actor), the killed
+    # run two pools: the equal kept sets below also show that fusing the stages changes no row.
+    ref = ray_config(tmp_path / "ref", tiny_assets, cifar10_decoded, **overrides, **{"resources.fused_stages": True})
     run_ray(ref)
+    assert stage_pids(ref.run_dir, "augment") == stage_pids(ref.run_dir, "filter")  # fused: one set of actor processes
     cfg = ray_config(tmp_path / "kill", tiny_assets, cifar10_decoded, **overrides)
     run_dir = cfg.run_dir
     killed: dict = {}
@@ -207,6 +215,7 @@ def test_killed_augment_actor_is_restarted_and_no_variation_is_lost_or_duplicate
     assert len(ids) == len(set(ids)) == parents + m["kept"] == m["rows"]
     assert read_jsonl(ref.run_dir / "metrics.jsonl")[0]["kept"] == m["kept"]
     assert sum(r["variations"] for r in stream_records(run_dir, "filter")) == 2 * parents
+    assert not stage_pids(run_dir, "augment") & stage_pids(run_dir, "filter")  # two pools: distinct processes
 
 
 def test_damaged_variation_cache_entries_are_recomputed_not_trusted(tmp_path, tiny_assets):  # noqa: F811
