@@ -284,12 +284,20 @@ class FinalEpochASHA(ASHAScheduler):
     does after ``fit()`` (artifacts, ending its MLflow run) and saves no compute.
     """
 
+    def __init__(self, *, time_attr: str, max_t: int, **kwargs):
+        super().__init__(time_attr=time_attr, max_t=max_t, **kwargs)
+        self.epoch_attr, self.last_epoch = time_attr, max_t  # our own copies: ASHA keeps its own private
+        self.overruled = 0  # STOP decisions at a last epoch turned into CONTINUE
+
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         action = super().on_trial_result(tune_controller, trial, result)
-        if action == TrialScheduler.STOP and result.get(self._time_attr, 0) >= self._max_t:
-            self._num_stopped -= 1
+        if action == TrialScheduler.STOP and result.get(self.epoch_attr, 0) >= self.last_epoch:
+            self.overruled += 1
             return TrialScheduler.CONTINUE
         return action
+
+    def debug_string(self) -> str:
+        return f"{super().debug_string()}\n{self.overruled} of those stops came at a trial's last epoch and were overruled"
 
 
 def make_searcher(name: str, seed: int, concurrent: int):
@@ -421,8 +429,7 @@ def _close_unfinished_children(parent, rows: list[dict], cfg: Config) -> None:
             continue
         name = run.data.tags.get("mlflow.runName", "")
         row = by_name.get(name, {})
-        child = Tracker(parent.uri, run.info.run_id)
-        child._client = client
+        child = Tracker(parent.uri, run.info.run_id, client=client)
         run_dir = Path(cfg.run.output_dir) / name
         if run_dir.exists():
             child.log_artifact(run_dir / "config.yaml")
