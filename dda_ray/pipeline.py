@@ -394,18 +394,10 @@ def train_worker(config: dict) -> None:
 
 
 def uneven_data_config(execution_options=None):
-    """Ray Train's DataConfig, but splitting with ``equal=False``: no kept row is dropped.
-
-    ``execution_options``: DataConfig's argument (one ``ExecutionOptions``, or one per dataset name);
-    a dataset without any gets Train's ``DataConfig.default_ingest_options()``.
-    """
+    """Ray Train's DataConfig (``execution_options``: its argument, one or per dataset), but splitting with ``equal=False``: no kept row is dropped."""
     import copy
 
     from ray.train import DataConfig
-
-    def options_for(name: str):
-        given = execution_options.get(name) if isinstance(execution_options, dict) else execution_options
-        return copy.deepcopy(given or DataConfig.default_ingest_options())
 
     class UnevenDataConfig(DataConfig):
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
@@ -413,7 +405,8 @@ def uneven_data_config(execution_options=None):
             for name, ds in datasets.items():
                 ds = ds.copy(ds)
                 ordered = ds.context.execution_options.preserve_order
-                ds.context.execution_options = options_for(name)
+                given = execution_options.get(name) if isinstance(execution_options, dict) else execution_options
+                ds.context.execution_options = copy.deepcopy(given or self.default_ingest_options())
                 if world_size == 1:  # one worker: keep the stream's input order (same seed, same batches)
                     ds.context.execution_options.preserve_order = ordered
                 for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
