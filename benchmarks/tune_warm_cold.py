@@ -20,13 +20,14 @@ between trials (see docs/BENCHMARKS.md for why that matters for the cache).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import shutil
 import time
 from pathlib import Path
 
-from dda_ray.config import load_config
+from dda_ray.config import Domain, load_config
 from dda_ray.stages import read_stream_stats
 from dda_ray.tune import tune_search
 
@@ -68,7 +69,8 @@ def one_search(args, label: str, stamp: str, out: Path) -> dict:
         ],
     )
     point = {"augment.strength": cfg.augment.strength, "augment.guidance": cfg.augment.guidance, "filter.threshold": cfg.filter.threshold}
-    cfg.tune = {**(cfg.tune or {}), "num_samples": 1, "searcher": "random", "scheduler": "fifo", "space": {k: {"choice": [v]} for k, v in point.items()}}
+    space = {k: Domain("choice", [v]) for k, v in point.items()}
+    cfg.tune = dataclasses.replace(cfg.tune, num_samples=1, searcher="random", scheduler="fifo", space=space)
     t0 = time.perf_counter()
     summary = tune_search(cfg)
     wall = time.perf_counter() - t0

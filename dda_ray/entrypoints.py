@@ -30,6 +30,7 @@ TUNE_HELP = """Ray Tune search over augment.strength, augment.guidance and filte
 
     dda-tune --config configs/cifar10_cpu_tune.yaml [section.field=value ...]
     python jobs/tune.py --config configs/cifar10_cpu_tune.yaml tune.searcher=random tune.num_samples=8
+    python jobs/tune.py --config configs/cifar10_cpu_tune.yaml "tune.space.augment.strength={uniform: [0.2, 0.5]}"
     ray job submit --working-dir . -- python jobs/tune.py --config configs/cifar10_cpu_tune.yaml
 
 Each trial runs the same TorchTrainer pipeline as jobs/distill.py (run.name=<name>-<trial id>, same

@@ -406,8 +406,10 @@ def train_worker(config: dict) -> None:
         write_text_atomic(cfg.run_dir / "metrics.json", json.dumps(final, indent=2))
 
 
-def uneven_data_config():
-    """Ray Train's DataConfig, but splitting with ``equal=False``: no kept row is dropped."""
+def uneven_data_config(execution_options=None):
+    """Ray Train's DataConfig (``execution_options``: its argument, one or per dataset), but splitting with ``equal=False``: no kept row is dropped."""
+    import copy
+
     from ray.train import DataConfig
 
     class UnevenDataConfig(DataConfig):
@@ -416,14 +418,15 @@ def uneven_data_config():
             for name, ds in datasets.items():
                 ds = ds.copy(ds)
                 ordered = ds.context.execution_options.preserve_order
-                ds.context.execution_options = self._resolve_execution_options(name)
+                given = execution_options.get(name) if isinstance(execution_options, dict) else execution_options
+                ds.context.execution_options = copy.deepcopy(given or self.default_ingest_options())
                 if world_size == 1:  # one worker: keep the stream's input order (same seed, same batches)
                     ds.context.execution_options.preserve_order = ordered
                 for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
                     output[i][name] = split
             return output
 
-    return UnevenDataConfig()
+    return UnevenDataConfig(execution_options=execution_options)
 
 
 # ------------------------------------------------------------------- driver

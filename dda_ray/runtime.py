@@ -99,10 +99,10 @@ def check_ray_address(address: str | None = None, timeout: float = 5.0) -> None:
     target = raw
     if raw == "auto":
         try:
-            from ray._private.services import canonicalize_bootstrap_address
+            from ._ray_compat import recorded_cluster_address
 
-            target = canonicalize_bootstrap_address("auto") or ""
-        except Exception as e:  # noqa: BLE001 - ConnectionError when no cluster is recorded; a private API may move
+            target = recorded_cluster_address() or ""
+        except Exception as e:  # noqa: BLE001 - ConnectionError when no cluster is recorded
             raise RayAddressError(f"RAY_ADDRESS=auto but no running Ray cluster was found on this machine ({e}); {hint}") from e
         if not target:
             return

@@ -113,14 +113,17 @@ def fluent_tracking_uri(uri: str) -> Iterator[None]:
     import os
 
     import mlflow
-    from mlflow.tracking._tracking_service import utils
+    from mlflow.tracking import is_tracking_uri_set
 
-    saved_global, saved_env = getattr(utils, "_tracking_uri", None), os.environ.get("MLFLOW_TRACKING_URI")
+    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+    saved = mlflow.get_tracking_uri() if is_tracking_uri_set() else None
+    # set_tracking_uri writes MLFLOW_TRACKING_URI too, so a URI equal to the variable's is restored by
+    # the variable alone (unset global, same effective URI); one that differs is set again.
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(saved_global)
+        mlflow.set_tracking_uri(None if saved == saved_env else saved)
         if saved_env is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
@@ -156,9 +159,10 @@ def run_location(uri: str, experiment_id: str, run_id: str) -> str:
 class Tracker:
     """One MLflow run; a disabled tracker (``Tracker.disabled()``) accepts every call and does nothing."""
 
-    def __init__(self, uri: str | None, run_id: str | None):
+    def __init__(self, uri: str | None, run_id: str | None, client=None):
+        """``client``: an ``MlflowClient`` for ``uri`` to share (None: one made on first use)."""
         self.uri, self.run_id = uri, run_id
-        self._client = None
+        self._client = client
 
     @classmethod
     def disabled(cls) -> Tracker:
@@ -213,8 +217,7 @@ class Tracker:
         }
         run = client.create_run(exp_id, tags=tags, run_name=run_name or cfg.run.name)
         _STARTED.append((uri, str(exp_id), run.info.run_id))
-        tracker = cls(uri, run.info.run_id)
-        tracker._client = client
+        tracker = cls(uri, run.info.run_id, client=client)
         tracker.log_params(params_of(cfg))
         return tracker
 

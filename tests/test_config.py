@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dda_ray.config import Config, ConfigError, config_from_dict, load_config, parse_override
+from dda_ray.config import Config, ConfigError, config_from_dict, load_config, parse_override, to_raw
 from dda_ray.runtime import RunDirExistsError, prepare_run_dir
 
 CONFIG_FILES = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
@@ -39,7 +39,7 @@ def test_yaml_file_sets_fields_and_keeps_other_defaults(tmp_path):
     assert cfg.distill.epochs == 5 and cfg.distill.lr == 0.05
     assert cfg.augment.strength == 0.7
     assert cfg.data.eval_subset == 100
-    assert cfg.tune == {"num_samples": 4}
+    assert cfg.tune.num_samples == 4 and cfg.tune == dataclasses.replace(Config().tune, num_samples=4)
     default = Config()
     assert cfg.distill.batch_size == default.distill.batch_size
     assert cfg.augment.backend == default.augment.backend
@@ -206,7 +206,7 @@ def test_bad_files_raise(tmp_path):
 def test_flat_keys():
     cfg = Config()
     flat = cfg.flat()
-    sections = [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
+    sections = [f.name for f in dataclasses.fields(cfg) if f.name != "tune"]  # tune: the search's settings, not a run's
     expected = {f"{s}.{f.name}" for s in sections for f in dataclasses.fields(getattr(cfg, s))}
     assert set(flat) == expected
     assert not any(k.startswith("tune") for k in flat)
@@ -217,7 +217,7 @@ def test_flat_keys():
 
 
 def test_yaml_round_trip(tmp_path):
-    cfg = load_config(None, ["distill.epochs=3", "augment.strength=0.5", "tune.metric=acc", "run.name=rt"])
+    cfg = load_config(None, ["distill.epochs=3", "augment.strength=0.5", "tune.metric=test_loss", "tune.space.distill.lr={loguniform: [0.01, 0.1]}", "run.name=rt"])
     path = tmp_path / "saved.yaml"
     cfg.save(path)
     assert load_config(path) == cfg
@@ -235,7 +235,7 @@ def test_config_presets_load_and_validate(path):
     # every value written in the preset made it into the config
     for section, values in raw.items():
         if section == "tune":
-            assert cfg.tune == values
+            assert to_raw(cfg.tune) == {**to_raw(Config().tune), **values}
             continue
         for key, value in (values or {}).items():
             assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"

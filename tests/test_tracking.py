@@ -124,6 +124,32 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
     assert tracking_uri(cfg_with(tmp_path, **{"tracking.uri": "http://127.0.0.1:6001"})) == "http://127.0.0.1:6001"  # config wins
 
 
+def test_fluent_tracking_uri_restores_the_effective_uri_and_the_variable(monkeypatch):
+    """The fluent API is pointed at a run's store for a moment; what was in effect before comes back."""
+    import mlflow
+    from mlflow.tracking import is_tracking_uri_set
+
+    from dda_ray.tracking import fluent_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mlflow.set_tracking_uri(None)
+    with fluent_tracking_uri("sqlite:///inside.db"):
+        assert mlflow.get_tracking_uri() == "sqlite:///inside.db"
+    assert not is_tracking_uri_set() and "MLFLOW_TRACKING_URI" not in os.environ
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    with fluent_tracking_uri("sqlite:///inside.db"):
+        pass
+    assert mlflow.get_tracking_uri() == os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5999"
+    mlflow.set_tracking_uri("http://127.0.0.1:6001")  # a global URI that differs from the variable
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:6002")
+    try:
+        with fluent_tracking_uri("sqlite:///inside.db"):
+            pass
+        assert (mlflow.get_tracking_uri(), os.environ["MLFLOW_TRACKING_URI"]) == ("http://127.0.0.1:6001", "http://127.0.0.1:6002")
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
 def test_the_embedded_store_keeps_artifacts_beside_its_database(tmp_path, monkeypatch):
     """Not in ./mlruns of whatever directory the job was started from (MLflow's default)."""
     from mlflow import MlflowClient

@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
-from dda_ray.config import ConfigError, load_config
-from dda_ray.tune import TuneSpec, apply_values, max_concurrent_trials, pick_best, trial_demand
+from dda_ray.config import ConfigError, TuneConfig, config_from_dict, load_config
+from dda_ray.tune import apply_values, max_concurrent_trials, pick_best, trial_demand
 
 from .conftest import start_test_ray, tiny_run_args
 from .test_tracking import free_port, mlflow_server, mlflow_server_started  # noqa: F401 - the session's real MLflow server
@@ -22,10 +23,9 @@ SPACE = {
 }
 
 
-def spec_of(tune: dict) -> TuneSpec:
-    cfg = load_config(None, ["teacher.checkpoint=null"])
-    cfg.tune = tune
-    return TuneSpec.from_config(cfg)
+def spec_of(tune: dict) -> TuneConfig:
+    """The ``tune:`` section of a config file, loaded and validated with the rest of the config."""
+    return config_from_dict({"teacher": {"checkpoint": None}, "tune": tune}).validate().tune
 
 
 # ------------------------------------------------------------ validation
@@ -42,7 +42,7 @@ def test_space_parses_into_tune_domains_and_params():
 @pytest.mark.parametrize(
     ("tune", "message"),
     [
-        ({"spaces": {}}, r"unknown tune key\(s\) tune.spaces"),
+        ({"spaces": {}}, r"unknown field\(s\) tune.spaces"),
         ({"space": {"augment.strenght": {"uniform": [0.1, 0.5]}}}, r"tune.space.augment.strenght: unknown config field"),
         ({"space": {"augment.strength": {"normal": [0.3, 0.1]}}}, r"unknown distribution 'normal'; expected one of uniform, loguniform"),
         ({"space": {"augment.strength": {"uniform": [0.6, 0.1]}}}, r"tune.space.augment.strength.uniform = \[0.6, 0.1\].*low < high"),
@@ -61,6 +61,26 @@ def test_space_parses_into_tune_domains_and_params():
 def test_bad_specs_are_config_errors_naming_the_key(tune, message):
     with pytest.raises(ConfigError, match=message):
         spec_of(tune)
+
+
+def test_the_space_is_set_and_checked_by_dotted_overrides():
+    cfg = load_config(None, ["teacher.checkpoint=null", "tune.searcher=random", "tune.space.augment.strength={loguniform: [0.05, 0.5]}"])
+    assert cfg.tune.searcher == "random" and cfg.tune.keys == ["augment.strength"]  # a space given replaces the default
+    assert cfg.tune.as_params()["tune.space.augment.strength"] == "loguniform[0.05, 0.5]"
+    with pytest.raises(ConfigError, match=r"tune.space.augment.strength.uniform = \[0.5, 0.1\]"):
+        load_config(None, ["teacher.checkpoint=null", "tune.space.augment.strength={uniform: [0.5, 0.1]}"])
+    with pytest.raises(ConfigError, match=r"tune.space.distill.lr.loguniform = \[0, 0.1\].*0 < low"):
+        load_config(None, ["teacher.checkpoint=null", "tune.space.distill.lr={loguniform: [0, 0.1]}"])
+    with pytest.raises(ConfigError, match=r"tune.num_samples = 0"):
+        load_config(None, ["teacher.checkpoint=null", "tune.num_samples=0"])
+
+
+def test_the_tune_section_round_trips_through_yaml(tmp_path):
+    cfg = load_config(None, ["teacher.checkpoint=null", "tune.space={distill.lr: {loguniform: [0.01, 0.2]}, synthesis.g_steps: {randint: [5, 20]}}"])
+    path = tmp_path / "c.yaml"
+    cfg.save(path)
+    assert yaml.safe_load(path.read_text())["tune"]["space"] == {"distill.lr": {"loguniform": [0.01, 0.2]}, "synthesis.g_steps": {"randint": [5, 20]}}
+    assert load_config(path) == cfg
 
 
 def test_values_are_applied_and_validated():
@@ -138,7 +158,7 @@ def test_runs_of_trials_killed_by_asha_are_ended_with_what_they_left(tmp_path, m
     from mlflow import MlflowClient
 
     from dda_ray.tracking import Tracker
-    from dda_ray.tune import _close_unfinished_children
+    from dda_ray.tune_results import close_unfinished_children
 
     cfg = load_config(None, ["teacher.checkpoint=null", f"run.output_dir={tmp_path}", "run.name=s", f"tracking.uri={mlflow_server.uri}", "tracking.experiment=asha_stopped"])
     parent = Tracker.start(cfg, "tune")
@@ -151,7 +171,7 @@ def test_runs_of_trials_killed_by_asha_are_ended_with_what_they_left(tmp_path, m
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     (run_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_acc": 12.5}) + "\n")
     rows = [{"run_name": "s-aaa", "status": "completed"}, {"run_name": "s-bbb", "status": "stopped"}]
-    _close_unfinished_children(parent, rows, cfg)
+    close_unfinished_children(parent, rows, cfg)
 
     client = MlflowClient(mlflow_server.uri)
     assert client.get_run(done.run_id).info.status == "FINISHED"
@@ -205,8 +225,8 @@ def tune_config(tmp_path, assets, cifar, server_uri, **overrides):
     )
     cfg = load_config(None, args)
     # grace_period >= epochs: ASHA may stop nobody, so every child has the full test_acc history.
-    cfg.tune = {"num_samples": 2, "searcher": "optuna", "scheduler": "asha", "grace_period": 2, "trial_cpus": 0.1, "seed": 0, "space": SPACE}
-    return cfg
+    tune = {"num_samples": 2, "searcher": "optuna", "scheduler": "asha", "grace_period": 2, "trial_cpus": 0.1, "seed": 0, "space": SPACE}
+    return config_from_dict({**cfg.to_dict(), "tune": tune}).validate()
 
 
 def test_two_trial_search_tracks_a_parent_and_a_child_per_trial(mlflow_server_started, tmp_path, tiny_assets, cifar10_decoded, tune_cluster):  # noqa: F811
@@ -268,6 +288,6 @@ def test_two_trial_search_tracks_a_parent_and_a_child_per_trial(mlflow_server_st
     for key in TUNED:
         section, name = key.split(".")
         assert getattr(getattr(best, section), name) == pytest.approx(summary[key])
-    assert best.run.name == "search-best" and best.tune == {}
+    assert best.run.name == "search-best" and best.tune == TuneConfig()
     assert best.synthesis.bank_dir == str(search_dir / "bank")  # reuses the shared bank
     assert summary["test_acc"] == max(t["test_acc"] for t in trials)
