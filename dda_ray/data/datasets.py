@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import pickle
 import tarfile
 import urllib.request
@@ -33,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from ..runtime import atomic_write
 
 CIFAR_URLS = {
     "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "cifar-10-batches-py"),
@@ -108,18 +109,15 @@ def _load_cached(cache_file: Path) -> SplitDataset | None:
 
 
 def _save_cache(cache_file: Path, ds: SplitDataset) -> None:
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(".tmp.npz")
-    np.savez(
-        tmp,
-        train_x=ds.train.images,
-        train_y=ds.train.labels,
-        test_x=ds.test.images,
-        test_y=ds.test.labels,
-        classes=np.array(ds.classes),
-        skipped=np.array(ds.skipped, dtype=str),
-    )
-    os.replace(tmp, cache_file)  # atomic: readers never see a half-written cache
+    arrays = {
+        "train_x": ds.train.images,
+        "train_y": ds.train.labels,
+        "test_x": ds.test.images,
+        "test_y": ds.test.labels,
+        "classes": np.array(ds.classes),
+        "skipped": np.array(ds.skipped, dtype=str),
+    }
+    atomic_write(cache_file, lambda tmp: np.savez(tmp, **arrays))  # readers never see a half-written cache
 
 
 # ------------------------------------------------------------- image folders
@@ -258,9 +256,7 @@ def _download_cifar(name: str, root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     archive = root / Path(url).name
     try:
-        tmp = archive.with_suffix(".part")
-        urllib.request.urlretrieve(url, tmp)  # noqa: S310 - fixed https URL
-        os.replace(tmp, archive)
+        atomic_write(archive, lambda tmp: urllib.request.urlretrieve(url, tmp))  # noqa: S310 - fixed https URL
         with tarfile.open(archive, "r:gz") as tf:
             tf.extractall(root, filter="data")
     except OSError as e:
