@@ -9,7 +9,7 @@ trained with the DDPM epsilon-prediction MSE; label dropout sends a fraction of 
 the null class so one network learns both branches of classifier-free guidance. A source without
 labels (``augment.prior_labels=none``) trains the null class only; the saved prior then maps
 every class to the null class's embedding, so class labels and guidance change nothing. It is saved as a
-:class:`~dda_ray.augment.ClassConditionalImg2ImgPipeline` (``save_pretrained``), which the
+:class:`~dda_ray.diffusion.ClassConditionalImg2ImgPipeline` (``save_pretrained``), which the
 ``local_prior`` backend of :class:`~dda_ray.augment.Augmenter` loads with ``from_pretrained``.
 
 Sizing (DESIGN.md, this 2-core CPU): channels (32, 64, 64) without attention trains at ~89 img/s,
@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DModel
 from tqdm import tqdm
 
-from .augment import ClassConditionalImg2ImgPipeline
 from .config import AugmentConfig, ConfigError
 from .data.transforms import to_float
+from .diffusion import ClassConditionalImg2ImgPipeline
 from .prior_data import PriorSource, bank_source
-from .runtime import append_jsonl, resolve_device
+from .runtime import append_jsonl, atomic_write, resolve_device
 
 __all__ = ["build_prior_unet", "build_prior_scheduler", "build_prior_pipeline", "train_prior"]
 
@@ -107,9 +107,7 @@ def build_prior_pipeline(
 
 
 def _save_atomically(pipe: ClassConditionalImg2ImgPipeline, output_dir: Path, extra_files: dict[str, Path | str]) -> None:
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    def write(tmp: Path) -> None:
         pipe.save_pretrained(tmp, safe_serialization=True)
         for name, src in extra_files.items():
             if isinstance(src, Path):
@@ -117,16 +115,8 @@ def _save_atomically(pipe: ClassConditionalImg2ImgPipeline, output_dir: Path, ex
                     shutil.copyfile(src, tmp / name)
             else:
                 (tmp / name).write_text(src)
-        if output_dir.exists():
-            old = output_dir.with_name(f".{output_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(output_dir, old)
-            os.replace(tmp, output_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_write(output_dir, write, directory=True)
 
 
 def _unconditional_class_embeddings(unet: UNet2DModel, num_classes: int) -> None:

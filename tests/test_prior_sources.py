@@ -17,10 +17,11 @@ from PIL import Image
 import dda_ray.data
 import dda_ray.data.datasets
 import dda_ray.prior
-from dda_ray.augment import Augmenter, ClassConditionalImg2ImgPipeline
+from dda_ray.augment import Augmenter
 from dda_ray.checkpoint import load_teacher, save_classifier
 from dda_ray.config import AugmentConfig, ConfigError, load_config
 from dda_ray.data.transforms import to_float
+from dda_ray.diffusion import ClassConditionalImg2ImgPipeline
 from dda_ray.prior import train_prior
 from dda_ray.prior_data import (
     PACKAGED_PHOTOS,
