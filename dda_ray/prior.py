@@ -18,7 +18,6 @@ so the default 1,000 steps of 64 images take about 12 minutes; (32, 32, 64) is ~
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -31,6 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DModel
+from diffusers.optimization import get_constant_schedule_with_warmup
+from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
 from .config import AugmentConfig, ConfigError
@@ -175,10 +176,15 @@ def train_prior(
     # the saved weights are turned back to the default layout below.
     unet, scheduler = pipe.unet.to(dev, memory_format=torch.channels_last), pipe.scheduler
     unet.train()
-    ema = copy.deepcopy(unet).eval().requires_grad_(False) if cfg.prior_ema > 0 else None
+    # EMA decay min(prior_ema, (1 + k) / (10 + k)) after update k >= 1 (the first copies the weights)
+    ema = EMAModel(unet.parameters(), decay=cfg.prior_ema) if cfg.prior_ema > 0 else None
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.prior_lr, weight_decay=cfg.prior_weight_decay)
+    # Linear warmup over 5 % of the steps, then constant. The schedule starts one step in (last_epoch=0), so the
+    # first update already runs at lr / warmup rather than 0: update k uses lr * min(1, (k + 1) / warmup).
     warmup = max(1, int(0.05 * cfg.prior_steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    for group in opt.param_groups:
+        group["initial_lr"] = group["lr"]
+    sched = get_constant_schedule_with_warmup(opt, warmup, last_epoch=0)
 
     alphas = scheduler.alphas_cumprod.to(dev)
     null = num_classes
@@ -216,10 +222,7 @@ def train_prior(
         opt.step()
         sched.step()
         if ema is not None:
-            decay = min(cfg.prior_ema, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for pe, p in zip(ema.parameters(), unet.parameters(), strict=True):
-                    pe.lerp_(p, 1 - decay)
+            ema.step(unet.parameters())
         value = float(loss.detach())
         running, count = running + value, count + 1
         if step == 0:
@@ -234,7 +237,9 @@ def train_prior(
             bar.set_postfix(loss=f"{last_loss:.4f}")
             running, count, t_log = 0.0, 0, now
 
-    final = (ema if ema is not None else unet).to(memory_format=torch.contiguous_format)
+    if ema is not None:
+        ema.copy_to(unet.parameters())
+    final = unet.to(memory_format=torch.contiguous_format)
     final.eval()
     if source.label_mode == "none":
         _unconditional_class_embeddings(final, num_classes)
