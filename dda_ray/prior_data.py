@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import io
 import math
 import tarfile
 import warnings
@@ -44,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import Config, ConfigError
+from .data.datasets import decode_image
 
 __all__ = [
     "ARCHIVE_SUFFIXES",
@@ -134,24 +134,6 @@ class SourceImages:
         return len(self.images)
 
 
-def decode_image(data: bytes, max_short_side: int | None = None) -> np.ndarray:
-    """Bytes of an image file -> uint8 RGB HWC, its shorter side scaled down to ``max_short_side``."""
-    from PIL import Image, ImageOps
-
-    with Image.open(io.BytesIO(data)) as img:
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            img = img.convert("RGBA")
-            back = Image.new("RGBA", img.size, (255, 255, 255, 255))  # transparent areas: white, not black
-            img = Image.alpha_composite(back, img)
-        img = img.convert("RGB")
-        w, h = img.size
-        if max_short_side is not None and min(w, h) > max_short_side:
-            k = max_short_side / min(w, h)
-            img = img.resize((max(1, round(w * k)), max(1, round(h * k))), Image.LANCZOS)
-        return np.asarray(img, dtype=np.uint8).copy()
-
-
 def _is_archive(path: Path) -> bool:
     return path.name.lower().endswith(ARCHIVE_SUFFIXES)
 
@@ -196,7 +178,7 @@ def load_folder_images(path: str | Path, max_short_side: int | None = None) -> S
     out = SourceImages([], [])
     for name, data in files:
         try:
-            image = decode_image(data, max_short_side)
+            image = decode_image(data, max_short_side=max_short_side)
         except Exception:  # noqa: BLE001 - Pillow raises many types for a broken file; skip it, report it
             out.skipped.append(name)
             continue
@@ -215,7 +197,7 @@ def load_packaged_photos(max_short_side: int | None = None, photos: tuple[Packag
     out = SourceImages([], [])
     for photo in photos:
         out.names.append(photo.name)
-        out.images.append(decode_image(packaged_photo_path(photo).read_bytes(), max_short_side))
+        out.images.append(decode_image(packaged_photo_path(photo).read_bytes(), max_short_side=max_short_side))
     return out
 
 
