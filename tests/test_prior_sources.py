@@ -312,7 +312,7 @@ def test_missing_or_empty_sources_are_clear_errors(assets, tmp_path, monkeypatch
     bad_tar.write_bytes(b"not gzip")
     with pytest.raises(ConfigError, match="cannot read the archive"):
         load_folder_images(bad_tar)
-    monkeypatch.setattr("dda_ray.prior_data._module_dir", lambda module: None)
+    monkeypatch.setattr("dda_ray.data.photos._module_dir", lambda module: None)
     with pytest.raises(ConfigError, match="pip install scikit-image"):
         build_prior_source(make_cfg(assets, tmp_path, "augment.prior_source=photos", "augment.prior_labels=none"))
     job = _load_job()
