@@ -391,7 +391,7 @@ def bench_augment(args) -> str:
     n = min(args.images or (4 if args.quick else 16), len(bank.ids))
     images, labels, ids = bank.images[:n], bank.labels[:n], bank.ids[:n]
     _, _, meta = load_teacher(cfg)
-    aug = Augmenter(cfg.augment, meta.get("classes"), image_shape=(cfg.data.image_size, cfg.data.image_size, 3))
+    aug = Augmenter(cfg.augment, meta.get("classes"))
     aug.augment(images[:1], labels[:1], ids[:1])  # warm-up (first-call allocations)
 
     def batched():

@@ -36,11 +36,11 @@ def preflight(cfg: Config) -> None:
 
         check_extra_banks(cfg.distill.extra_banks, fingerprint(teacher))
     if cfg.run.mode == "dda":
-        from .augment import AugmentError, _check_pipeline_dir
+        from .diffusion.backends import AugmentError, check_pipeline_dir
 
         model = Path(cfg.augment.model).expanduser()
         if model.exists():
-            _check_pipeline_dir(model, cfg.augment)
+            check_pipeline_dir(model, cfg.augment)
         elif cfg.augment.model.startswith((".", "/", "~")) or cfg.augment.model.count("/") != 1:
             raise AugmentError(
                 f"augment.model = {cfg.augment.model!r} is neither an existing directory nor a hub id (owner/name); "

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -29,6 +26,7 @@ from torch import nn
 from .models import build_model
 from .models.community import COMMUNITY_NORMALIZATION, to_registry_layout
 from .models.community import LAYOUT as COMMUNITY_LAYOUT
+from .runtime import atomic_write
 
 META = "meta.json"
 WEIGHTS = "model.safetensors"
@@ -41,33 +39,22 @@ class CheckpointError(RuntimeError):
 def save_classifier(
     model: nn.Module, path: str | Path, *, arch: str, num_classes: int, mean, std, accuracy: float | None = None, **extra
 ) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {
+        "format": "dda_ray.classifier/1",
+        "arch": arch,
+        "num_classes": num_classes,
+        "mean": list(mean),
+        "std": list(std),
+        "accuracy": accuracy,
+        **extra,
+    }
+
+    def write(tmp: Path) -> None:
         save_file(state, tmp / WEIGHTS)
-        meta = {
-            "format": "dda_ray.classifier/1",
-            "arch": arch,
-            "num_classes": num_classes,
-            "mean": list(mean),
-            "std": list(std),
-            "accuracy": accuracy,
-            **extra,
-        }
         (tmp / META).write_text(json.dumps(meta, indent=2))
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+
+    return atomic_write(path, write, directory=True)
 
 
 def fingerprint(model: nn.Module) -> str:

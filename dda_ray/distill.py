@@ -208,17 +208,12 @@ class Distiller:
 
 def save_training_state(path, distiller: Distiller, epoch: int, extra: dict | None = None, generator: torch.Generator | None = None) -> None:
     """Everything needed to resume after ``epoch`` epochs, written atomically (temp + rename)."""
-    import os
-    from pathlib import Path
+    from .runtime import atomic_write
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {"distiller": distiller.state_dict(), "epoch": epoch, "extra": extra or {}, "global_rng": global_rng_state()}
     if generator is not None:
         state["rng"] = generator.get_state()
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_training_state(path, distiller: Distiller, generator: torch.Generator | None = None) -> tuple[int, dict]:

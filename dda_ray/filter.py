@@ -1,33 +1,31 @@
 """The DDA cosine filter: keep a variation iff the teacher still sees it like its original.
 
 Each variation is embedded by the teacher (its pooled penultimate features); the reference is
-its original's embedding, taken from the bank's ``teacher_embedding`` column (carried by the
-Augmenter as ``parent_embedding``) or recomputed from the parent image. A variation is kept iff
+its original's embedding, taken from the bank's ``teacher_embedding`` column (carried by
+:class:`~dda_ray.stages.AugmentStage` as ``parent_embedding``) or recomputed from the parent image. A variation is kept iff
 ``cos(variation, original) >= filter.threshold``; originals (``variation == -1``) always pass
 with score 1. Every row gets ``score`` and ``kept``; a :class:`FilterReport` per batch records the
-kept fraction and a score histogram over [-1, 1].
+kept fraction and a score histogram over [-1, 1]. The Ray Data actor around it is
+:class:`dda_ray.stages.FilterStage`.
 """
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .augment import ORIGINAL, _writable, decode_image_column, stack_vector_column
 from .config import FilterConfig
+from .data.pool import ORIGINAL
 from .data.transforms import Normalize, to_float
+from .stages import decode_image_column, stack_vector_column
 
-__all__ = ["AllRejectedError", "AllRejectedWarning", "CheckpointCosineFilter", "CosineFilter", "FilterReport", "embed_images"]
-
-log = logging.getLogger(__name__)
+__all__ = ["AllRejectedError", "AllRejectedWarning", "CosineFilter", "FilterReport"]
 
 
 class AllRejectedWarning(UserWarning):
@@ -62,13 +60,6 @@ class FilterReport:
     def mean_score(self) -> float:
         return self.score_sum / self.n_variations if self.n_variations else float("nan")
 
-    def merge(self, other: FilterReport) -> FilterReport:
-        if len(other.hist) != len(self.hist):
-            raise ValueError("cannot merge filter reports with different histogram bins")
-        return FilterReport(
-            self.n_variations + other.n_variations, self.n_kept + other.n_kept, self.score_sum + other.score_sum, self.hist + other.hist, self.bin_edges
-        )
-
     def to_dict(self) -> dict:
         """Flat, JSON/MLflow-friendly numbers (``hist`` as a list of counts per bin)."""
         return {
@@ -82,7 +73,7 @@ class FilterReport:
 
 
 class CosineFilter:
-    """Teacher-embedding cosine filter over Augmenter batches; usable as a Ray Data actor class.
+    """Teacher-embedding cosine filter over augmented batches (slot rows of :mod:`dda_ray.stages`).
 
     Args:
         cfg: the ``filter`` section (threshold, on_all_rejected, reference, hist_bins).
@@ -90,8 +81,6 @@ class CosineFilter:
         normalize: the teacher's input normalisation (a ``Normalize`` or a ``(mean, std)`` pair).
         device: where the teacher runs.
         batch_size: images per teacher forward.
-        drop_rejected: return only kept rows (originals included); by default every row is
-            returned with its ``kept`` flag (image grids want the rejected ones too).
         image_shape: (H, W, C) of byte-encoded images (None: square RGB).
     """
 
@@ -103,7 +92,6 @@ class CosineFilter:
         *,
         device: str | torch.device = "cpu",
         batch_size: int = 256,
-        drop_rejected: bool = False,
         image_shape: Sequence[int] | None = None,
     ):
         cfg.validate("filter")
@@ -112,29 +100,14 @@ class CosineFilter:
         self.teacher = teacher.to(self.device).eval()
         self.normalize = normalize if isinstance(normalize, Normalize) else Normalize(*normalize)
         self.batch_size = batch_size
-        self.drop_rejected = drop_rejected
         self.image_shape = tuple(image_shape) if image_shape else None
-        self.last_report: FilterReport | None = None
-        self.total_report = FilterReport.from_scores(np.zeros(0), np.zeros(0, bool), cfg.hist_bins)
-
-    @classmethod
-    def from_checkpoint(
-        cls,
-        cfg: FilterConfig,
-        checkpoint: str | Path,
-        arch: str,
-        num_classes: int,
-        **kwargs,
-    ) -> CosineFilter:
-        """Load the teacher from a project checkpoint (normalisation from its meta.json unless mean=/std= are given)."""
-        return CheckpointCosineFilter(cfg, checkpoint, arch, num_classes, **kwargs)
 
     @torch.no_grad()
     def embed(self, images: np.ndarray) -> np.ndarray:
         """Teacher pooled embeddings (N, D) float32 of uint8 NHWC images."""
         outs = []
         for s in range(0, len(images), self.batch_size):
-            x = self.normalize(to_float(_writable(images[s : s + self.batch_size])).to(self.device))
+            x = self.normalize(to_float(images[s : s + self.batch_size]).to(self.device))
             outs.append(self.teacher(x, return_features=True).embedding.float().cpu())
         if not outs:
             return np.zeros((0, 0), dtype=np.float32)
@@ -152,7 +125,7 @@ class CosineFilter:
         if self.cfg.reference == "auto" and "parent_embedding" in batch:
             return stack_vector_column(batch["parent_embedding"])[rows]
         if "parent_image" in batch:
-            parents, _ = decode_image_column(batch["parent_image"], self.image_shape)
+            parents = decode_image_column(batch["parent_image"], self.image_shape)
             return self.embed(parents[rows])
         variation = np.asarray(batch.get("variation", np.zeros(len(images), np.int64)))
         ids = np.asarray(batch["id"]).astype(str) if "id" in batch else None
@@ -164,21 +137,13 @@ class CosineFilter:
                 return self.embed(images[[where[p] for p in parent_ids]])
         raise KeyError(
             "the cosine filter needs each variation's original: a parent_embedding column (filter.reference=auto and the bank's "
-            "teacher_embedding), a parent_image column (Augmenter(with_parent_image=True)), or the originals in the same batch "
-            "(Augmenter(include_original=True))"
+            "teacher_embedding), a parent_image column (AugmentStage with filter.grid_batches > 0), or the originals in the same batch "
+            "(variation -1 rows with the same parent_id)"
         )
-
-    def score(self, images: np.ndarray, parent_embedding: np.ndarray | None = None, parent_images: np.ndarray | None = None) -> np.ndarray:
-        """Cosine of each image's teacher embedding with its original's (given, or computed from ``parent_images``)."""
-        if parent_embedding is None:
-            if parent_images is None:
-                raise ValueError("score() needs parent_embedding or parent_images")
-            parent_embedding = self.embed(parent_images)
-        return self.cosine(self.embed(images), parent_embedding)
 
     def filter(self, batch: dict) -> tuple[dict, FilterReport]:
         """Add ``score`` (float32) and ``kept`` (bool) to a batch; report over its variations."""
-        images, _ = decode_image_column(batch["image"], self.image_shape)
+        images = decode_image_column(batch["image"], self.image_shape)
         n = len(images)
         variation = np.asarray(batch.get("variation", np.zeros(n, np.int64)), dtype=np.int64)
         is_var = variation != ORIGINAL
@@ -200,57 +165,4 @@ class CosineFilter:
         out = dict(batch)
         out["score"] = score
         out["kept"] = kept
-        if self.drop_rejected:
-            out = {k: _take(v, kept) for k, v in out.items()}
         return out, report
-
-    def __call__(self, batch: dict) -> dict:
-        """Ray Data entry point: the filtered batch; the report is kept in ``last_report`` / ``total_report``."""
-        out, report = self.filter(batch)
-        self.last_report = report
-        self.total_report = self.total_report.merge(report)
-        log.info("cosine filter: kept %d/%d variations (%.1f%%), mean score %.3f", report.n_kept, report.n_variations, 100 * report.kept_fraction, report.mean_score)
-        return out
-
-
-class CheckpointCosineFilter(CosineFilter):
-    """A :class:`CosineFilter` that loads its teacher in ``__init__``: the Ray Data actor class.
-
-    ``ds.map_batches(CheckpointCosineFilter, fn_constructor_args=(cfg.filter, cfg.teacher.checkpoint,
-    cfg.teacher.arch, cfg.data.num_classes), batch_size=..., compute=ActorPoolStrategy(size=n))``:
-    each actor reads the checkpoint itself, so no model is pickled through the object store.
-    """
-
-    def __init__(
-        self,
-        cfg: FilterConfig,
-        checkpoint: str | Path,
-        arch: str,
-        num_classes: int,
-        *,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        device: str = "auto",
-        **kwargs,
-    ):
-        from .checkpoint import CheckpointError, load_classifier
-        from .runtime import resolve_device
-
-        model, meta = load_classifier(checkpoint, arch, num_classes)
-        mean = mean if mean is not None else meta.get("mean")
-        std = std if std is not None else meta.get("std")
-        if mean is None or std is None:
-            raise CheckpointError(f"checkpoint {checkpoint} records no mean/std; pass mean= and std= to the cosine filter")
-        super().__init__(cfg, model, (mean, std), device=resolve_device(device), **kwargs)
-
-
-def _take(column, mask: np.ndarray):
-    if isinstance(column, np.ndarray):
-        return column[mask]
-    return [v for v, m in zip(column, mask, strict=True) if m]
-
-
-def embed_images(teacher: nn.Module, normalize: Normalize, images: np.ndarray, device="cpu", batch_size: int = 256) -> np.ndarray:
-    """Teacher embeddings of uint8 NHWC images without building a filter (e.g. for a bank's column)."""
-    f = CosineFilter(FilterConfig(), teacher, normalize, device=device, batch_size=batch_size)
-    return f.embed(images)

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .augment import ORIGINAL, decode_image_column
+from .data.pool import ORIGINAL
+from .stages import decode_image_column
 
 __all__ = ["KEPT_COLOR", "REJECTED_COLOR", "ORIGINAL_COLOR", "grid_size", "make_grid", "grid_from_batch", "save_grid"]
 
@@ -100,12 +101,12 @@ def grid_from_batch(
     or ``originals`` (``{parent_id: HWC uint8}``). Rows follow first appearance of each parent;
     parents with fewer variations than the most are padded with blank, unscored cells.
     """
-    images, _ = decode_image_column(batch["image"], image_shape)
+    images = decode_image_column(batch["image"], image_shape)
     parent_ids = np.asarray(batch["parent_id"]).astype(str)
     variation = np.asarray(batch.get("variation", np.zeros(len(images), np.int64)))
     scores = np.asarray(batch.get("score", np.full(len(images), np.nan)), dtype=np.float32)
     kept = np.asarray(batch.get("kept", np.ones(len(images), bool)), dtype=bool)
-    parent_images = decode_image_column(batch["parent_image"], image_shape)[0] if "parent_image" in batch else None
+    parent_images = decode_image_column(batch["parent_image"], image_shape) if "parent_image" in batch else None
 
     found: dict[str, np.ndarray] = dict(originals or {})
     rows: dict[str, list[int]] = {}

@@ -9,7 +9,7 @@ trained with the DDPM epsilon-prediction MSE; label dropout sends a fraction of 
 the null class so one network learns both branches of classifier-free guidance. A source without
 labels (``augment.prior_labels=none``) trains the null class only; the saved prior then maps
 every class to the null class's embedding, so class labels and guidance change nothing. It is saved as a
-:class:`~dda_ray.augment.ClassConditionalImg2ImgPipeline` (``save_pretrained``), which the
+:class:`~dda_ray.diffusion.ClassConditionalImg2ImgPipeline` (``save_pretrained``), which the
 ``local_prior`` backend of :class:`~dda_ray.augment.Augmenter` loads with ``from_pretrained``.
 
 Sizing (DESIGN.md, this 2-core CPU): channels (32, 64, 64) without attention trains at ~89 img/s,
@@ -18,7 +18,6 @@ so the default 1,000 steps of 64 images take about 12 minutes; (32, 32, 64) is ~
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -31,13 +30,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DModel
+from diffusers.optimization import get_constant_schedule_with_warmup
+from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
-from .augment import ClassConditionalImg2ImgPipeline
 from .config import AugmentConfig, ConfigError
 from .data.transforms import to_float
+from .diffusion import ClassConditionalImg2ImgPipeline
 from .prior_data import PriorSource, bank_source
-from .runtime import append_jsonl, resolve_device
+from .runtime import append_jsonl, atomic_write, resolve_device
 
 __all__ = ["build_prior_unet", "build_prior_scheduler", "build_prior_pipeline", "train_prior"]
 
@@ -107,9 +108,7 @@ def build_prior_pipeline(
 
 
 def _save_atomically(pipe: ClassConditionalImg2ImgPipeline, output_dir: Path, extra_files: dict[str, Path | str]) -> None:
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    def write(tmp: Path) -> None:
         pipe.save_pretrained(tmp, safe_serialization=True)
         for name, src in extra_files.items():
             if isinstance(src, Path):
@@ -117,16 +116,8 @@ def _save_atomically(pipe: ClassConditionalImg2ImgPipeline, output_dir: Path, ex
                     shutil.copyfile(src, tmp / name)
             else:
                 (tmp / name).write_text(src)
-        if output_dir.exists():
-            old = output_dir.with_name(f".{output_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(output_dir, old)
-            os.replace(tmp, output_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_write(output_dir, write, directory=True)
 
 
 def _unconditional_class_embeddings(unet: UNet2DModel, num_classes: int) -> None:
@@ -185,10 +176,15 @@ def train_prior(
     # the saved weights are turned back to the default layout below.
     unet, scheduler = pipe.unet.to(dev, memory_format=torch.channels_last), pipe.scheduler
     unet.train()
-    ema = copy.deepcopy(unet).eval().requires_grad_(False) if cfg.prior_ema > 0 else None
+    # EMA decay min(prior_ema, (1 + k) / (10 + k)) after update k >= 1 (the first copies the weights)
+    ema = EMAModel(unet.parameters(), decay=cfg.prior_ema) if cfg.prior_ema > 0 else None
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.prior_lr, weight_decay=cfg.prior_weight_decay)
+    # Linear warmup over 5 % of the steps, then constant. The schedule starts one step in (last_epoch=0), so the
+    # first update already runs at lr / warmup rather than 0: update k uses lr * min(1, (k + 1) / warmup).
     warmup = max(1, int(0.05 * cfg.prior_steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    for group in opt.param_groups:
+        group["initial_lr"] = group["lr"]
+    sched = get_constant_schedule_with_warmup(opt, warmup, last_epoch=0)
 
     alphas = scheduler.alphas_cumprod.to(dev)
     null = num_classes
@@ -226,10 +222,7 @@ def train_prior(
         opt.step()
         sched.step()
         if ema is not None:
-            decay = min(cfg.prior_ema, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for pe, p in zip(ema.parameters(), unet.parameters(), strict=True):
-                    pe.lerp_(p, 1 - decay)
+            ema.step(unet.parameters())
         value = float(loss.detach())
         running, count = running + value, count + 1
         if step == 0:
@@ -244,7 +237,9 @@ def train_prior(
             bar.set_postfix(loss=f"{last_loss:.4f}")
             running, count, t_log = 0.0, 0, now
 
-    final = (ema if ema is not None else unet).to(memory_format=torch.contiguous_format)
+    if ema is not None:
+        ema.copy_to(unet.parameters())
+    final = unet.to(memory_format=torch.contiguous_format)
     final.eval()
     if source.label_mode == "none":
         _unconditional_class_embeddings(final, num_classes)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import io
 import math
 import tarfile
 import warnings
@@ -44,6 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import Config, ConfigError
+from .data.datasets import decode_image
+from .data.photos import PACKAGED_PHOTOS, PackagedPhoto, packaged_photo_path
 
 __all__ = [
     "ARCHIVE_SUFFIXES",
@@ -69,58 +70,6 @@ MAX_SIDE_FACTOR = 8  # decoded images keep a shorter side of at most this many t
 _GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma weights (saturation and contrast jitter)
 
 
-# ----------------------------------------------------------------- packaged photographs
-@dataclass(frozen=True)
-class PackagedPhoto:
-    """One natural photograph shipped inside an installed package."""
-
-    distribution: str  # the PyPI name (pip install ...)
-    module: str  # the import name whose directory holds the file
-    path: str  # inside that directory
-    size: tuple[int, int]  # (width, height) as shipped
-    shows: str
-    cifar10: str | None = None  # the CIFAR-10 class it depicts, if any
-
-    @property
-    def name(self) -> str:
-        return f"{self.module}/{self.path}"
-
-
-# Colour photographs only: grayscale ones (camera, coins, moon, textures), drawings, microscopy,
-# medical images and synthetic test patterns are left out. docs/AUGMENTATION.md lists them too.
-PACKAGED_PHOTOS: tuple[PackagedPhoto, ...] = (
-    PackagedPhoto("scikit-image", "skimage", "data/astronaut.png", (512, 512), "astronaut Eileen Collins in an orange suit; US flag, shuttle model"),
-    PackagedPhoto("scikit-image", "skimage", "data/chelsea.png", (451, 300), "Chelsea, a tabby cat (head close-up)", "cat"),
-    PackagedPhoto("scikit-image", "skimage", "data/coffee.png", (600, 400), "a cup of coffee on a saucer, wooden table"),
-    PackagedPhoto("scikit-image", "skimage", "data/rocket.jpg", (640, 427), "a rocket on its launch pad at dusk, lightning towers"),
-    PackagedPhoto("scikit-image", "skimage", "data/motorcycle_left.png", (741, 500), "a red motorcycle in a workshop (left view of a stereo pair)"),
-    PackagedPhoto("scikit-image", "skimage", "data/hubble_deep_field.jpg", (1000, 872), "Hubble deep field: galaxies on a black sky"),
-    PackagedPhoto("scikit-learn", "sklearn", "datasets/images/china.jpg", (640, 427), "a Chinese pagoda above a lake and trees (a small boat on the water)"),
-    PackagedPhoto("scikit-learn", "sklearn", "datasets/images/flower.jpg", (640, 427), "an orange dahlia flower, green background"),
-    PackagedPhoto("matplotlib", "matplotlib", "mpl-data/sample_data/grace_hopper.jpg", (512, 600), "portrait of Rear Admiral Grace Hopper in uniform"),
-)
-
-
-def _module_dir(module: str) -> Path | None:
-    """The directory of an installed package, found without importing it."""
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def packaged_photo_path(photo: PackagedPhoto) -> Path:
-    root = _module_dir(photo.module)
-    path = root / photo.path if root is not None else None
-    if path is None or not path.is_file():
-        why = f"{photo.module} is not installed" if root is None else f"{path} is missing"
-        raise ConfigError(f"augment.prior_source = 'photos' needs {photo.name} from the {photo.distribution} package ({why}); pip install {photo.distribution}")
-    return path
-
-
 # ----------------------------------------------------------------- decoding
 @dataclass
 class SourceImages:
@@ -132,24 +81,6 @@ class SourceImages:
 
     def __len__(self) -> int:
         return len(self.images)
-
-
-def decode_image(data: bytes, max_short_side: int | None = None) -> np.ndarray:
-    """Bytes of an image file -> uint8 RGB HWC, its shorter side scaled down to ``max_short_side``."""
-    from PIL import Image, ImageOps
-
-    with Image.open(io.BytesIO(data)) as img:
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            img = img.convert("RGBA")
-            back = Image.new("RGBA", img.size, (255, 255, 255, 255))  # transparent areas: white, not black
-            img = Image.alpha_composite(back, img)
-        img = img.convert("RGB")
-        w, h = img.size
-        if max_short_side is not None and min(w, h) > max_short_side:
-            k = max_short_side / min(w, h)
-            img = img.resize((max(1, round(w * k)), max(1, round(h * k))), Image.LANCZOS)
-        return np.asarray(img, dtype=np.uint8).copy()
 
 
 def _is_archive(path: Path) -> bool:
@@ -196,7 +127,7 @@ def load_folder_images(path: str | Path, max_short_side: int | None = None) -> S
     out = SourceImages([], [])
     for name, data in files:
         try:
-            image = decode_image(data, max_short_side)
+            image = decode_image(data, max_short_side=max_short_side)
         except Exception:  # noqa: BLE001 - Pillow raises many types for a broken file; skip it, report it
             out.skipped.append(name)
             continue
@@ -215,7 +146,7 @@ def load_packaged_photos(max_short_side: int | None = None, photos: tuple[Packag
     out = SourceImages([], [])
     for photo in photos:
         out.names.append(photo.name)
-        out.images.append(decode_image(packaged_photo_path(photo).read_bytes(), max_short_side))
+        out.images.append(decode_image(packaged_photo_path(photo).read_bytes(), max_short_side=max_short_side))
     return out
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -162,12 +165,53 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a file under its final name only when complete (temp file + rename)."""
+def atomic_write(path: str | Path, data: str | bytes | Callable[[Path], object], *, directory: bool = False) -> Path:
+    """Write ``path`` only when complete: into a hidden temporary beside it, then ``os.replace``.
+
+    Readers (and a resumed run) see the old content or the new, never half of it; a failed write
+    leaves neither a temporary nor a changed ``path``.
+
+    ``data`` is text, bytes, or a callable given the temporary's path to write it (``np.save``,
+    ``torch.save``, ``pq.write_table``, ...). A file's temporary keeps ``path``'s suffix, so
+    writers that append one (``np.save``) do not, and carries the process id, so concurrent
+    writers of one path never share it (the last rename wins). With ``directory=True`` the
+    callable fills an existing empty directory (``save_pretrained``); an old directory at
+    ``path`` is moved aside, replaced and then deleted.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            data(tmp)
+            if path.exists():
+                old = path.with_name(f".{path.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return path
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        if callable(data):
+            data(tmp)
+        elif isinstance(data, str):
+            tmp.write_text(data)
+        else:
+            tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """:func:`atomic_write` of text (the name the run loops use)."""
+    atomic_write(path, text)
 
 
 def rewind_run(run_dir: str | Path, epochs_done: int, next_round: int | None) -> None:

@@ -21,23 +21,68 @@ variations (originals always pass); it is recomputed every epoch because it is c
 keeps ``filter.threshold`` free. Both stages append one JSON line per batch (time, rows,
 cache hits, kept/rejected counts) under ``<run_dir>/stream/``: the streaming proof and the
 per-epoch kept fraction come from these lines.
+
+Rows travel between the stages as Ray Data batches of numpy columns; images as raw bytes, the
+bank's encoding (:func:`encode_image_column` / :func:`decode_image_column`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from .config import Config, config_from_dict
+from .data.bank import decode_images
 from .data.pool import ORIGINAL
-from .runtime import append_jsonl
+from .runtime import append_jsonl, atomic_write
 
 
+# ----------------------------------------------------------------- row codecs (Ray Data batches)
+def decode_image_column(column, image_shape: Sequence[int] | None = None) -> np.ndarray:
+    """An ``image`` column -> uint8 NHWC array.
+
+    Accepts a uint8 (N, H, W, C) array, a sequence of HWC arrays, or raw bytes per image (the
+    bank's encoding; shape from ``image_shape``, else a square RGB image is assumed).
+    """
+    if isinstance(column, np.ndarray) and column.dtype == np.uint8 and column.ndim == 4:
+        return column
+    values = list(column)
+    if not values:
+        return np.zeros((0, *(tuple(image_shape) if image_shape else (0, 0, 3))), dtype=np.uint8)
+    if isinstance(values[0], (bytes, bytearray, memoryview)):
+        if image_shape is None:
+            n_bytes = len(values[0])
+            side = math.isqrt(n_bytes // 3)
+            if side * side * 3 != n_bytes:
+                raise ValueError(f"cannot infer the shape of a {n_bytes}-byte image; pass image_shape=(H, W, C)")
+            image_shape = (side, side, 3)
+        return decode_images(values, tuple(image_shape))
+    return np.stack([np.asarray(v, dtype=np.uint8) for v in values])
+
+
+def encode_image_column(images: np.ndarray) -> np.ndarray:
+    """uint8 NHWC -> object array of raw bytes (the bank's ``image`` encoding)."""
+    out = np.empty(len(images), dtype=object)
+    out[:] = [img.tobytes() for img in np.ascontiguousarray(images)]
+    return out
+
+
+def stack_vector_column(column) -> np.ndarray:
+    """A list column (2-D array, or object array of 1-D arrays) -> 2-D float32 array."""
+    arr = np.asarray(column)
+    if arr.dtype == object:
+        arr = np.stack([np.asarray(v, dtype=np.float32) for v in column]) if len(column) else np.zeros((0, 0), np.float32)
+    return arr.astype(np.float32, copy=False)
+
+
+# ----------------------------------------------------------------- the stages
 def augment_cache_key(cfg: Config) -> str:
     a = cfg.augment
     model = a.model
@@ -85,7 +130,7 @@ class AugmentStage:
 
         self.cfg = config_from_dict(cfg_dict)
         set_threads(self.cfg.resources.torch_threads)
-        self.augmenter = Augmenter(self.cfg.augment, class_names, image_shape=_image_shape(self.cfg))
+        self.augmenter = Augmenter(self.cfg.augment, class_names)
         self.cache = augment_cache_dir(self.cfg)
         self.cache.mkdir(parents=True, exist_ok=True)
         self.log = _stream_log(self.cfg, "augment")
@@ -106,20 +151,16 @@ class AugmentStage:
         return arr if arr.shape == (self.cfg.augment.num_variations, *_image_shape(self.cfg)) else None
 
     def _store(self, entry: str, variations: np.ndarray) -> None:
-        tmp = self.cache / f".{entry}.{os.getpid()}.tmp.npy"
-        np.save(tmp, variations)
-        os.replace(tmp, self.cache / f"{entry}.npy")
+        atomic_write(self.cache / f"{entry}.npy", lambda tmp: np.save(tmp, variations))
 
     def __call__(self, batch: dict) -> dict:
         """Slot rows in (``variation`` -1: pass the original on; k: make the parent's k-th
         variation); bank rows without a ``variation`` column are first expanded to all their slots."""
-        from .augment import decode_image_column, encode_image_column, stack_vector_column
-
         k = self.cfg.augment.num_variations
         if "variation" not in batch:
             batch = expand_slots(batch, k)
         t0 = time.time()
-        images, _ = decode_image_column(batch["image"], _image_shape(self.cfg))
+        images = decode_image_column(batch["image"], _image_shape(self.cfg))
         parent_ids = np.asarray(batch["parent_id"]).astype(str)
         labels = np.asarray(batch["label"], dtype=np.int64)
         variation = np.asarray(batch["variation"], dtype=np.int64)
@@ -267,8 +308,6 @@ def read_stream_stats(run_dir: Path, since: float = 0.0) -> dict:
 def local_augment_fn(cfg: Config, class_names: list[str] | None = None):
     """The same stages, in-process, for ``run.engine=local``: BankBatch -> (variations (N, K, H, W, C),
     kept (N, K) bool, stats)."""
-    from .augment import decode_image_column
-
     augment = AugmentStage(cfg.to_dict(), class_names)
     filt = FilterStage(cfg.to_dict())
     k = cfg.augment.num_variations
@@ -285,7 +324,7 @@ def local_augment_fn(cfg: Config, class_names: list[str] | None = None):
             slots = expand_slots(rows, k)
             only_variations = slots["variation"] != ORIGINAL
             out = augment({c: v[only_variations] if isinstance(v, np.ndarray) else [x for x, m in zip(v, only_variations, strict=True) if m] for c, v in slots.items()})
-            imgs, _ = decode_image_column(out["image"], shape)
+            imgs = decode_image_column(out["image"], shape)
             parents = np.array([index[p] for p in out["parent_id"]])
             variations[parents, out["variation"]] = imgs
             passed = filt(out)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,7 +15,7 @@ from .config import Config, ConfigError
 from .data import NORMALIZATION, Normalize, TrainTransform, channel_stats, load_data, to_float
 from .evaluation import evaluate
 from .models import build_model
-from .runtime import append_jsonl, read_jsonl, seed_everything, set_threads
+from .runtime import append_jsonl, atomic_write, read_jsonl, seed_everything, set_threads
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
@@ -94,9 +93,8 @@ def train_teacher(cfg: Config, progress: bool = True, tracker=None) -> dict:
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": 100 * correct / seen, "test_acc": ev["acc"], "test_loss": ev["loss"], "epoch_s": time.perf_counter() - t0}
         print(f"teacher epoch {epoch + 1}/{tc.epochs}: train_acc {metrics['train_acc']:.2f} test_acc {ev['acc']:.2f} ({metrics['epoch_s']:.0f}s)", flush=True)
         save_classifier(model, ckpt_dir, arch=cfg.teacher.arch, num_classes=cfg.data.num_classes, mean=mean, std=std, accuracy=ev["acc"], dataset=cfg.data.dataset, epochs=epoch + 1, classes=data.classes)
-        tmp = state_file.with_suffix(".tmp")
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": gen.get_state(), "epoch": epoch + 1}, tmp)
-        Path(tmp).replace(state_file)
+        state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": gen.get_state(), "epoch": epoch + 1}
+        atomic_write(state_file, lambda tmp, state=state: torch.save(state, tmp))
         append_jsonl(metrics_file, metrics)
         if tracker is not None:
             tracker.log_metrics(metrics, step=epoch + 1)

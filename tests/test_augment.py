@@ -9,18 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from dda_ray.augment import (
-    Augmenter,
-    AugmentError,
-    ClassConditionalImg2ImgPipeline,
-    _resize,
-    decode_image_column,
-    encode_image_column,
-    sdedit_timesteps,
-    variation_seed,
-)
+from dda_ray.augment import Augmenter, AugmentError
 from dda_ray.config import AugmentConfig, ConfigError
 from dda_ray.data.transforms import to_float, to_uint8
+from dda_ray.diffusion import ClassConditionalImg2ImgPipeline
+from dda_ray.diffusion.sampling import resize, sdedit_timesteps, variation_seed
 
 from ._tiny_pipelines import (
     build_tiny_prior,
@@ -178,7 +171,7 @@ def test_image_variations_at_strength_one_is_the_stock_pipeline(pipes, data, gui
     assert len(decoded) == 1 and expected.shape == (6, 3, 32, 32)
     ours = (decoded[0].float() / 2 + 0.5).clamp(0, 1)  # the backend's decode, before resizing to the parent's size
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
-    np.testing.assert_array_equal(out, to_uint8(_resize(expected, (16, 16)).clamp(0, 1)))
+    np.testing.assert_array_equal(out, to_uint8(resize(expected, (16, 16)).clamp(0, 1)))
 
 
 def test_image_variations_strength_one_sees_only_the_embedding(pipes, data):
@@ -244,25 +237,6 @@ def test_sd_img2img_prompts_come_from_the_template(pipes, data):
     assert prompts == ["a photo of a cat", "a photo of a dog", "a photo of a ship"]  # one per class, cached
     with pytest.raises(AugmentError, match="class names"):
         Augmenter(make_cfg(pipes, "sd_img2img"))
-
-
-def test_batch_adapter_bytes_embeddings_and_originals(pipes, data):
-    images, labels, ids = data
-    emb = np.arange(12, dtype=np.float32).reshape(3, 4)
-    batch = {"id": ids.astype(object), "image": encode_image_column(images), "label": labels, "teacher_embedding": np.array(list(emb), dtype=object)}
-    aug = Augmenter(make_cfg(pipes), include_original=True, with_parent_image=True)
-    out = aug(batch)
-    assert len(out["id"]) == 3 * 3 and out["image"].dtype == object and isinstance(out["image"][0], bytes)
-    decoded, was_bytes = decode_image_column(out["image"])
-    assert was_bytes and decoded.shape == (9, 16, 16, 3)
-    orig = out["variation"] == -1
-    np.testing.assert_array_equal(decoded[orig], images)
-    assert list(out["id"][orig]) == list(ids)
-    direct = aug(images, labels, ids)
-    np.testing.assert_array_equal(decoded[~orig], direct["image"])
-    np.testing.assert_array_equal(out["parent_embedding"][~orig], np.repeat(emb, 2, 0))
-    parents, _ = decode_image_column(out["parent_image"])
-    np.testing.assert_array_equal(parents[~orig], np.repeat(images, 2, 0))
 
 
 def test_missing_model_names_the_config_field(tmp_path, pipes):

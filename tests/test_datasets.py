@@ -58,7 +58,7 @@ def test_cifar10_jpg_second_load_hits_the_cache(cifar10_decoded, monkeypatch):
     caches = list(cifar10_decoded.cache_dir.glob("imagefolder-*-32.npz"))
     assert len(caches) == 1, list(cifar10_decoded.cache_dir.iterdir())
     assert not list(cifar10_decoded.cache_dir.glob("*.tmp*"))
-    _forbid(monkeypatch, "_decode", "_iter_tar", "load_image_folder")
+    _forbid(monkeypatch, "decode_image", "_iter_tar", "load_image_folder")
     again = load_dataset("imagefolder", cifar10_decoded.path, cache_dir=cifar10_decoded.cache_dir, image_size=32, progress=False)
     first = cifar10_decoded.ds
     assert again.classes == first.classes
@@ -69,7 +69,7 @@ def test_cifar10_jpg_second_load_hits_the_cache(cifar10_decoded, monkeypatch):
 
 
 def test_load_data_checks_the_class_count(cifar10_decoded, monkeypatch):
-    _forbid(monkeypatch, "_decode", "_iter_tar", "load_image_folder")
+    _forbid(monkeypatch, "decode_image", "_iter_tar", "load_image_folder")
     cfg = DataConfig(
         dataset="imagefolder", path=str(cifar10_decoded.path), cache_dir=str(cifar10_decoded.cache_dir), num_classes=10, image_size=32
     )
@@ -145,7 +145,7 @@ def test_image_folder_tar_gz(tmp_path, arcname, monkeypatch):
     cache = tmp_path / "cache"
     ds = load_dataset("imagefolder", archive, cache_dir=cache, image_size=16, progress=False)
     _check_mini(ds)
-    _forbid(monkeypatch, "_decode", "_iter_tar", "load_image_folder")
+    _forbid(monkeypatch, "decode_image", "_iter_tar", "load_image_folder")
     _check_mini(load_dataset("imagefolder", archive, cache_dir=cache, image_size=16, progress=False))
 
 
@@ -392,7 +392,7 @@ def test_tiny_imagenet_layout(tmp_path, monkeypatch):
     # the inner folder is accepted as the root, and the cache serves the second load
     direct = load_dataset("tiny_imagenet", tmp_path / "data" / "tiny-imagenet-200", progress=False)
     assert np.array_equal(direct.train.images, ds.train.images)
-    _forbid(monkeypatch, "_decode", "load_tiny_imagenet")
+    _forbid(monkeypatch, "decode_image", "load_tiny_imagenet")
     cached = load_dataset("tiny_imagenet", tmp_path / "data", cache_dir=cache, progress=False)
     assert np.array_equal(cached.test.images, ds.test.images) and cached.classes == ds.classes
 
@@ -460,7 +460,7 @@ def test_an_undecodable_image_is_named_or_left_out_with_a_warning(tmp_path, pack
 
     with pytest.raises(DatasetError, match="cannot decode image"):  # the skipping run's cache does not hide the error
         load_dataset("imagefolder", path, cache_dir=cache, image_size=16, progress=False)
-    _forbid(monkeypatch, "_decode", "_iter_tar", "_iter_dir", "load_image_folder")
+    _forbid(monkeypatch, "decode_image", "_iter_tar", "_iter_dir", "load_image_folder")
     cfg = DataConfig(dataset="imagefolder", path=str(path), cache_dir=str(cache), num_classes=2, image_size=16, skip_corrupt=True)
     cached = load_data(cfg, progress=False)  # what the jobs call: data.skip_corrupt reaches the loader
     assert cached.skipped == bad and np.array_equal(cached.train.images, ds.train.images)

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from dda_ray.augment import Augmenter, encode_image_column
-from dda_ray.checkpoint import save_classifier
+from dda_ray.augment import Augmenter
+from dda_ray.checkpoint import load_classifier
 from dda_ray.config import AugmentConfig, FilterConfig
 from dda_ray.data.datasets import NORMALIZATION
-from dda_ray.filter import AllRejectedError, AllRejectedWarning, CheckpointCosineFilter, CosineFilter, FilterReport
+from dda_ray.filter import AllRejectedError, AllRejectedWarning, CosineFilter, FilterReport
 from dda_ray.models import build_model
+from dda_ray.stages import encode_image_column
 
 from ._tiny_pipelines import (
     build_tiny_prior,
@@ -120,39 +121,26 @@ def test_reference_sources_agree(teacher, batch):
         f.filter(variations_only)
 
 
-def test_drop_rejected_and_reports(teacher, batch):
-    f = make_filter(teacher, threshold=0.9, drop_rejected=True)
-    out = f(batch)
-    assert np.all(out["kept"]) and np.sum(out["variation"] == -1) == 2
-    assert len(out["id"]) == 2 + f.last_report.n_kept
-    f(batch)
-    assert f.total_report.n_variations == 16 and f.total_report.n_kept == 2 * f.last_report.n_kept
-    d = f.total_report.to_dict()
-    assert sum(d["hist"]) == 16 and len(d["bin_edges"]) == 11 and 0 <= d["kept_fraction"] <= 1
+def test_report_numbers(teacher, batch):
+    report = make_filter(teacher, threshold=0.9).filter(batch)[1]
+    d = report.to_dict()
+    assert sum(d["hist"]) == 8 and len(d["bin_edges"]) == 11 and 0 <= d["kept_fraction"] <= 1
     empty = FilterReport.from_scores(np.zeros(0), np.zeros(0, bool))
     assert empty.kept_fraction == 1.0 and empty.to_dict()["mean_score"] is None
-
-
-def test_from_checkpoint_uses_the_recorded_normalisation(tmp_path, teacher, batch):
-    mean, std = NORMALIZATION["cifar10"]
-    save_classifier(teacher, tmp_path / "t", arch="wrn16_1", num_classes=10, mean=mean, std=std)
-    loaded = CosineFilter.from_checkpoint(FilterConfig(threshold=0.5), tmp_path / "t", "wrn16_1", 10, device="cpu")
-    assert isinstance(loaded, CheckpointCosineFilter)
-    np.testing.assert_allclose(loaded.filter(batch)[0]["score"], make_filter(teacher).filter(batch)[0]["score"], atol=1e-5)
 
 
 def test_small_strength_keeps_the_teachers_view(tmp_path):
     """A real teacher (the project checkpoint if present, else a random wrn16_1) behind the local prior."""
     if TEACHER_CKPT.exists():
-        f = CosineFilter.from_checkpoint(FilterConfig(threshold=0.9), TEACHER_CKPT, "wrn16_2", 10, device="cpu")
+        model, meta = load_classifier(TEACHER_CKPT, "wrn16_2", 10)
+        f = CosineFilter(FilterConfig(threshold=0.9), model, (meta["mean"], meta["std"]))
     else:
         torch.manual_seed(0)
         f = CosineFilter(FilterConfig(threshold=0.9), build_model("wrn16_1", 10), NORMALIZATION["cifar10"])
     prior = build_tiny_prior(tmp_path / "prior", num_classes=10, image_size=32)
     images = random_images(4, 32, seed=5)
     ids = np.array([f"r00000-s0-{i:05d}" for i in range(4)])
-    aug = Augmenter(AugmentConfig(model=str(prior), strength=0.1, steps=10, num_variations=2, device="cpu"), include_original=True)
-    out = f(aug({"id": ids, "image": images, "label": np.arange(4)}))
-    variations = out["variation"] >= 0
-    assert out["score"][variations].min() > 0.9, out["score"]
-    assert f.last_report.kept_fraction == 1.0
+    aug = Augmenter(AugmentConfig(model=str(prior), strength=0.1, steps=10, num_variations=2, device="cpu"))
+    out, report = f.filter({**aug(images, np.arange(4), ids), "parent_embedding": np.repeat(f.embed(images), 2, 0)})
+    assert out["score"].min() > 0.9, out["score"]
+    assert report.kept_fraction == 1.0

@@ -17,10 +17,11 @@ from PIL import Image
 import dda_ray.data
 import dda_ray.data.datasets
 import dda_ray.prior
-from dda_ray.augment import Augmenter, ClassConditionalImg2ImgPipeline
+from dda_ray.augment import Augmenter
 from dda_ray.checkpoint import load_teacher, save_classifier
 from dda_ray.config import AugmentConfig, ConfigError, load_config
 from dda_ray.data.transforms import to_float
+from dda_ray.diffusion import ClassConditionalImg2ImgPipeline
 from dda_ray.prior import train_prior
 from dda_ray.prior_data import (
     PACKAGED_PHOTOS,
@@ -311,7 +312,7 @@ def test_missing_or_empty_sources_are_clear_errors(assets, tmp_path, monkeypatch
     bad_tar.write_bytes(b"not gzip")
     with pytest.raises(ConfigError, match="cannot read the archive"):
         load_folder_images(bad_tar)
-    monkeypatch.setattr("dda_ray.prior_data._module_dir", lambda module: None)
+    monkeypatch.setattr("dda_ray.data.photos._module_dir", lambda module: None)
     with pytest.raises(ConfigError, match="pip install scikit-image"):
         build_prior_source(make_cfg(assets, tmp_path, "augment.prior_source=photos", "augment.prior_labels=none"))
     job = _load_job()

@@ -223,9 +223,8 @@ def test_damaged_variation_cache_entries_are_recomputed_not_trusted(tmp_path, ti
     shape is recomputed, identically (per-(seed, id, variation) seeds), and rewritten whole."""
     import numpy as np
 
-    from dda_ray.augment import encode_image_column
     from dda_ray.config import load_config
-    from dda_ray.stages import AugmentStage, augment_cache_dir
+    from dda_ray.stages import AugmentStage, augment_cache_dir, encode_image_column
 
     overrides = {
         "run.output_dir": tmp_path,

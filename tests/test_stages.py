@@ -5,10 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dda_ray.augment import decode_image_column, encode_image_column
 from dda_ray.checkpoint import save_classifier
 from dda_ray.config import load_config
-from dda_ray.stages import AugmentStage, FilterStage, FusedStage, augment_cache_dir, augment_cache_key
+from dda_ray.stages import (
+    AugmentStage,
+    FilterStage,
+    FusedStage,
+    augment_cache_dir,
+    augment_cache_key,
+    decode_image_column,
+    encode_image_column,
+)
 
 from ._tiny_pipelines import build_tiny_prior
 from .test_synthesis import teacher_with_stats
@@ -55,8 +62,8 @@ def test_cache_hits_need_the_same_id_and_the_same_pixels(tmp_path, assets):
     # Same ids, other pixels (another run's round with its own student): recomputed, not served stale.
     other = AugmentStage(cfg.to_dict())(bank_batch(["a", "b"], seed=1))
     assert len(list(augment_cache_dir(cfg).glob("*.npy"))) == 4
-    v_first, _ = decode_image_column(first["image"][2:], (16, 16, 3))
-    v_other, _ = decode_image_column(other["image"][2:], (16, 16, 3))
+    v_first = decode_image_column(first["image"][2:], (16, 16, 3))
+    v_other = decode_image_column(other["image"][2:], (16, 16, 3))
     assert not np.array_equal(v_first, v_other)
 
 

@@ -26,13 +26,14 @@ half-written round. Appending a round means writing one more file.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from ..runtime import atomic_write
 
 BANK_VERSION = "1"
 BANK_SCHEMA = pa.schema(
@@ -113,10 +114,8 @@ def write_round(bank_dir: str | Path, batch: BankBatch, round_idx: int, provenan
     bank_dir = Path(bank_dir)
     bank_dir.mkdir(parents=True, exist_ok=True)
     path = bank_dir / f"round-{round_idx:05d}.parquet"
-    tmp = bank_dir / f".round-{round_idx:05d}.parquet.tmp"
-    pq.write_table(to_table(batch, provenance), tmp)
-    os.replace(tmp, path)
-    return path
+    table = to_table(batch, provenance)
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def round_of(path: str | Path) -> int:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import pickle
 import tarfile
 import urllib.request
@@ -33,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from ..runtime import atomic_write
 
 CIFAR_URLS = {
     "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "cifar-10-batches-py"),
@@ -84,7 +85,7 @@ class SplitDataset:
 def _cache_key(kind: str, path: Path) -> str:
     """Identity of the source: path, size and mtime of the archive, or of every file in a folder
     (a folder's own mtime misses edits inside ``train/<class>/``)."""
-    h = hashlib.sha1(f"{kind}|{path.resolve()}|v1".encode())
+    h = hashlib.sha1(f"{kind}|{path.resolve()}|v2".encode())  # v2: decode_image applies EXIF orientation, alpha on white
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for p in files:
         st = p.stat()
@@ -108,28 +109,42 @@ def _load_cached(cache_file: Path) -> SplitDataset | None:
 
 
 def _save_cache(cache_file: Path, ds: SplitDataset) -> None:
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(".tmp.npz")
-    np.savez(
-        tmp,
-        train_x=ds.train.images,
-        train_y=ds.train.labels,
-        test_x=ds.test.images,
-        test_y=ds.test.labels,
-        classes=np.array(ds.classes),
-        skipped=np.array(ds.skipped, dtype=str),
-    )
-    os.replace(tmp, cache_file)  # atomic: readers never see a half-written cache
+    arrays = {
+        "train_x": ds.train.images,
+        "train_y": ds.train.labels,
+        "test_x": ds.test.images,
+        "test_y": ds.test.labels,
+        "classes": np.array(ds.classes),
+        "skipped": np.array(ds.skipped, dtype=str),
+    }
+    atomic_write(cache_file, lambda tmp: np.savez(tmp, **arrays))  # readers never see a half-written cache
 
 
 # ------------------------------------------------------------- image folders
-def _decode(data: bytes, size: int | None) -> np.ndarray:
-    from PIL import Image
+def decode_image(data: bytes, size: int | None = None, max_short_side: int | None = None) -> np.ndarray:
+    """Bytes of an image file -> uint8 RGB HWC: the project's one image decoder (Pillow).
 
-    img = Image.open(io.BytesIO(data)).convert("RGB")
-    if size is not None and img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR)
-    return np.asarray(img, dtype=np.uint8)
+    The EXIF orientation is applied and transparent areas become white (not black). ``size``
+    resizes to ``size`` x ``size`` (bilinear: the dataset loaders); ``max_short_side`` instead
+    scales the shorter side down to at most that, keeping the aspect ratio (Lanczos: the prior's
+    folder and photo sources).
+    """
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(data)) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            img = img.convert("RGBA")
+            back = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(back, img)
+        img = img.convert("RGB")
+        w, h = img.size
+        if size is not None and img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        elif max_short_side is not None and min(w, h) > max_short_side:
+            k = max_short_side / min(w, h)
+            img = img.resize((max(1, round(w * k)), max(1, round(h * k))), Image.LANCZOS)
+        return np.asarray(img, dtype=np.uint8).copy()
 
 
 class _Decoder:
@@ -143,7 +158,7 @@ class _Decoder:
         from PIL import Image
 
         try:
-            return _decode(data, size)
+            return decode_image(data, size)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's ways of saying "not a valid image"
             if self.skip:
                 self.skipped.append(name)
@@ -258,9 +273,7 @@ def _download_cifar(name: str, root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     archive = root / Path(url).name
     try:
-        tmp = archive.with_suffix(".part")
-        urllib.request.urlretrieve(url, tmp)  # noqa: S310 - fixed https URL
-        os.replace(tmp, archive)
+        atomic_write(archive, lambda tmp: urllib.request.urlretrieve(url, tmp))  # noqa: S310 - fixed https URL
         with tarfile.open(archive, "r:gz") as tf:
             tf.extractall(root, filter="data")
     except OSError as e:

@@ -15,9 +15,15 @@ import torch.nn.functional as F
 
 
 def to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC (array or tensor) -> float NCHW in [0, 1]."""
+    """uint8 NHWC (array or tensor) -> float NCHW in [0, 1].
+
+    Read-only arrays (Ray Data batches, ``np.frombuffer``) are copied first: ``torch.from_numpy``
+    warns on those.
+    """
     if isinstance(images, np.ndarray):
-        images = torch.from_numpy(np.ascontiguousarray(images))
+        images = np.ascontiguousarray(images)
+        torch_input = images if images.flags.writeable else images.copy()
+        images = torch.from_numpy(torch_input)
     return images.permute(0, 3, 1, 2).float().div_(255.0)
 
 
