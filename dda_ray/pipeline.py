@@ -154,6 +154,18 @@ def make_pool_datasource(load, run_dir: str, seed: int, num_variations: int, blo
 # tests/test_pipeline.py::test_actor_pools_restart_dead_actors_by_default pins the default instead,
 # so a Ray upgrade that changes it fails a test rather than turning an actor loss into a failed run.
 
+def stage_memory(cfg: Config, stage: str) -> int:
+    """Bytes of host memory Ray reserves per ``augment`` / ``filter`` / ``fused`` actor
+    (``resources.*_memory_gb``, or the backend's default)."""
+    res = cfg.resources
+    if stage == "fused":
+        return stage_memory(cfg, "augment") + stage_memory(cfg, "filter")
+    gib = getattr(res, f"{stage}_memory_gb")
+    if gib is None:
+        gib = 1.5 if stage == "filter" else 2.0 if cfg.augment.backend == "local_prior" else 10.0
+    return int(gib * 2**30)
+
+
 def build_dataset(cfg: Config, class_names: list[str] | None = None):
     """The training stream for ``cfg.run.mode`` (lazy; executes once per epoch)."""
     import ray
@@ -180,6 +192,7 @@ def build_dataset(cfg: Config, class_names: list[str] | None = None):
             batch_size=cfg.augment.batch_size,
             num_cpus=res.augment_cpus,
             num_gpus=res.augment_gpus,
+            memory=stage_memory(cfg, "fused" if res.fused_stages else "augment"),
             resources=res.augment_resources or None,
             batch_format="numpy",
         )
@@ -191,6 +204,7 @@ def build_dataset(cfg: Config, class_names: list[str] | None = None):
                 batch_size=cfg.augment.batch_size * (cfg.augment.num_variations + 1),
                 num_cpus=res.filter_cpus,
                 num_gpus=res.filter_gpus,
+                memory=stage_memory(cfg, "filter"),
                 resources=res.filter_resources or None,
                 batch_format="numpy",
             )

@@ -213,6 +213,13 @@ def test_custom_resources_pin_each_stage_to_its_node_type(tmp_path, ray_cluster)
     assert augment["resources"] == {"augment": 1} and filt["resources"] == {"augment": 0.5}
     (fused,) = remote_args(build_dataset(load_config("configs/cifar10_cpu_smoke.yaml", [*pins, "resources.fused_stages=true"])))[-1:]
     assert fused["resources"] == {"augment": 1}
+    # host memory declared per actor (Ray packs no more than fit; Ray Data's "uses more memory than
+    # requested" warning stays away): the local prior's defaults, the fused actor holding both models
+    gib = 2**30
+    assert (augment["memory"], filt["memory"], fused["memory"]) == (2 * gib, 1.5 * gib, 3.5 * gib)
+    sized = load_config("configs/cifar10_cpu_smoke.yaml", [*pins, "resources.augment_memory_gb=4", "resources.filter_memory_gb=0.5"])
+    *_, augment, filt = remote_args(build_dataset(sized))
+    assert (augment["memory"], filt["memory"]) == (4 * gib, 0.5 * gib)
     assert scaling_config(cfg).resources_per_worker == {"CPU": cfg.resources.cpus_per_worker, "train": 1}
     # nothing pinned by default
     plain = load_config("configs/cifar10_cpu_smoke.yaml", [f"run.output_dir={tmp_path}"])
