@@ -423,6 +423,7 @@ def train_worker(config: dict) -> None:
 def uneven_data_config(execution_options=None):
     """Ray Train's DataConfig (``execution_options``: its argument, one or per dataset), but splitting with ``equal=False``: no kept row is dropped."""
     import copy
+    import warnings
 
     from ray.train import DataConfig
 
@@ -433,7 +434,11 @@ def uneven_data_config(execution_options=None):
                 ds = ds.copy(ds)
                 ordered = ds.context.execution_options.preserve_order
                 given = execution_options.get(name) if isinstance(execution_options, dict) else execution_options
-                ds.context.execution_options = copy.deepcopy(given or self.default_ingest_options())
+                if given is None:
+                    with warnings.catch_warnings():  # Ray's own defaults pass its deprecated exclude_resources
+                        warnings.filterwarnings("ignore", message=r".*exclude_resources.* is deprecated")
+                        given = self.default_ingest_options()
+                ds.context.execution_options = copy.deepcopy(given)
                 if world_size == 1:  # one worker: keep the stream's input order (same seed, same batches)
                     ds.context.execution_options.preserve_order = ordered
                 for i, split in enumerate(ds.streaming_split(world_size, equal=False)):

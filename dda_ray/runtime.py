@@ -131,6 +131,12 @@ def quiet_ray_data_console() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.WARNING)
+            handler.addFilter(_not_bars_disabled)
+
+
+def _not_bars_disabled(record) -> bool:
+    """Drop Ray Data's "Progress bars disabled" notice: a quiet run turns them off on purpose."""
+    return not str(record.msg).startswith("Progress bars disabled")
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -130,6 +130,10 @@ class AugmentStage:
 
         self.cfg = config_from_dict(cfg_dict)
         set_threads(self.cfg.resources.torch_threads)
+        if not self.cfg.run.verbose:
+            from diffusers.utils import logging as diffusers_logging
+
+            diffusers_logging.disable_progress_bar()  # "Loading pipeline components" in every actor
         self.augmenter = Augmenter(self.cfg.augment, class_names)
         self.cache = augment_cache_dir(self.cfg)
         self.cache.mkdir(parents=True, exist_ok=True)
