@@ -5,7 +5,8 @@
     BankDatasource (re-lists round files at every epoch's execution)
         -> map_batches(AugmentStage,  ActorPoolStrategy(size=resources.augment_actors), num_gpus=augment_gpus)
         -> map_batches(FilterStage,   ActorPoolStrategy(size=resources.filter_actors),  num_gpus=filter_gpus)
-        -> TorchTrainer(datasets={"train": ds}): every worker runs distill.train_loop on its shard
+        -> TorchTrainer(datasets={"train": ds}): every worker runs the run driver (driver.drive,
+           RayTrainEngine) on its shard, as the local engine does on its in-memory pool
 
     (``resources.fused_stages: true``: one pool of ``FusedStage`` actors, augment then filter in
     one process, sized by the ``augment_*`` resources, replaces the two pools.)
