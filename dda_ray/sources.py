@@ -241,6 +241,8 @@ def kept_stats(variations: int, kept: int, cache_hits: int, diffused: int) -> di
         "variations": variations,
         "kept": kept,
         "rejected": variations - kept,
+        # the augment stage's variation-cache lookups served from the cache (the Ray stream looks a parent up
+        # in every batch holding one of its slots, the local engine once, when the row joins its pool)
         "augment_cache_hits": cache_hits,
         "augment_diffused": diffused,  # images this epoch ran diffusion on
     }
