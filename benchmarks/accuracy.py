@@ -161,21 +161,16 @@ def synthesis_method(cfg) -> str:
 
 def build_bank(cfg) -> float:
     """Synthesise the shared initial bank (skipped when already complete); returns seconds."""
-    from dda_ray.checkpoint import load_teacher
-    from dda_ray.runtime import resolve_device, seed_everything, set_threads
-    from dda_ray.sources import build_initial_bank
-    from dda_ray.synthesis import build_synthesizer
+    from dda_ray.runtime import resolve_device
+    from dda_ray.sources import run_synthesizer
 
     cfg = cfg.with_absolute_paths()
     if cfg.run.engine == "ray" and cfg.resources.synthesis_tasks > 0:
         from dda_ray.pipeline import init_ray
 
         init_ray(cfg)  # rounds as concurrent Ray tasks, as jobs/distill.py does (same bank); the arms reuse this Ray
-    set_threads(cfg.resources.torch_threads)
-    seed_everything(cfg.run.seed)
-    teacher, normalize, _ = load_teacher(cfg)
     t0 = time.perf_counter()
-    build_initial_bank(cfg, build_synthesizer(cfg, teacher, normalize, resolve_device("cpu")))
+    run_synthesizer(cfg, device=resolve_device("cpu"))
     return time.perf_counter() - t0
 
 

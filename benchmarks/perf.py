@@ -192,17 +192,12 @@ def start_ray(args) -> None:
 
 def ensure_bank(args) -> Path:
     """The shared initial bank (``build_initial_bank``: skips rounds already on disk)."""
-    from dda_ray.checkpoint import load_teacher
-    from dda_ray.runtime import seed_everything, set_threads
-    from dda_ray.sources import build_initial_bank
-    from dda_ray.synthesis import build_synthesizer
+    from dda_ray.sources import initial_bank_dir, run_synthesizer
 
     cfg = make_cfg(args)
-    set_threads(cfg.resources.torch_threads)
-    seed_everything(cfg.run.seed)
-    teacher, normalize, _ = load_teacher(cfg)
     t0 = time.perf_counter()
-    path = build_initial_bank(cfg, build_synthesizer(cfg, teacher, normalize, "cpu"), progress=False)
+    run_synthesizer(cfg, device="cpu", progress=False)
+    path = initial_bank_dir(cfg)
     print(f"bank {path} ready ({time.perf_counter() - t0:.1f}s)", flush=True)
     return path
 

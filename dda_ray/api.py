@@ -96,12 +96,7 @@ def distill(cfg: Config, tracker: Tracker | None = None) -> dict:
         if cfg.run.engine == "local":
             from .local import run_local
 
-            augment = None
-            if cfg.run.mode == "dda":
-                from .stages import local_augment_fn
-
-                augment = local_augment_fn(cfg)
-            final = run_local(cfg, augment, tracker=tracker)
+            final = run_local(cfg, tracker=tracker)
         else:
             from .pipeline import run_ray
 

@@ -1,9 +1,9 @@
 """Knowledge distillation: the losses, one KD step, and THE epoch loop.
 
-``train_loop`` is the only distillation loop in the project. The single-process path
-(:mod:`dda_ray.local`) and every Ray Train worker (:mod:`dda_ray.pipeline`) call it with a
-different :class:`TrainSource` (where batches come from, what happens between epochs) and a
-different ``report`` callback (where metrics and checkpoints go).
+``train_loop`` is the only distillation loop in the project; the run driver
+(:func:`dda_ray.driver.drive`) runs it on both engines, the single-process one
+(:mod:`dda_ray.local`) and every Ray Train worker (:mod:`dda_ray.pipeline`), each with its own
+:class:`TrainSource` (where batches come from) and way of reporting (where checkpoints go).
 
 KD step: ``KL(student/T || teacher/T) * T^2 + ce * CE(student, y)
 + fea * MSE(align(student map), teacher map)``; the teacher runs on the fly on the same

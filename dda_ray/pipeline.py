@@ -5,7 +5,8 @@
     BankDatasource (re-lists round files at every epoch's execution)
         -> map_batches(AugmentStage,  ActorPoolStrategy(size=resources.augment_actors), num_gpus=augment_gpus)
         -> map_batches(FilterStage,   ActorPoolStrategy(size=resources.filter_actors),  num_gpus=filter_gpus)
-        -> TorchTrainer(datasets={"train": ds}): every worker runs distill.train_loop on its shard
+        -> TorchTrainer(datasets={"train": ds}): every worker runs the run driver (driver.drive,
+           RayTrainEngine) on its shard, as the local engine does on its in-memory pool
 
     (``resources.fused_stages: true``: one pool of ``FusedStage`` actors, augment then filter in
     one process, sized by the ``augment_*`` resources, replaces the two pools.)
@@ -46,7 +47,8 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from .config import Config, config_from_dict
 from .data.bank import bank_files, decode_images, read_table
 from .data.pool import ORIGINAL, batched, slot_order, split_slots
-from .runtime import append_jsonl, derive_seed, write_text_atomic
+from .driver import Engine
+from .runtime import write_text_atomic
 
 # --------------------------------------------------------------------- reading
 ORDER_FILE = "epoch_order.json"
@@ -225,82 +227,63 @@ def in_order(ds):
 
 
 # ------------------------------------------------------------ train workers
-class RaySource:
-    """``TrainSource`` over this worker's Ray Data shard (+ rank-0 synthesis between epochs)."""
+class RayTrainEngine(Engine):
+    """The Ray Train engine for :func:`dda_ray.driver.drive`: rows from this worker's shard
+    (:class:`~dda_ray.sources.RaySource`), reports to Ray Train with a checkpoint (rank 0's), and
+    restores Ray Train's checkpoint after a worker failure. (Set-up, resume, epochs and the final
+    save are the driver's, as on the local engine.)"""
 
-    def __init__(self, cfg: Config, synthesizer, rank: int, world_size: int):
+    progress = False
+
+    def __init__(self, bank_s: float | None = None):
         import ray.train
 
-        from .sources import bank_provenance
+        ctx = ray.train.get_context()
+        self.rank, self.world_size, self.bank_s = ctx.get_world_rank(), ctx.get_world_size(), bank_s
 
-        self.cfg, self.synthesizer, self.rank, self.world_size = cfg, synthesizer, rank, world_size
-        self.shard = ray.train.get_dataset_shard("train")
-        self.rounds_dir = cfg.run_dir / "rounds"
-        # rounds with the student record where they came from, like the initial bank's (rank 0 writes
-        # them; other ranks hold a placeholder synthesizer that only keeps the round count in step)
-        self.provenance = bank_provenance(cfg, synthesizer, initial=False) if synthesizer is not None and rank == 0 else None
-        self.next_round = cfg.synthesis.init_rounds + len(bank_files(self.rounds_dir))
-        self.shape = (cfg.data.image_size, cfg.data.image_size, 3)
-        self.log_dir = cfg.run_dir / "stream" if cfg.run.stream_log else None
-        if self.log_dir is not None:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
+    def device(self, cfg: Config) -> torch.device:
+        import ray.train.torch
 
-    def _barrier(self) -> None:
-        if self.world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        return ray.train.torch.get_device() if cfg.resources.use_gpu else torch.device("cpu")
 
-    def prepare_epoch(self, epoch: int, distiller) -> dict:
-        from .data.bank import write_round
+    def wrap(self):
+        import ray.train.torch
 
-        t0 = time.perf_counter()
-        self.epoch_started = time.time()
-        if self.synthesizer is not None and self.cfg.synthesis.rounds_per_epoch > 0:
-            for _ in range(self.cfg.synthesis.rounds_per_epoch):
-                r = self.next_round
-                if self.rank == 0 and not (self.rounds_dir / f"round-{r:05d}.parquet").exists():
-                    res = self.synthesizer.run_round(r, derive_seed(self.cfg.run.seed, "round", r), student=distiller.student_module, rot_head=distiller.rot_head)
-                    write_round(self.rounds_dir, res.batch, r, self.provenance)
-                self.next_round = r + 1
-                distiller.reset_rotation_head(torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, "rot_head", r)))
-        if self.rank == 0:
-            write_epoch_order(self.cfg.run_dir, epoch, 0)
-        self._barrier()  # every rank's stream starts after the round is on disk and the order is set
-        return {"synthesis_s": time.perf_counter() - t0, "next_round": self.next_round}
+        return ray.train.torch.prepare_model if self.world_size > 1 else None
 
-    def end_epoch(self, epoch: int) -> dict:
-        """Augment/filter totals of this epoch's stream (rank 0 reads the stages' logs)."""
-        if self.cfg.run.mode != "dda":
-            return {}
-        from .stages import read_stream_stats
+    def restored(self, load):
+        """Ray Train's checkpoint after a worker failure (with ``run.resume=true`` and none, the
+        driver reads the run directory's state.pt: local mode, num_workers=0, keeps no Ray checkpoints)."""
+        import ray.train
 
-        st = read_stream_stats(self.cfg.run_dir, since=self.epoch_started)
-        return {
-            "kept_fraction": st["kept_fraction"],
-            "variations": st["variations"],
-            "kept": st["kept"],
-            "rejected": st["rejected"],
-            "augment_cache_hits": st["cache_hits"],
-            "augment_diffused": st["parents"] - st["cache_hits"],  # images this epoch's stream ran diffusion on
-        }
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as d:
+            return load(Path(d) / "state.pt")
 
-    def batches(self, epoch: int):
-        """This worker's rows in the pool's slot order; with ``steps_per_epoch`` set, passes repeat
-        until the loop stops (each pass re-executes the stream in a fresh order: re-lists the bank,
-        reads cached variations). With several workers a pass after the first may start before
-        rank 0 has set its order; it then repeats the previous pass's order (still a uniform shuffle)."""
-        log = self.log_dir / f"train-rank{self.rank}-epoch{epoch}.jsonl" if self.log_dir else None
-        collate = BankCollate(self.shape)
-        passes = 0
-        while True:
-            if passes and self.rank == 0:  # pass 0's order was set in prepare_epoch
-                write_epoch_order(self.cfg.run_dir, epoch, passes)
-            for b in self.shard.iter_torch_batches(batch_size=self.cfg.distill.batch_size, collate_fn=collate, prefetch_batches=1):
-                if log is not None:
-                    append_jsonl(log, {"t": time.time(), "pid": os.getpid(), "rows": len(b["ids"]), "ids": b["ids"], "pass": passes})
-                yield b["image"], b["label"]
-            passes += 1
-            if self.cfg.distill.steps_per_epoch is None:
-                return
+    def kd_bar(self, cfg: Config):
+        return kd_progress(cfg, self.rank)
+
+    def source(self, run):
+        from .sources import RaySource
+
+        cfg = run.cfg
+        n = len(run.data.train)  # real_kd: the pool is data.train_subset rows of it (the stream reads them itself)
+        real_rows = (n if cfg.data.train_subset is None else min(n, cfg.data.train_subset)) if cfg.run.mode == "real_kd" else None
+        return RaySource(cfg, run.synthesizer, self.rank, self.world_size, run.next_round, real_rows)
+
+    def report(self, metrics: dict, epoch: int, save_state) -> None:
+        import tempfile
+
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if self.rank == 0:
+                save_state(Path(d) / "state.pt")
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, checkpoint=checkpoint)
 
 
 class BankCollate(NumpyBatchCollateFn):
@@ -334,90 +317,13 @@ def kd_progress(cfg: Config, rank: int):
 
 
 def train_worker(config: dict) -> None:
-    """Ray Train worker: the same Distiller and train_loop as the single-process path."""
-    import tempfile
-
-    import ray.train
-    import ray.train.torch
-
-    from .checkpoint import load_teacher, save_classifier
-    from .data import load_data
-    from .distill import Distiller, load_training_state, rotation_every, save_training_state, train_loop
-    from .evaluation import evaluate
-    from .models import build_model
-    from .runtime import seed_everything, set_threads
-    from .sources import load_bank_synthesis_state, resume_extra
-    from .synthesis import build_synthesizer
-
-    cfg = config_from_dict(config["cfg"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    set_threads(cfg.resources.torch_threads)
-    gen = seed_everything(cfg.run.seed + rank)
-    device = ray.train.torch.get_device() if cfg.resources.use_gpu else torch.device("cpu")
-    teacher, normalize, _ = load_teacher(cfg)
-    test = load_data(cfg.data, progress=False).test.subset(cfg.data.eval_subset, cfg.run.seed)
-    student = build_model(cfg.student.arch, cfg.data.num_classes)
-    wrap = ray.train.torch.prepare_model if world > 1 else None
-    distiller = Distiller(student, teacher, normalize, cfg.data.num_classes, cfg.distill, cfg.synthesis.rotation_lr, device, wrap=wrap, rotation_every=rotation_every(cfg))
-    synthesizer = None
-    if cfg.run.mode != "real_kd":
-        synthesizer = build_synthesizer(cfg, teacher, normalize, device) if rank == 0 else object()
-        if rank == 0:
-            load_bank_synthesis_state(cfg, synthesizer)  # fast: continue the chain from the bank's end
-    source = RaySource(cfg, synthesizer, rank, world)
-
-    # Resume: Ray Train's checkpoint after a worker failure; else, on a rerun with
-    # run.resume=true, the run directory's state.pt (also what local mode relies on:
-    # num_workers=0 does not persist Ray checkpoints).
-    start_epoch, extra = 0, {}
-    ckpt = ray.train.get_checkpoint()
-    state_file = cfg.run_dir / "state.pt"
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            start_epoch, extra = load_training_state(Path(d) / "state.pt", distiller, gen)
-    elif cfg.run.resume and state_file.exists():
-        start_epoch, extra = load_training_state(state_file, distiller, gen)
-    if "synthesizer" in extra and rank == 0:
-        synthesizer.load_state_dict(extra["synthesizer"])
-    if start_epoch:
-        # Back to the checkpoint: the failed/interrupted epoch's metrics line and synthesis
-        # round (if it got that far) are dropped and redone from the restored state.
-        if "next_round" in extra:
-            source.next_round = int(extra["next_round"])
-        if rank == 0:
-            from .runtime import rewind_run
-
-            rewind_run(cfg.run_dir, start_epoch, source.next_round if cfg.run.mode != "real_kd" else None)
-        print(f"[rank {rank}] resuming after epoch {start_epoch}", flush=True)
-
+    """Ray Train worker: the run driver (:func:`dda_ray.driver.drive`) on the Ray Train engine."""
+    from .driver import drive
     from .tracking import Tracker
 
-    tracker = Tracker(**config["mlflow"]) if rank == 0 and config.get("mlflow") else Tracker.disabled()
-
-    def report(metrics: dict, epoch: int) -> None:
-        tracker.log_metrics(metrics, step=epoch + 1)
-        if rank == 0:
-            from .runtime import append_jsonl
-
-            append_jsonl(cfg.run_dir / "metrics.jsonl", metrics)
-        with tempfile.TemporaryDirectory() as d:
-            checkpoint = None
-            if rank == 0:
-                extra = resume_extra(source)
-                save_training_state(Path(d) / "state.pt", distiller, epoch + 1, extra, gen)
-                save_training_state(state_file, distiller, epoch + 1, extra, gen)
-                checkpoint = ray.train.Checkpoint.from_directory(d)
-            ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, checkpoint=checkpoint)
-
-    log = (lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None)
-    final = train_loop(distiller, source, lambda m: evaluate(m, test, normalize, device=device), report, start_epoch, gen, progress=kd_progress(cfg, rank), log=log)
-    if rank == 0:
-        mean, std = normalize.mean.flatten().tolist(), normalize.std.flatten().tolist()
-        save_classifier(distiller.student_module, cfg.run_dir / "student", arch=cfg.student.arch, num_classes=cfg.data.num_classes, mean=mean, std=std, accuracy=final.get("test_acc"), mode=cfg.run.mode)
-        from .runtime import write_text_atomic
-
-        write_text_atomic(cfg.run_dir / "metrics.json", json.dumps(final, indent=2))
+    engine = RayTrainEngine(config.get("bank_s"))
+    tracker = Tracker(**config["mlflow"]) if engine.rank == 0 and config.get("mlflow") else None
+    drive(config_from_dict(config["cfg"]), engine, tracker)
 
 
 def uneven_data_config(execution_options=None):
@@ -516,10 +422,8 @@ def run_ray(cfg: Config, tracker=None, callbacks: list | None = None) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from .checkpoint import load_teacher
-    from .runtime import resolve_device, seed_everything, set_threads
-    from .sources import build_initial_bank
-    from .synthesis import build_synthesizer
+    from .checkpoint import read_meta
+    from .sources import run_synthesizer
 
     cfg = cfg.with_absolute_paths()
     if cfg.run.mode != "real_kd":
@@ -532,19 +436,17 @@ def run_ray(cfg: Config, tracker=None, callbacks: list | None = None) -> dict:
     init_ray(cfg)
     res = cfg.resources
     run_dir = cfg.run_dir
-    class_names = None
+    class_names, bank_s = None, None
     if cfg.run.mode != "real_kd":
-        set_threads(res.torch_threads)  # the driver synthesises the initial bank (synthesis_tasks=0)
-        seed_everything(cfg.run.seed)
-        teacher, normalize, meta = load_teacher(cfg)
-        class_names = meta.get("classes")
-        synthesizer = build_synthesizer(cfg, teacher, normalize, resolve_device("auto" if res.use_gpu else "cpu"))
-        build_initial_bank(cfg, synthesizer)
+        t0 = time.perf_counter()
+        run_synthesizer(cfg)  # the initial bank, here (or in Ray tasks: resources.synthesis_tasks)
+        bank_s = time.perf_counter() - t0
+        class_names = (read_meta(cfg.teacher.checkpoint) or {}).get("classes")  # sd_img2img prompts
     ds = build_dataset(cfg, class_names)
     cfg_dict = cfg.to_dict()
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg_dict, "mlflow": {"uri": tracker.uri, "run_id": tracker.run_id} if tracker is not None and tracker.enabled else None},
+        train_loop_config={"cfg": cfg_dict, "bank_s": bank_s, "mlflow": {"uri": tracker.uri, "run_id": tracker.run_id} if tracker is not None and tracker.enabled else None},
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,

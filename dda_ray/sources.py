@@ -1,14 +1,21 @@
-"""Training sources for the single-process path: the synthetic bank (growing every epoch) and real data.
+"""Where the KD loop's rows come from, for both engines (:func:`dda_ray.driver.drive` runs them).
 
-The Ray path has its own source (:mod:`dda_ray.pipeline`) feeding the same ``train_loop``.
+* the initial bank (:func:`build_initial_bank`) and the run's Synthesizer (:func:`run_synthesizer`,
+  the one construction every caller uses);
+* the rounds with the student between epochs (:class:`StudentRounds`, shared by every source);
+* the local engine's sources: :class:`BankSource` (the in-memory epoch pool) and :class:`RealSource`;
+* the Ray engine's source: :class:`RaySource` (a Ray Train worker's Ray Data shard).
 """
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
@@ -95,6 +102,28 @@ def build_initial_bank(cfg: Config, synthesizer: Synthesizer, progress: bool = T
     return bank_dir
 
 
+def run_synthesizer(cfg: Config, teacher: tuple | None = None, device: torch.device | str | None = None, progress: bool = True) -> Synthesizer:
+    """THE construction of a run's Synthesizer: built against the teacher, the initial bank made
+    (rounds already on disk skipped, see :func:`build_initial_bank`), and for ``fast`` the chain
+    left at the bank's end, where the rounds with the student continue it.
+
+    ``teacher``: ``(model, normalize)`` as :func:`~dda_ray.checkpoint.load_teacher` returns them;
+    None: a standalone call (the Ray driver, Tune's shared bank, the benchmarks) sets the threads,
+    seeds with ``run.seed`` and loads the teacher here. ``device``: default ``resources.use_gpu``'s.
+    """
+    from .checkpoint import load_teacher
+    from .runtime import resolve_device, seed_everything, set_threads
+
+    if teacher is None:
+        set_threads(cfg.resources.torch_threads)
+        seed_everything(cfg.run.seed)
+        teacher = load_teacher(cfg)[:2]
+    device = resolve_device("auto" if cfg.resources.use_gpu else "cpu") if device is None else device
+    synthesizer = build_synthesizer(cfg, teacher[0], teacher[1], device)
+    build_initial_bank(cfg, synthesizer, progress)
+    return synthesizer
+
+
 def _build_fast_chain(cfg: Config, synthesizer: Synthesizer, bank_dir: Path, todo: list[int], provenance: dict[str, str], progress: bool) -> Path:
     """``fast``: rounds form one chain (each continues the meta-generator the one before left), so
     they run here in order, and the chain's state is saved beside the rounds after each one: an
@@ -167,29 +196,82 @@ def _build_with_ray_tasks(cfg: Config, bank_dir: Path, todo: list[int], provenan
         raise RuntimeError(f"initial bank rounds {missing} are missing under {bank_dir} after the Ray tasks finished")
 
 
+class StudentRounds:
+    """The work between epochs that both engines share: ``synthesis.rounds_per_epoch`` rounds with
+    the current student (and its rotation head), numbered after the initial bank, seeded by (run
+    seed, round), written to ``<run_dir>/rounds/`` with their provenance; the rotation head restarts
+    (seeded) after each. ``synthesizer`` None: another process makes the rounds (Ray Train ranks
+    other than 0); this one only keeps the round count and the head in step."""
+
+    def __init__(self, cfg: Config, synthesizer: Synthesizer | None, next_round: int, progress: bool = False):
+        self.cfg, self.synthesizer, self.next_round, self.progress = cfg, synthesizer, next_round, progress
+        self.rounds_dir = cfg.run_dir / "rounds"
+        self.provenance = bank_provenance(cfg, synthesizer, initial=False) if synthesizer is not None else None
+
+    def run(self, distiller: Distiller) -> list[BankBatch]:
+        """This epoch's rounds; returns the batches made here (a round already on disk, kept from
+        an interrupted attempt, is read back instead of made again)."""
+        made = []
+        for _ in range(self.cfg.synthesis.rounds_per_epoch):
+            r = self.next_round
+            if self.synthesizer is not None:
+                path = self.rounds_dir / f"round-{r:05d}.parquet"
+                if path.exists():
+                    made.append(from_table(*read_table(path)))
+                else:
+                    seed = derive_seed(self.cfg.run.seed, "round", r)
+                    res = self.synthesizer.run_round(r, seed, student=distiller.student_module, rot_head=distiller.rot_head, progress=self.progress)
+                    write_round(self.rounds_dir, res.batch, r, self.provenance)
+                    made.append(res.batch)
+            self.next_round = r + 1
+            distiller.reset_rotation_head(torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, "rot_head", r)))
+        return made
+
+
+def _timed_rounds(rounds: StudentRounds | None, distiller: Distiller) -> tuple[list[BankBatch], float]:
+    t0 = time.perf_counter()
+    made = rounds.run(distiller) if rounds is not None else []
+    return made, time.perf_counter() - t0
+
+
+def kept_stats(variations: int, kept: int, cache_hits: int, diffused: int) -> dict:
+    """The epoch's augment/filter totals, under the names and meanings both engines report."""
+    return {
+        "kept_fraction": kept / variations if variations else float("nan"),
+        "variations": variations,
+        "kept": kept,
+        "rejected": variations - kept,
+        # the augment stage's variation-cache lookups served from the cache (the Ray stream looks a parent up
+        # in every batch holding one of its slots, the local engine once, when the row joins its pool)
+        "augment_cache_hits": cache_hits,
+        "augment_diffused": diffused,  # images this epoch ran diffusion on
+    }
+
+
 class BankSource:
     """In-memory epoch pool: bank rows, their variations and the filter's verdicts; new rounds with
     the student join it every epoch. Batches follow :mod:`dda_ray.data.pool`'s slot order, the
     order the Ray engine streams, so both engines train on the same batches for the same seed."""
 
     def __init__(self, cfg: Config, bank: BankBatch, synthesizer: Synthesizer | None, augment: AugmentFn | None = None, progress: bool = True):
-        self.cfg, self.synthesizer, self.augment, self.progress = cfg, synthesizer, augment, progress
+        self.cfg, self.augment = cfg, augment
         self.k = cfg.augment.num_variations if augment is not None else 0
-        self.rounds_dir = cfg.run_dir / "rounds"
-        self.provenance = bank_provenance(cfg, synthesizer, initial=False) if synthesizer is not None else None
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]] = []
-        self.stats: dict = {}
+        self.augmented = {"cache_hits": 0, "diffused": 0}  # since the last epoch's report
         self._add(bank)
         # Rounds with the student continue the numbering after the initial bank.
-        self.next_round = cfg.synthesis.init_rounds
-        for path in bank_files(self.rounds_dir):  # resuming: rounds already made by this run
+        next_round = cfg.synthesis.init_rounds
+        for path in bank_files(cfg.run_dir / "rounds"):  # resuming: rounds already made by this run
             self._add(from_table(*read_table(path)))
-            self.next_round = max(self.next_round, round_of(path) + 1)
+            next_round = max(next_round, round_of(path) + 1)
+        self.rounds = StudentRounds(cfg, synthesizer, next_round, progress) if synthesizer is not None else None
 
     def _add(self, batch: BankBatch) -> None:
         variations = kept = None
         if self.augment is not None and len(batch):
-            variations, kept, self.stats = self.augment(batch)
+            variations, kept, stats = self.augment(batch)
+            for key in self.augmented:
+                self.augmented[key] += int(stats.get(key, 0))
         self.parts.append((batch.images, batch.labels, variations, kept))
         self._images = np.concatenate([p[0] for p in self.parts])
         self._labels = np.concatenate([p[1] for p in self.parts])
@@ -202,23 +284,19 @@ class BankSource:
         """Rows in the epoch pool: bank rows plus kept variations."""
         return len(self._labels) + (int(self._kept.sum()) if self.k else 0)
 
+    @property
+    def next_round(self) -> int:
+        return self.rounds.next_round if self.rounds is not None else self.cfg.synthesis.init_rounds
+
     def prepare_epoch(self, epoch: int, distiller: Distiller) -> dict:
-        sc = self.cfg.synthesis
-        if self.synthesizer is not None:
-            for _ in range(sc.rounds_per_epoch):
-                r = self.next_round
-                res = self.synthesizer.run_round(
-                    r,
-                    derive_seed(self.cfg.run.seed, "round", r),
-                    student=distiller.student_module,
-                    rot_head=distiller.rot_head,
-                    progress=self.progress,
-                )
-                write_round(self.rounds_dir, res.batch, r, self.provenance)
-                self.next_round = r + 1
-                distiller.reset_rotation_head(torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, "rot_head", r)))
-                self._add(res.batch)
-        return {"pool_rows": len(self), "next_round": self.next_round, **self.stats}
+        made, synthesis_s = _timed_rounds(self.rounds, distiller)
+        for batch in made:
+            self._add(batch)
+        stats = {"synthesis_s": synthesis_s, "pool_rows": len(self), "next_round": self.next_round}
+        if self.k:  # the whole epoch pool's verdicts (the Ray engine filters the whole pool every epoch)
+            stats.update(kept_stats(int(self._kept.size), int(self._kept.sum()), self.augmented["cache_hits"], self.augmented["diffused"]))
+            self.augmented = dict.fromkeys(self.augmented, 0)
+        return stats
 
     def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         passes = 0
@@ -240,11 +318,13 @@ class BankSource:
 class RealSource:
     """The real training split (``real_kd``: the upper bound, same loop, budget and order rule)."""
 
+    rounds = None
+
     def __init__(self, data: ImageArrays, batch_size: int, seed: int, one_pass: bool = False):
         self.data, self.batch_size, self.seed, self.one_pass = data, batch_size, seed, one_pass
 
     def prepare_epoch(self, epoch: int, distiller: Distiller) -> dict:
-        return {"pool_rows": len(self.data)}
+        return {"synthesis_s": 0.0, "pool_rows": len(self.data)}
 
     def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         passes = 0
@@ -256,11 +336,85 @@ class RealSource:
                 return
 
 
+class RaySource:
+    """A Ray Train worker's rows: its Ray Data shard of the stream :func:`dda_ray.pipeline.build_dataset`
+    builds, in the pool's slot order; rank 0 makes the rounds with the student between epochs."""
+
+    def __init__(self, cfg: Config, synthesizer: Synthesizer | None, rank: int, world_size: int, next_round: int | None = None, real_rows: int | None = None):
+        import ray.train
+
+        self.cfg, self.rank, self.world_size, self.real_rows = cfg, rank, world_size, real_rows
+        self.shard = ray.train.get_dataset_shard("train")
+        if next_round is None:
+            next_round = cfg.synthesis.init_rounds + len(bank_files(cfg.run_dir / "rounds"))
+        # rank 0 makes and writes the rounds; other ranks only keep the round count in step
+        self.rounds = StudentRounds(cfg, synthesizer if rank == 0 else None, next_round) if cfg.run.mode != "real_kd" else None
+        self.shape = (cfg.data.image_size, cfg.data.image_size, 3)
+        self.log_dir = cfg.run_dir / "stream" if cfg.run.stream_log else None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+
+    def _barrier(self) -> None:
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def prepare_epoch(self, epoch: int, distiller: Distiller) -> dict:
+        from .pipeline import write_epoch_order
+
+        self.epoch_started = time.time()
+        _, synthesis_s = _timed_rounds(self.rounds, distiller)
+        if self.rank == 0:
+            write_epoch_order(self.cfg.run_dir, epoch, 0)
+        self._barrier()  # every rank's stream starts after the round is on disk and the order is set
+        return {"synthesis_s": synthesis_s, **({"next_round": self.rounds.next_round} if self.rounds is not None else {})}
+
+    def end_epoch(self, epoch: int) -> dict:
+        """The pool's size and, in ``dda``, the augment/filter totals of this epoch's stream (read
+        from the stages' logs)."""
+        if self.rounds is None:
+            return {"pool_rows": self.real_rows}
+        dirs = [initial_bank_dir(self.cfg), *self.cfg.distill.extra_banks, self.cfg.run_dir / "rounds"]
+        originals = sum(pq.ParquetFile(p).metadata.num_rows for d in dirs for p in bank_files(d))
+        if self.cfg.run.mode != "dda":
+            return {"pool_rows": originals}
+        from .stages import read_stream_stats
+
+        st = read_stream_stats(self.cfg.run_dir, since=self.epoch_started)
+        stats = kept_stats(st["variations"], st["kept"], st["cache_hits"], st["parents"] - st["cache_hits"])
+        # the pool's kept variations: exact after one whole pass (steps_per_epoch null), else the stream's kept fraction of them
+        k = self.cfg.augment.num_variations
+        kept = st["kept"] if st["variations"] == originals * k else round(originals * k * (stats["kept_fraction"] if st["variations"] else 0.0))
+        return {"pool_rows": originals + kept, **stats}
+
+    def batches(self, epoch: int):
+        """This worker's rows in the pool's slot order; with ``steps_per_epoch`` set, passes repeat
+        until the loop stops (each pass re-executes the stream in a fresh order: re-lists the bank,
+        reads cached variations). With several workers a pass after the first may start before
+        rank 0 has set its order; it then repeats the previous pass's order (still a uniform shuffle)."""
+        from .pipeline import BankCollate, write_epoch_order
+        from .runtime import append_jsonl
+
+        log = self.log_dir / f"train-rank{self.rank}-epoch{epoch}.jsonl" if self.log_dir else None
+        collate = BankCollate(self.shape)
+        passes = 0
+        while True:
+            if passes and self.rank == 0:  # pass 0's order was set in prepare_epoch
+                write_epoch_order(self.cfg.run_dir, epoch, passes)
+            for b in self.shard.iter_torch_batches(batch_size=self.cfg.distill.batch_size, collate_fn=collate, prefetch_batches=1):
+                if log is not None:
+                    append_jsonl(log, {"t": time.time(), "pid": os.getpid(), "rows": len(b["ids"]), "ids": b["ids"], "pass": passes})
+                yield b["image"], b["label"]
+            passes += 1
+            if self.cfg.distill.steps_per_epoch is None:
+                return
+
+
 def resume_extra(source) -> dict:
     """What a checkpoint records besides the models: the round counter and, for ``fast``, the
     meta-generator chain (so a resumed run makes the rounds an uninterrupted one would)."""
-    extra = {"next_round": getattr(source, "next_round", 0)}
-    synthesizer = getattr(source, "synthesizer", None)
+    rounds = getattr(source, "rounds", None)
+    extra = {"next_round": rounds.next_round if rounds is not None else 0}
+    synthesizer = rounds.synthesizer if rounds is not None else None
     if isinstance(synthesizer, Synthesizer) and synthesizer.method == "fast":
         extra["synthesizer"] = synthesizer.state_dict()
     return extra

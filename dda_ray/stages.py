@@ -138,6 +138,7 @@ class AugmentStage:
         self.cache = augment_cache_dir(self.cfg)
         self.cache.mkdir(parents=True, exist_ok=True)
         self.log = _stream_log(self.cfg, "augment")
+        self.totals = {"parents": 0, "cache_hits": 0}  # over this actor's life (the local engine reads them)
 
     def _entry(self, pid: str, image: np.ndarray) -> str:
         # Ids repeat across runs and trials sharing the cache (a round with the student is numbered
@@ -200,6 +201,8 @@ class AugmentStage:
         # Logged when computed, not when delivered: a batch re-run after its actor died is logged
         # twice here (kept/rejected counts come from the filter's log, which sees it once).
         append_jsonl(self.log, {"t0": t0, "t1": time.time(), "parents": len(first), "variations": len(wanted), "cache_hits": len(first) - len(miss)})
+        self.totals["parents"] += len(first)
+        self.totals["cache_hits"] += len(first) - len(miss)
         return result
 
 
@@ -311,13 +314,15 @@ def read_stream_stats(run_dir: Path, since: float = 0.0) -> dict:
 
 def local_augment_fn(cfg: Config, class_names: list[str] | None = None):
     """The same stages, in-process, for ``run.engine=local``: BankBatch -> (variations (N, K, H, W, C),
-    kept (N, K) bool, stats)."""
+    kept (N, K) bool, stats). ``class_names``: the teacher's (``sd_img2img`` prompts), as the Ray
+    engine passes them to its augment actors."""
     augment = AugmentStage(cfg.to_dict(), class_names)
     filt = FilterStage(cfg.to_dict())
     k = cfg.augment.num_variations
     shape = _image_shape(cfg)
 
     def fn(bank):
+        before = dict(augment.totals)
         n = len(bank)
         variations = np.zeros((n, k, *shape), dtype=np.uint8)
         kept = np.zeros((n, k), dtype=bool)
@@ -335,6 +340,8 @@ def local_augment_fn(cfg: Config, class_names: list[str] | None = None):
             kept[np.array([index[p] for p in passed["parent_id"]], dtype=np.int64), np.asarray(passed["variation"], dtype=np.int64)] = True
         stats = {"variations": n * k, "kept": int(kept.sum())}
         stats["kept_fraction"] = stats["kept"] / stats["variations"] if stats["variations"] else float("nan")
+        stats["cache_hits"] = augment.totals["cache_hits"] - before["cache_hits"]
+        stats["diffused"] = augment.totals["parents"] - before["parents"] - stats["cache_hits"]
         return variations, kept, stats
 
     return fn

@@ -67,18 +67,10 @@ def build_shared_bank(cfg: Config) -> float:
     """Synthesise the initial bank once, before any trial (rounds already on disk are skipped)."""
     if cfg.run.mode == "real_kd":
         return 0.0
-    from .checkpoint import load_teacher
-    from .runtime import resolve_device, seed_everything, set_threads
-    from .sources import build_initial_bank
-    from .synthesis import build_synthesizer
+    from .sources import run_synthesizer
 
     t0 = time.perf_counter()
-    set_threads(cfg.resources.torch_threads)
-    seed_everything(cfg.run.seed)
-    teacher, normalize, _ = load_teacher(cfg)
-    device = resolve_device("auto" if cfg.resources.use_gpu else "cpu")
-    synth = build_synthesizer(cfg, teacher, normalize, device)
-    build_initial_bank(cfg, synth, progress=False)
+    run_synthesizer(cfg, progress=False)
     return time.perf_counter() - t0
 
 

@@ -194,3 +194,65 @@ def test_fast_run_resumes_its_meta_generator_and_repeats_the_uninterrupted_run(t
         assert [m[k] for m in a] == [m[k] for m in b], k
     ra, rb = read_bank(whole.run_dir / "rounds"), read_bank(first.run_dir / "rounds")
     assert (ra.images == rb.images).all()  # the second round came from the restored chain
+
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+@pytest.fixture(scope="module")
+def backend_pipelines(tmp_path_factory):
+    """The three augmentation backends' tiny pipelines at the CIFAR size (32 px, 10 classes)."""
+    from ._tiny_pipelines import build_tiny_prior, build_tiny_sd_image_variations, build_tiny_sd_img2img, single_thread
+
+    root = tmp_path_factory.mktemp("backends")
+    with single_thread():
+        return {
+            "local_prior": build_tiny_prior(root / "prior", num_classes=10, image_size=32),
+            "sd_img2img": build_tiny_sd_img2img(root / "img2img"),
+            "sd_image_variations": build_tiny_sd_image_variations(root / "variations"),
+        }
+
+
+@pytest.mark.parametrize("backend", ["local_prior", "sd_img2img", "sd_image_variations"])
+def test_every_augmentation_backend_runs_on_the_local_engine(tmp_path, backend_pipelines, cifar10_decoded, monkeypatch, backend):
+    """The local engine builds the augment stage as the Ray engine does, with the teacher's class
+    names (sd_img2img prompts need them), and reports the epoch's augment/filter totals under the
+    Ray engine's metric names."""
+    from ._tiny_pipelines import offline, single_thread
+
+    offline(monkeypatch)
+    teacher = tmp_path / "teacher"  # a teacher whose meta.json names its classes, as train_teacher writes it
+    save_classifier(teacher_with_stats(), teacher, arch="wrn16_1", num_classes=10, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26), classes=CIFAR10_CLASSES)
+    overrides = {
+        "run.mode": "dda",
+        "synthesis.init_rounds": 1,
+        "synthesis.init_batch_size": 4,
+        "synthesis.init_g_steps": 1,
+        "synthesis.rounds_per_epoch": 0,
+        "distill.epochs": 1,
+        "distill.steps_per_epoch": 1,
+        "distill.batch_size": 4,
+        "data.eval_subset": 20,
+        "augment.backend": backend,
+        "augment.model": str(backend_pipelines[backend]),
+        "augment.num_variations": 1,
+        "augment.steps": 2,
+        "augment.strength": 0.5,
+        "augment.cache_dir": str(tmp_path / "cache"),
+        "filter.threshold": 0.0,
+    }
+    cfg = tiny_config(tmp_path / "run", teacher, cifar10_decoded, **overrides)
+    prompts = []
+    if backend == "sd_img2img":
+        from diffusers import StableDiffusionImg2ImgPipeline
+
+        encode = StableDiffusionImg2ImgPipeline.encode_prompt
+        monkeypatch.setattr(StableDiffusionImg2ImgPipeline, "encode_prompt", lambda self, prompt, *a, **k: prompts.append(prompt) or encode(self, prompt, *a, **k))
+    with single_thread():
+        run_local(cfg, progress=False)
+    (m,) = read_jsonl(cfg.run_dir / "metrics.jsonl")
+    assert m["variations"] == 4 == m["kept"] + m["rejected"] and m["augment_diffused"] == 4 and m["augment_cache_hits"] == 0
+    assert m["kept_fraction"] == m["kept"] / 4 and m["pool_rows"] == 4 + m["kept"]
+    assert m["synthesis_s"] >= 0 and m["bank_s"] >= 0
+    if backend == "sd_img2img":
+        assert prompts and all(p.split()[-1] in CIFAR10_CLASSES for p in prompts)

@@ -295,6 +295,29 @@ def test_extra_banks_and_batch_mixing_give_the_same_run_on_both_engines(tmp_path
         assert metrics["ray"][k] == pytest.approx(metrics["local"][k], rel=1e-5, abs=1e-6), k
 
 
+def test_dda_metrics_have_the_same_names_and_values_on_both_engines(tmp_path, tiny_assets, cifar10_decoded, ray_cluster):
+    """One run driver: in dda mode both engines report the epoch pool's augment/filter totals (the
+    local engine's in-memory pool, the Ray engine's stream) under the same names, with the same
+    values for the same seed, and train on the same batches."""
+    from dda_ray.local import run_local
+    from dda_ray.pipeline import run_ray
+
+    metrics = {}
+    for engine in ("ray", "local"):
+        cfg = ray_config(tmp_path / engine, tiny_assets, cifar10_decoded, **{"run.name": engine, "run.engine": engine, "synthesis.init_rounds": 2}).with_absolute_paths()
+        (run_ray if engine == "ray" else run_local)(cfg, **({} if engine == "ray" else {"progress": False}))
+        metrics[engine] = read_jsonl(cfg.run_dir / "metrics.jsonl")
+    keys = ("kept_fraction", "variations", "kept", "rejected", "augment_diffused", "pool_rows", "next_round")
+    for ray_epoch, local_epoch in zip(metrics["ray"], metrics["local"], strict=True):
+        # cache lookups (the stream looks a parent up per batch) and timings are named alike, valued per engine
+        assert set(ray_epoch) == set(local_epoch)
+        for k in keys:
+            assert ray_epoch[k] == local_epoch[k], (ray_epoch["epoch"], k)
+        for k in ("test_acc", "loss_kd", "rows", "steps"):
+            assert ray_epoch[k] == pytest.approx(local_epoch[k], rel=1e-5, abs=1e-6), (ray_epoch["epoch"], k)
+    assert [m["augment_diffused"] for m in metrics["local"]] == [16 * 3, 16]  # the bank and the first round, then the new round
+
+
 # ------------------------------------------------ Ray API use (no cluster started)
 RAY_DATA_CALLS = ("map_batches", "read_datasource")
 
