@@ -409,7 +409,7 @@ def bench_augment(args) -> str:
         import ray
         from ray.data import ActorPoolStrategy
 
-        from dda_ray.pipeline import bank_pool
+        from dda_ray.data.pool_source import bank_pool
         from dda_ray.stages import AugmentStage
 
         start_ray(args)

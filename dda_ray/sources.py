@@ -359,7 +359,7 @@ class RaySource:
             torch.distributed.barrier()
 
     def prepare_epoch(self, epoch: int, distiller: Distiller) -> dict:
-        from .pipeline import write_epoch_order
+        from .data.pool_source import write_epoch_order
 
         self.epoch_started = time.time()
         _, synthesis_s = _timed_rounds(self.rounds, distiller)
@@ -391,7 +391,8 @@ class RaySource:
         until the loop stops (each pass re-executes the stream in a fresh order: re-lists the bank,
         reads cached variations). With several workers a pass after the first may start before
         rank 0 has set its order; it then repeats the previous pass's order (still a uniform shuffle)."""
-        from .pipeline import BankCollate, write_epoch_order
+        from .data.pool_source import write_epoch_order
+        from .pipeline import BankCollate
         from .runtime import append_jsonl
 
         log = self.log_dir / f"train-rank{self.rank}-epoch{epoch}.jsonl" if self.log_dir else None
