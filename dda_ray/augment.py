@@ -33,6 +33,7 @@ from .config import AugmentConfig
 from .data.transforms import to_float, to_uint8
 from .diffusion.backends import BACKENDS, AugmentError, enable_xformers
 from .diffusion.sampling import variation_seed
+from .runtime import to_device
 
 __all__ = ["AugmentError", "Augmenter"]
 
@@ -91,7 +92,7 @@ class Augmenter:
             for s in range(0, len(images), parents_per_call):
                 sl = slice(s, s + parents_per_call)
                 gens = [torch.Generator().manual_seed(variation_seed(self.cfg.seed, pid, k)) for pid in ids[sl] for k in range(v)]
-                x = to_float(images[sl]).to(self.device)
+                x = to_device(to_float(images[sl]), self.device)
                 chunks.append(to_uint8(self.backend.generate(x, labels[sl], gens, v).float()))
         out_images = np.concatenate(chunks) if chunks else np.zeros((0, *images.shape[1:]), np.uint8)
         ks = np.tile(np.arange(v, dtype=np.int64), len(ids))

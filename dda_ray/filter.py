@@ -23,6 +23,7 @@ from torch import nn
 from .config import FilterConfig
 from .data.pool import ORIGINAL
 from .data.transforms import Normalize, to_float
+from .runtime import to_device
 from .stages import decode_image_column, stack_vector_column
 
 __all__ = ["AllRejectedError", "AllRejectedWarning", "CosineFilter", "FilterReport"]
@@ -107,7 +108,7 @@ class CosineFilter:
         """Teacher pooled embeddings (N, D) float32 of uint8 NHWC images."""
         outs = []
         for s in range(0, len(images), self.batch_size):
-            x = self.normalize(to_float(images[s : s + self.batch_size]).to(self.device))
+            x = self.normalize(to_device(to_float(images[s : s + self.batch_size]), self.device))
             outs.append(self.teacher(x, return_features=True).embedding.float().cpu())
         if not outs:
             return np.zeros((0, 0), dtype=np.float32)

@@ -28,6 +28,7 @@ bank's encoding (:func:`encode_image_column` / :func:`decode_image_column`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -37,6 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .config import Config, config_from_dict
 from .data.bank import decode_images
@@ -115,6 +117,27 @@ def _image_shape(cfg: Config) -> tuple[int, int, int]:
     return (cfg.data.image_size, cfg.data.image_size, 3)
 
 
+def stage_device(requested: str, gpus: float, gpu_ids: list | None, cuda_available: bool | None = None) -> torch.device:
+    """Where an augment/filter stage runs its model. ``requested``: an explicit device is taken as
+    given; ``auto`` in a Ray actor (``gpu_ids``: ``ray.get_gpu_ids()``) is the GPU Ray assigned when the
+    stage reserves GPUs (``*_gpus > 0``; Ray narrows ``CUDA_VISIBLE_DEVICES`` to it, so ``cuda:0``),
+    else the CPU, never a GPU the actor did not reserve. Outside Ray (``gpu_ids`` None: the local
+    engine), ``auto`` is CUDA when there is one."""
+    if requested != "auto":
+        return torch.device(requested)
+    if gpu_ids is None:
+        cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+        return torch.device("cuda" if cuda else "cpu")
+    return torch.device("cuda:0") if gpus > 0 and len(gpu_ids) > 0 else torch.device("cpu")
+
+
+def _ray_gpu_ids() -> list | None:
+    """This Ray actor's assigned GPU ids; None outside a Ray actor (the local engine's stages)."""
+    import ray
+
+    return ray.get_gpu_ids() if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None else None
+
+
 class AugmentStage:
     """Ray Data actor: epoch-pool slots in (:mod:`dda_ray.data.pool`), one image per slot out:
     the original, or the parent's k-th variation (all k made at the parent's first slot, cached on disk).
@@ -134,7 +157,8 @@ class AugmentStage:
             from diffusers.utils import logging as diffusers_logging
 
             diffusers_logging.disable_progress_bar()  # "Loading pipeline components" in every actor
-        self.augmenter = Augmenter(self.cfg.augment, class_names)
+        device = stage_device(self.cfg.augment.device, self.cfg.resources.augment_gpus, _ray_gpu_ids())
+        self.augmenter = Augmenter(dataclasses.replace(self.cfg.augment, device=str(device)), class_names)
         self.cache = augment_cache_dir(self.cfg)
         self.cache.mkdir(parents=True, exist_ok=True)
         self.log = _stream_log(self.cfg, "augment")
@@ -240,7 +264,11 @@ class FilterStage:
         self.cfg = config_from_dict(cfg_dict)
         set_threads(self.cfg.resources.torch_threads)
         teacher, normalize, _ = load_teacher(self.cfg)
-        self.filter = CosineFilter(self.cfg.filter, teacher, normalize, image_shape=_image_shape(self.cfg))
+        res = self.cfg.resources
+        # a fused actor reserves the augment pool's GPUs, a filter actor its own
+        gpus = res.augment_gpus if res.fused_stages else res.filter_gpus
+        device = stage_device("auto", gpus, _ray_gpu_ids())
+        self.filter = CosineFilter(self.cfg.filter, teacher, normalize, device=device, image_shape=_image_shape(self.cfg))
         self.log = _stream_log(self.cfg, "filter")
         self.grids_left = self.cfg.filter.grid_batches  # per actor; pools are rebuilt every epoch
 

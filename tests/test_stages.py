@@ -108,3 +108,38 @@ def test_fused_stage_equals_augment_then_filter(tmp_path, assets):
     assert fused["id"].tolist() == separate["id"].tolist()
     assert np.allclose(fused["score"], separate["score"])
     assert sum(v == -1 for v in fused["variation"]) == 3  # originals always pass
+
+
+def test_each_stage_runs_on_the_device_its_resources_give_it():
+    """Device choice with fake GPU lists: a stage that reserves GPUs uses the one Ray assigned
+    (cuda:0 after Ray narrows CUDA_VISIBLE_DEVICES); one that reserves none stays on the CPU even
+    where GPUs are visible; an explicit device wins; outside Ray, auto means CUDA when present."""
+    import torch
+
+    from dda_ray.stages import stage_device
+
+    assert stage_device("auto", 1.0, [3]) == torch.device("cuda:0")
+    assert stage_device("auto", 0.5, ["0"]) == torch.device("cuda:0")
+    assert stage_device("auto", 0.0, [0, 1]) == torch.device("cpu")  # visible, but not reserved
+    assert stage_device("auto", 1.0, []) == torch.device("cpu")  # reserved on paper, none assigned
+    assert stage_device("cuda:1", 0.0, []) == torch.device("cuda:1")
+    assert stage_device("cpu", 1.0, [0]) == torch.device("cpu")
+    assert stage_device("auto", 0.0, None, cuda_available=True) == torch.device("cuda")
+    assert stage_device("auto", 1.0, None, cuda_available=False) == torch.device("cpu")
+
+
+def test_stages_built_outside_ray_keep_the_cpu_on_this_machine(tmp_path, tiny_assets):
+    """The local engine's stages (no Ray actor): augment and filter models on the CPU here."""
+    from dda_ray.config import load_config
+    from dda_ray.stages import AugmentStage, FilterStage
+
+    overrides = {
+        "run.output_dir": tmp_path,
+        "teacher.arch": "wrn16_1",
+        "teacher.checkpoint": tiny_assets / "teacher",
+        "augment.model": tiny_assets / "prior",
+        "resources.filter_gpus": 1,
+    }
+    cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+    assert AugmentStage(cfg.to_dict()).augmenter.device.type == "cpu"
+    assert next(FilterStage(cfg.to_dict()).filter.teacher.parameters()).device.type == "cpu"
