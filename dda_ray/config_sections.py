@@ -334,8 +334,10 @@ class ResourcesConfig:
     # Host memory (GiB) Ray reserves per augment / filter actor, so a node gets no more actors than fit
     # (and Ray Data does not warn that they use more than they asked for). null: 2 GiB per augment
     # actor with the local prior, 10 with a Stable Diffusion backend; 1.5 GiB per filter actor.
+    # read_memory_gb: per task reading the epoch's pool (the bank's Parquet rounds) into the stream.
     augment_memory_gb: float | None = None
     filter_memory_gb: float | None = None
+    read_memory_gb: float = 1.0
     synthesis_tasks: int = 0  # initial bank: concurrent Ray tasks (0: in the driver, one round after another)
     synthesis_cpus: float = 1.0  # per synthesis task
     synthesis_gpus: float = 0.0  # per synthesis task
@@ -356,7 +358,7 @@ class ResourcesConfig:
         _check(0 <= self.synthesis_tasks <= 1024, f"{p}.synthesis_tasks", self.synthesis_tasks, "an integer in [0, 1024] (0: in the driver)")
         for n in ("cpus_per_worker", "augment_gpus", "augment_cpus", "filter_gpus", "filter_cpus", "synthesis_cpus", "synthesis_gpus"):
             _check(getattr(self, n) >= 0, f"{p}.{n}", getattr(self, n), "a number >= 0")
-        for n in ("augment_memory_gb", "filter_memory_gb"):
+        for n in ("augment_memory_gb", "filter_memory_gb", "read_memory_gb"):
             v = getattr(self, n)
             _check(v is None or v > 0, f"{p}.{n}", v, "null (a default for the backend) or a number of GiB > 0")
         for n in ("augment_resources", "filter_resources", "worker_resources"):

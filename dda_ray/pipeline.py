@@ -61,12 +61,12 @@ from .driver import Engine
 # so a Ray upgrade that changes it fails a test rather than turning an actor loss into a failed run.
 
 def stage_memory(cfg: Config, stage: str) -> int:
-    """Bytes of host memory Ray reserves per ``augment`` / ``filter`` / ``fused`` actor
-    (``resources.*_memory_gb``, or the backend's default)."""
+    """Bytes of host memory Ray reserves per ``augment`` / ``filter`` / ``fused`` actor or ``read``
+    task (``resources.*_memory_gb``, or the backend's default)."""
     res = cfg.resources
     if stage == "fused":
         return stage_memory(cfg, "augment") + stage_memory(cfg, "filter")
-    gib = getattr(res, f"{stage}_memory_gb")
+    gib = getattr(res, f"{stage}_memory_gb")  # augment | filter | read
     if gib is None:
         gib = 1.5 if stage == "filter" else 2.0 if cfg.augment.backend == "local_prior" else 10.0
     return int(gib * 2**30)
@@ -85,7 +85,7 @@ def build_dataset(cfg: Config, class_names: list[str] | None = None):
         load = partial(real_pool, cfg.to_dict())
     else:
         load = partial(bank_pool, [str(initial_bank_dir(cfg)), *cfg.distill.extra_banks, str(cfg.run_dir / "rounds")])
-    ds = ray.data.read_datasource(make_pool_datasource(load, str(cfg.run_dir), cfg.run.seed, k), num_cpus=res.filter_cpus or 0.25)
+    ds = ray.data.read_datasource(make_pool_datasource(load, str(cfg.run_dir), cfg.run.seed, k), num_cpus=res.filter_cpus or 0.25, memory=stage_memory(cfg, "read"))
     if cfg.run.mode == "dda":
         from .stages import AugmentStage, FilterStage, FusedStage
 

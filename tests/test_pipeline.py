@@ -217,6 +217,7 @@ def test_custom_resources_pin_each_stage_to_its_node_type(tmp_path, ray_cluster)
     # requested" warning stays away): the local prior's defaults, the fused actor holding both models
     gib = 2**30
     assert (augment["memory"], filt["memory"], fused["memory"]) == (2 * gib, 1.5 * gib, 3.5 * gib)
+    assert remote_args(build_dataset(cfg))[0]["memory"] == 1 * gib  # the pool's read task
     sized = load_config("configs/cifar10_cpu_smoke.yaml", [*pins, "resources.augment_memory_gb=4", "resources.filter_memory_gb=0.5"])
     *_, augment, filt = remote_args(build_dataset(sized))
     assert (augment["memory"], filt["memory"]) == (4 * gib, 0.5 * gib)
