@@ -4,6 +4,7 @@
     RAY_AUTH_MODE=disabled python benchmarks/perf.py step [--repeats 3]        # (5) Ray Train per step vs a plain PyTorch loop
     RAY_AUTH_MODE=disabled python benchmarks/perf.py augment [--repeats 3]     # (6) batched vs per-image diffusion; pool size 1 vs 2
     RAY_AUTH_MODE=disabled python benchmarks/perf.py memory                    # (8) peak RSS per stage
+    RAY_AUTH_MODE=disabled python benchmarks/perf.py synthesis [--repeats 3]   # initial bank img/s, cmi and fast, driver vs Ray tasks
     common options: [--config configs/cifar10_cpu_smoke.yaml] [--output-dir outputs/bench_perf] [--quick] [section.field=value ...]
 
 Every benchmark starts from the smoke preset (shipped wrn16_2 teacher -> wrn16_1 student, shipped prior
@@ -28,6 +29,9 @@ per-repeat values.
   augment    ``Augmenter.augment`` on bank images, batched (``augment.batch_size``) vs one image per
              call, in this process; then ``AugmentStage`` through ``map_batches`` with an actor pool of
              1 and 2 (fresh cache per run).
+  synthesis  the initial bank (``run_synthesizer``, fresh bank per arm) for ``synthesis.method`` cmi and fast,
+             in this process and over Ray tasks (cmi: ``--synthesis-tasks``; fast: one chain, one task);
+             images/s, also appended to ``benchmarks/results/perf.jsonl`` (``synthesis_img_per_s_*``).
   memory     one shipped-shape streaming run (``run_ray``) while a sampler reads the peak RSS
              (``VmHWM``) of every process of this Ray instance; a synthesis round and a bare import
              run in child processes (``ru_maxrss``).
@@ -55,12 +59,14 @@ import resource  # noqa: E402
 import shlex  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-BENCHMARKS = ("streaming", "step", "augment", "memory")
+BENCHMARKS = ("streaming", "step", "augment", "memory", "synthesis")
+PERF_JSONL = Path(__file__).resolve().parent / "results" / "perf.jsonl"  # append-only, one line per figure
 RAY_NOTE = "no Ray"
 
 # Small enough for minutes on 2 shared cores; the same components as the presets.
@@ -134,6 +140,20 @@ class Report:
         with open(out / "results.md", "a") as f:
             f.write(text + "\n")
         return text
+
+
+def record(metric: str, value: float, unit: str, detail: dict) -> dict:
+    """Append one measured figure to ``benchmarks/results/perf.jsonl`` (metric, value, unit, detail,
+    commit, date, load = the 1-minute load average when it was taken)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=PERF_JSONL.parents[2], check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    line = {"metric": metric, "value": value, "unit": unit, "detail": detail, "commit": commit, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load": round(os.getloadavg()[0], 2)}
+    PERF_JSONL.parent.mkdir(parents=True, exist_ok=True)
+    with open(PERF_JSONL, "a") as f:
+        f.write(json.dumps(line) + "\n")
+    return line
 
 
 def command_line() -> str:
@@ -627,6 +647,46 @@ def bench_memory(args) -> str:
 
 
 # ---------------------------------------------------------------- main
+def bench_synthesis(args) -> str:
+    """Initial-bank throughput (images/s) for ``synthesis.method`` cmi and fast: made in this process
+    (``resources.synthesis_tasks=0``) and over Ray tasks (cmi: ``--synthesis-tasks`` concurrent tasks of
+    ``synthesis_cpus`` 1; fast: one chain, so one task). Each arm of each repeat writes a fresh bank."""
+    from dda_ray.sources import run_synthesizer
+
+    rounds = 1 if args.quick else args.synthesis_rounds
+    rep = Report(args, "Synthesis throughput: initial bank, images/s")
+    arms = [(m, t) for m in ("cmi", "fast") for t in (0, args.synthesis_tasks if m == "cmi" else 1)]
+    got: dict[tuple[str, int], list[float]] = {a: [] for a in arms}
+    for r in range(args.repeats):
+        for method, tasks in arms if r % 2 == 0 else arms[::-1]:
+            if tasks:
+                start_ray(args)
+            name = f"synth-{method}-t{tasks}-{r}-{time.strftime('%H%M%S')}"
+            cfg = make_cfg(args, f"run.name={name}", f"synthesis.method={method}", f"synthesis.init_rounds={rounds}",
+                           f"resources.synthesis_tasks={tasks}", "resources.synthesis_cpus=1",
+                           f"synthesis.bank_dir={Path(args.output_dir).resolve() / 'caches' / name}")  # fmt: skip
+            t0 = time.perf_counter()
+            run_synthesizer(cfg, device="cpu", progress=False)
+            seconds = time.perf_counter() - t0
+            images = rounds * cfg.synthesis.init_batch_size
+            got[(method, tasks)].append(images / seconds)
+            print(json.dumps({"bench": "synthesis", "method": method, "tasks": tasks, "repeat": r, "img_s": images / seconds}), flush=True)
+    rows = []
+    for (method, tasks), xs in got.items():
+        where = "this process" if tasks == 0 else f"{tasks} Ray task(s)"
+        rows.append([method, where, fmt(median(xs)), fmt_list(xs, 2)])
+    rep.table(["method", "where", "img/s (median)", "per repeat"], rows)
+    cfg = make_cfg(args)
+    rep.add(f"{rounds} rounds x {cfg.synthesis.init_batch_size} images, {cfg.synthesis.init_g_steps} generator steps per round, "
+            f"teacher {cfg.teacher.arch}, one torch thread per process; Ray task arms include their tasks' start-up.")  # fmt: skip
+    detail = {"rounds": rounds, "batch": cfg.synthesis.init_batch_size, "g_steps": cfg.synthesis.init_g_steps, "teacher": cfg.teacher.arch, "repeats": args.repeats}
+    for method in ("cmi", "fast") if not args.quick else ():  # --quick numbers mean little: not recorded
+        driver, tasks = got[(method, 0)], got[(method, args.synthesis_tasks if method == "cmi" else 1)]
+        record(f"synthesis_img_per_s_{method}", median(driver), "img/s", {**detail, "where": "driver", "per_repeat": driver,
+               "ray_tasks": args.synthesis_tasks if method == "cmi" else 1, "ray_tasks_img_per_s": median(tasks), "ray_per_repeat": tasks})  # fmt: skip
+    return rep.emit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("benchmark", choices=[*BENCHMARKS, "all"])
@@ -639,6 +699,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-sizes", type=int, nargs="+", default=[1, 2])
     p.add_argument("--pool-repeats", type=int, default=None, help="augment: repeats of the actor-pool part (default: --repeats)")
     p.add_argument("--no-pool", action="store_true", help="augment: skip the Ray actor-pool part")
+    p.add_argument("--synthesis-rounds", type=int, default=4, help="synthesis: initial-bank rounds per arm (quick: 1)")
+    p.add_argument("--synthesis-tasks", type=int, default=2, help="synthesis: concurrent Ray tasks of the cmi Ray arm")
     p.add_argument("--memory-workers", type=int, nargs="+", default=[0, 1], help="memory: run_ray with these num_workers")
     p.add_argument("--dashboard", action="store_true", help="start the embedded Ray with its dashboard, as init_ray does (slow to start, and flaky, on a loaded 2-core machine; Train and Data do not need it)")
     p.add_argument("--ray-worker-niceness", type=int, default=0, help="nice level of Ray's worker processes (Ray's own default: 15)")
@@ -656,7 +718,7 @@ def main(argv: list[str] | None = None) -> None:
     todo = BENCHMARKS if args.benchmark == "all" else (args.benchmark,)
     try:
         for name in todo:
-            {"streaming": bench_streaming, "step": bench_step, "augment": bench_augment, "memory": bench_memory}[name](args)
+            {"streaming": bench_streaming, "step": bench_step, "augment": bench_augment, "memory": bench_memory, "synthesis": bench_synthesis}[name](args)
     finally:
         import ray
 

@@ -80,3 +80,13 @@ def test_peak_sampler_finds_a_stage_process_under_this_one(perf):
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_recorded_figure_is_one_json_line_with_its_provenance(perf, tmp_path, monkeypatch):
+    monkeypatch.setattr(perf, "PERF_JSONL", tmp_path / "results" / "perf.jsonl")
+    perf.record("synthesis_img_per_s_cmi", 12.5, "img/s", {"rounds": 4})
+    perf.record("synthesis_img_per_s_fast", 9.0, "img/s", {"rounds": 4})
+    lines = [json.loads(x) for x in (tmp_path / "results" / "perf.jsonl").read_text().splitlines()]
+    assert [x["metric"] for x in lines] == ["synthesis_img_per_s_cmi", "synthesis_img_per_s_fast"]
+    assert set(lines[0]) == {"metric", "value", "unit", "detail", "commit", "date", "load"}
+    assert lines[0]["value"] == 12.5 and lines[0]["detail"] == {"rounds": 4} and lines[0]["commit"] not in ("", None)
