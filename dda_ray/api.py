@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .config import Config
-from .tracking import Tracker, accuracy_curve
+from .tracking import Tracker, log_run_files
 
 
 def preflight(cfg: Config) -> None:
@@ -75,12 +75,7 @@ def log_run_artifacts(tracker: Tracker, cfg: Config, register: bool = True, mode
     checkpoint files, and (``model``) the student as the MLflow Model ``model`` (registered as
     ``tracking.register_as`` when set and ``register``; a tune trial leaves that to the search)."""
     run_dir = cfg.run_dir
-    tracker.log_artifact(run_dir / "config.yaml")
-    tracker.log_artifact(run_dir / "metrics.jsonl")
-    curve = accuracy_curve(run_dir / "metrics.jsonl", run_dir / "accuracy.png")
-    if curve is not None:
-        tracker.log_artifact(curve)
-    tracker.log_artifact(run_dir / "grids", "grids")
+    log_run_files(tracker, run_dir)
     tracker.log_artifact(run_dir / "student", "student")
     if not model:
         return

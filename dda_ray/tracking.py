@@ -316,6 +316,18 @@ class Tracker:
             self.client.set_terminated(self.run_id, status)
 
 
+def log_run_files(tracker, run_dir: Path) -> None:
+    """The files every distillation run leaves (a search's trials included): its config, the
+    per-epoch metrics, the accuracy curve drawn from them, and the image grids."""
+    run_dir = Path(run_dir)
+    tracker.log_artifact(run_dir / "config.yaml")
+    tracker.log_artifact(run_dir / "metrics.jsonl")
+    curve = accuracy_curve(run_dir / "metrics.jsonl", run_dir / "accuracy.png")
+    if curve is not None:
+        tracker.log_artifact(curve)
+    tracker.log_artifact(run_dir / "grids", "grids")
+
+
 def accuracy_curve(metrics_file: str | Path, out_png: str | Path, key: str = "test_acc") -> Path | None:
     """Plot ``key`` per epoch from a metrics.jsonl file."""
     import json

@@ -70,7 +70,7 @@ def write_best_yaml(cfg: Config, spec: TuneConfig, best: dict, path: Path) -> Co
 
 def close_unfinished_children(parent, rows: list[dict], cfg: Config) -> None:
     """Trials stopped by ASHA are killed mid-run: end their MLflow runs and upload what they left."""
-    from .tracking import Tracker, accuracy_curve
+    from .tracking import Tracker, log_run_files
 
     if not parent.enabled:
         return
@@ -85,12 +85,7 @@ def close_unfinished_children(parent, rows: list[dict], cfg: Config) -> None:
         child = Tracker(parent.uri, run.info.run_id, client=client)
         run_dir = Path(cfg.run.output_dir) / name
         if run_dir.exists():
-            child.log_artifact(run_dir / "config.yaml")
-            child.log_artifact(run_dir / "metrics.jsonl")
-            curve = accuracy_curve(run_dir / "metrics.jsonl", run_dir / "accuracy.png")
-            if curve is not None:
-                child.log_artifact(curve)
-            child.log_artifact(run_dir / "grids", "grids")
+            log_run_files(child, run_dir)
         status = row.get("status", "stopped")
         child.set_tag("tune.status", status)
         child.finish("FAILED" if status == "error" else "KILLED")

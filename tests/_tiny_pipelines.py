@@ -161,6 +161,16 @@ def build_tiny_prior(out_dir: Path, num_classes: int = 4, image_size: int = 16) 
     return Path(out_dir)
 
 
+def build_backend_pipelines(root: Path, num_classes: int = 4, image_size: int = 16) -> dict[str, Path]:
+    """The three augmentation backends' tiny pipelines under ``root``, by backend name (one thread)."""
+    with single_thread():
+        return {
+            "local_prior": build_tiny_prior(root / "prior", num_classes=num_classes, image_size=image_size),
+            "sd_img2img": build_tiny_sd_img2img(root / "img2img"),
+            "sd_image_variations": build_tiny_sd_image_variations(root / "variations"),
+        }
+
+
 def random_images(n: int, size: int = 16, seed: int = 0) -> np.ndarray:
     """Smooth random uint8 NHWC images (blurred noise: closer to real images than white noise)."""
     rng = np.random.default_rng(seed)

@@ -16,12 +16,9 @@ from dda_ray.diffusion import ClassConditionalImg2ImgPipeline
 from dda_ray.diffusion.sampling import resize, sdedit_timesteps, variation_seed
 
 from ._tiny_pipelines import (
-    build_tiny_prior,
-    build_tiny_sd_image_variations,
-    build_tiny_sd_img2img,
+    build_backend_pipelines,
     offline_single_thread,  # noqa: F401  (fixture, used through pytestmark)
     random_images,
-    single_thread,
 )
 
 CLASSES = ["cat", "dog", "car", "ship"]
@@ -32,13 +29,7 @@ pytestmark = pytest.mark.usefixtures("offline_single_thread")
 
 @pytest.fixture(scope="module")
 def pipes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipes")
-    with single_thread():
-        return {
-            "local_prior": build_tiny_prior(root / "prior", num_classes=4, image_size=16),
-            "sd_img2img": build_tiny_sd_img2img(root / "img2img"),
-            "sd_image_variations": build_tiny_sd_image_variations(root / "variations"),
-        }
+    return build_backend_pipelines(tmp_path_factory.mktemp("pipes"), num_classes=4, image_size=16)
 
 
 def make_cfg(pipes, backend="local_prior", **kw) -> AugmentConfig:

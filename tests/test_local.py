@@ -202,15 +202,9 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 @pytest.fixture(scope="module")
 def backend_pipelines(tmp_path_factory):
     """The three augmentation backends' tiny pipelines at the CIFAR size (32 px, 10 classes)."""
-    from ._tiny_pipelines import build_tiny_prior, build_tiny_sd_image_variations, build_tiny_sd_img2img, single_thread
+    from ._tiny_pipelines import build_backend_pipelines
 
-    root = tmp_path_factory.mktemp("backends")
-    with single_thread():
-        return {
-            "local_prior": build_tiny_prior(root / "prior", num_classes=10, image_size=32),
-            "sd_img2img": build_tiny_sd_img2img(root / "img2img"),
-            "sd_image_variations": build_tiny_sd_image_variations(root / "variations"),
-        }
+    return build_backend_pipelines(tmp_path_factory.mktemp("backends"), num_classes=10, image_size=32)
 
 
 @pytest.mark.parametrize("backend", ["local_prior", "sd_img2img", "sd_image_variations"])
