@@ -5,6 +5,7 @@
     RAY_AUTH_MODE=disabled python benchmarks/perf.py augment [--repeats 3]     # (6) batched vs per-image diffusion; pool size 1 vs 2
     RAY_AUTH_MODE=disabled python benchmarks/perf.py memory                    # (8) peak RSS per stage
     RAY_AUTH_MODE=disabled python benchmarks/perf.py synthesis [--repeats 3]   # initial bank img/s, cmi and fast, driver vs Ray tasks
+    python benchmarks/perf.py kd --config configs/cifar10_cpu_bench.yaml [--repeats 5]  # the KD step vs its roofline (perf_kd.py)
     common options: [--config configs/cifar10_cpu_smoke.yaml] [--output-dir outputs/bench_perf] [--quick] [section.field=value ...]
 
 Every benchmark starts from the smoke preset (shipped wrn16_2 teacher -> wrn16_1 student, shipped prior
@@ -32,6 +33,9 @@ per-repeat values.
   synthesis  the initial bank (``run_synthesizer``, fresh bank per arm) for ``synthesis.method`` cmi and fast,
              in this process and over Ray tasks (cmi: ``--synthesis-tasks``; fast: one chain, one task);
              images/s, also appended to ``benchmarks/results/perf.jsonl`` (``synthesis_img_per_s_*``).
+  kd         (``perf_kd.py``) ``Distiller.train_step`` as configured vs the bare arithmetic of the step, in this
+             process, on the config's own batch and models (not ``SMALL``: only one torch thread and no
+             tracking are forced); ``kd_step_over_roofline`` in ``benchmarks/results/perf.jsonl``.
   memory     one shipped-shape streaming run (``run_ray``) while a sampler reads the peak RSS
              (``VmHWM``) of every process of this Ray instance; a synthesis round and a bare import
              run in child processes (``ru_maxrss``).
@@ -65,7 +69,7 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-BENCHMARKS = ("streaming", "step", "augment", "memory", "synthesis")
+BENCHMARKS = ("streaming", "step", "augment", "memory", "synthesis", "kd")
 PERF_JSONL = Path(__file__).resolve().parent / "results" / "perf.jsonl"  # append-only, one line per figure
 RAY_NOTE = "no Ray"
 
@@ -362,7 +366,8 @@ def bench_step(args) -> str:
                 cfg, _ = fresh(make_cfg, args, f"step-{arm}-{r}", *common, f"resources.num_workers={workers}")
                 final = run_ray_timed(cfg)
                 gaps = stream_log_step_s(cfg.run_dir)
-                out = {"step_s": median(gaps), "mean_step_s": final["train_s"] / max(final["steps"], 1), "wall_s": final["wall_s"], "steps": final["steps"]}
+                out = {"step_s": median(gaps), "mean_step_s": final["train_s"] / max(final["steps"], 1), "wall_s": final["wall_s"], "steps": final["steps"],
+                       "data_wait_ms_per_step": 1000 * final.get("data_wait_s", float("nan")) / max(final["steps"], 1)}  # fmt: skip
             res[arm].append(out)
             print(json.dumps({"bench": "step", "arm": arm, "repeat": r, **out}), flush=True)
     rep = Report(args, "(5) Per KD step: Ray Train vs a plain PyTorch loop")
@@ -389,6 +394,16 @@ def bench_step(args) -> str:
             fmt(median([x["wall_s"] for x in rs]), 1),
         ])
     rep.table(["arm", "ms/step (median)", "per repeat", "vs plain", "mean incl. startup ms/step", "run wall s"], rows)
+    ratio = {a: median([x["step_s"] for x in res[a]]) / base for a in ("ray_local", "ray_worker")}
+    waits = {a: median([x["data_wait_ms_per_step"] for x in res[a]]) for a in ("ray_local", "ray_worker")}
+    rep.add(f"Waiting for the next batch (the loop's `data_wait_s` / steps, after the first batch): local mode {fmt(waits['ray_local'], 1)} ms/step, "
+            f"one worker {fmt(waits['ray_worker'], 1)} ms/step.", "")  # fmt: skip
+    if not args.quick:
+        record("ray_step_over_plain", ratio["ray_local"], "ratio", {
+            "ray_worker_over_plain": ratio["ray_worker"], "plain_ms": base * 1000, "per_repeat_ms": {a: [x["step_s"] * 1000 for x in res[a]] for a in arms},
+            "data_wait_ms_per_step": waits, "steps": n, "repeats": args.repeats, "batch": probe.distill.batch_size, "threads": probe.resources.torch_threads,
+            "student": probe.student.arch, "teacher": probe.teacher.arch,
+        })  # fmt: skip
     return rep.emit()
 
 
@@ -687,6 +702,18 @@ def bench_synthesis(args) -> str:
     return rep.emit()
 
 
+def bench_kd(args) -> str:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import perf_kd  # beside this script
+
+    def load_cfg(a):
+        from dda_ray.config import load_config
+
+        return load_config(a.config, ["tracking.enabled=false", "resources.torch_threads=1", *a.overrides])
+
+    return perf_kd.bench_kd(args, Report, record, load_cfg, median, fmt, fmt_list)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("benchmark", choices=[*BENCHMARKS, "all"])
@@ -694,7 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="outputs/bench_perf")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds; for tests, numbers mean little)")
-    p.add_argument("--steps", type=int, default=None, help="step: KD steps per run (default 15; quick 6)")
+    p.add_argument("--steps", type=int, default=None, help="step: KD steps per run (default 15; quick 6); kd: steps per arm and repeat (default 24; quick 4)")
     p.add_argument("--images", type=int, default=None, help="augment: bank images per in-process run (default 16; quick 4)")
     p.add_argument("--pool-sizes", type=int, nargs="+", default=[1, 2])
     p.add_argument("--pool-repeats", type=int, default=None, help="augment: repeats of the actor-pool part (default: --repeats)")
@@ -714,11 +741,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.repeats < 1:
         raise SystemExit("--repeats must be >= 1")
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    ensure_bank(args)
     todo = BENCHMARKS if args.benchmark == "all" else (args.benchmark,)
+    if set(todo) - {"kd"}:
+        ensure_bank(args)
     try:
         for name in todo:
-            {"streaming": bench_streaming, "step": bench_step, "augment": bench_augment, "memory": bench_memory, "synthesis": bench_synthesis}[name](args)
+            {"streaming": bench_streaming, "step": bench_step, "augment": bench_augment, "memory": bench_memory, "synthesis": bench_synthesis, "kd": bench_kd}[name](args)
     finally:
         import ray
 

@@ -18,6 +18,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 SYNTHESIS_METHODS = ("cmi", "fast")
 PRIOR_SOURCES = ("bank", "folder", "photos")  # what the local prior trains on (dda_ray/prior_data.py)
 MIX_MODES = ("none", "cutmix", "mixup")  # distill.mix: batch mixing of the KD rows
+AMP_MODES = ("none", "bf16", "fp16")  # distill.amp: autocast dtype of the KD forward passes
 PRIOR_LABELS = ("teacher", "none")  # class labels of folder/photos crops (bank: its own labels, or none)
 
 
@@ -163,12 +164,16 @@ class SynthesisConfig:
     rounds_per_epoch: int = 1  # synthesis rounds with the student per distillation epoch
     rotation_lr: float = 0.1  # rotation head SGD learning rate (DDA: the KD lr, 0.1; momentum 0.9, wd 1e-4)
     rotation_every: int = 1  # the rotation head takes an SGD step every k-th KD step (1: every step, as DDA; CPU budgets may thin it)
+    # rotations of each KD image the head's step sees: 4 = all four (DDA); 1-3 = that many, drawn at random
+    # per image (the same loss in expectation for views/4 of the student forward the step costs)
+    rotation_views: int = 4
     bank_dir: str | None = None  # initial bank location (shared between runs); None: <run_dir>/bank
 
     def validate(self, p: str) -> None:
         for n in ("batch_size", "g_steps", "nz", "ngf", "init_batch_size", "init_g_steps"):
             _check(getattr(self, n) >= 1, f"{p}.{n}", getattr(self, n), "an integer >= 1")
         _check(self.rotation_every >= 1, f"{p}.rotation_every", self.rotation_every, "an integer >= 1")
+        _check(self.rotation_views in (1, 2, 3, 4), f"{p}.rotation_views", self.rotation_views, "1, 2, 3 or 4")
         for n in ("init_rounds", "rounds_per_epoch"):
             _check(getattr(self, n) >= 0, f"{p}.{n}", getattr(self, n), "an integer >= 0")
         for n in ("bn", "oh", "adv"):
@@ -304,8 +309,15 @@ class DistillConfig:
     # Bank-format directories (round-*.parquet, e.g. photo crops from dda_ray.data.crops.write_crop_bank)
     # whose rows join the KD pool every epoch beside the synthetic bank; in dda mode they are augmented too.
     extra_banks: list[str] = field(default_factory=list)
+    # Speed switches of the KD step (same results up to float rounding):
+    channels_last: bool = True  # NHWC memory format for the models and batches (faster convolutions on CPU and tensor cores)
+    amp: str = "none"  # none | bf16 | fp16: autocast of the forward passes (fp16 adds a gradient scaler); GPU runs
+    compile: bool = False  # torch.compile the student (training) and teacher (labelling) forward passes
+    compile_backend: str = "inductor"  # torch.compile backend (inductor needs a C++ compiler on CPU)
 
     def validate(self, p: str) -> None:
+        _check(self.amp in AMP_MODES, f"{p}.amp", self.amp, f"one of {AMP_MODES}")
+        _check(bool(self.compile_backend), f"{p}.compile_backend", self.compile_backend, "a torch.compile backend name")
         _check(self.mix in MIX_MODES, f"{p}.mix", self.mix, f"one of {MIX_MODES}")
         _check(self.mix_alpha > 0, f"{p}.mix_alpha", self.mix_alpha, "a positive number")
         _check(0 <= self.mix_prob <= 1, f"{p}.mix_prob", self.mix_prob, "a number in [0, 1]")

@@ -6,11 +6,17 @@
 :class:`TrainSource` (where batches come from) and way of reporting (where checkpoints go).
 
 KD step: ``KL(student/T || teacher/T) * T^2 + ce * CE(student, y)
-+ fea * MSE(align(student map), teacher map)``; the teacher runs on the fly on the same
-randomly cropped/flipped batch. After each KD step the rotation head (used by the
-adversarial synthesis term) takes one SGD step on rotated copies of the batch, with the
-student in eval mode and its features detached: the step must not move the student's BatchNorm
++ fea * MSE(align(student map), teacher map)``; the teacher runs on the fly (under
+``torch.inference_mode``) on the same randomly cropped/flipped batch. After every
+``rotation_every``-th KD step the rotation head (used by the adversarial synthesis term) takes one
+SGD step on rotated copies of the batch (``rotation_views`` of the four rotations per image), with
+the student in eval mode and its features detached: the step must not move the student's BatchNorm
 statistics (evaluation would otherwise use statistics of rotated images).
+
+Speed switches (``DistillConfig``): ``channels_last`` memory format for the models and batches,
+``amp`` (bf16 / fp16 autocast; fp16 with a gradient scaler) and ``compile`` (``torch.compile`` of the
+student and teacher forward). The loss terms stay on the device: a step makes no host sync, and
+the epoch loop reads them (and checks they are finite) every ``SYNC_EVERY`` steps.
 """
 
 from __future__ import annotations
@@ -66,6 +72,32 @@ def feature_loss(aligned: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tens
     return F.mse_loss(aligned, teacher_map)
 
 
+SYNC_EVERY = 25  # KD steps between the epoch loop's reads of the loss terms (one host sync each)
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def rotate_views(x: torch.Tensor, labels: torch.Tensor, views: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``views`` distinct rotations (of 0/90/180/270 degrees) of every image, drawn at random per
+    image (all four, in order, when ``views`` is 4: DDA's batch); joint labels ``4 * y + k``.
+    Fewer views give the rotation head an unbiased estimate of the same loss for a
+    ``views / 4`` share of the student forward."""
+    if views >= 4:
+        return rotate_batch(x, labels, 4)
+    n = x.shape[0]
+    ks = torch.rand(n, 4, generator=generator).argsort(dim=1)[:, :views]  # distinct rotations per image
+    out, ys = [], []
+    for v in range(views):
+        k = ks[:, v].to(x.device)
+        rot = x.clone()
+        for r in range(1, 4):
+            sel = k == r
+            if bool(sel.any()):
+                rot[sel] = torch.rot90(x[sel], r, dims=(2, 3))
+        out.append(rot)
+        ys.append(labels * 4 + k)
+    return torch.cat(out), torch.cat(ys)
+
+
 class Distiller:
     """Student + heads + optimisers; one KD step at a time. Teacher stays frozen (eval)."""
 
@@ -80,21 +112,23 @@ class Distiller:
         device: torch.device | str = "cpu",
         wrap: Callable[[nn.Module], nn.Module] | None = None,
         rotation_every: int = 1,
+        rotation_views: int = 4,
     ):
         """``wrap`` (e.g. ``ray.train.torch.prepare_model``) turns the trained modules into DDP
         modules; ``student_module`` always stays the plain model (synthesis, evaluation, saving)."""
         self.device = torch.device(device)
         self.cfg, self.num_classes, self.normalize = cfg, num_classes, normalize
         self.transform = TrainTransform(normalize.mean.flatten().tolist(), normalize.std.flatten().tolist())
-        self.student_module = student.to(self.device).train()
-        self.teacher = teacher.to(self.device).eval()
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.student_module = student.to(self.device, memory_format=self.memory_format).train()
+        self.teacher = teacher.to(self.device, memory_format=self.memory_format).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         with torch.no_grad():
             probe = torch.zeros(2, 3, 32, 32, device=self.device)
             s_ch = self.student_module(probe, return_features=True).feature_map.shape[1]
             t_ch = self.teacher(probe, return_features=True).feature_map.shape[1]
-        self.align_module = AlignHead(s_ch, t_ch).to(self.device)
+        self.align_module = AlignHead(s_ch, t_ch).to(self.device, memory_format=self.memory_format)
         self.rot_head = RotationHead(self.student_module.feature_dim, num_classes).to(self.device)
         self.student: nn.Module = self.student_module
         self.align: nn.Module = self.align_module
@@ -102,9 +136,15 @@ class Distiller:
             self.student = wrap(self.student_module)
             if cfg.fea > 0:  # an unused DDP module would fail its gradient reduction
                 self.align = wrap(self.align_module)
+        self.teacher_forward: Callable = self.teacher
+        if cfg.compile:  # the compiled callables train and label; the plain modules are saved and evaluated
+            self.student = torch.compile(self.student, backend=cfg.compile_backend)
+            self.teacher_forward = torch.compile(self.teacher, backend=cfg.compile_backend)
+        self.amp_dtype = AMP_DTYPES.get(cfg.amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.rotation_lr = rotation_lr
         # the rotation head trains every ``rotation_every``-th KD step (0: never, when no round uses it)
-        self.rotation_every, self.kd_steps = rotation_every, 0
+        self.rotation_every, self.rotation_views, self.kd_steps = rotation_every, rotation_views, 0
         self.optimizer = torch.optim.SGD(
             list(self.student_module.parameters()) + list(self.align_module.parameters()), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
@@ -120,49 +160,60 @@ class Distiller:
         (seeded by ``generator``); its optimiser, momentum included, is kept, as the reference does."""
         self.rot_head.reset_parameters(generator)
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, float]:
-        """One KD step on a uint8 NHWC batch; returns the loss terms."""
+    def autocast(self):
+        """Mixed precision for the forward passes (``distill.amp``); a no-op when off."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """One KD step on a uint8 NHWC batch; returns the loss terms as detached 0-dim tensors on
+        the device (no host sync: the caller reads them when it needs them)."""
         cfg = self.cfg
-        x = self.transform(to_float(images).to(self.device), generator)
+        x = self.transform(to_float(images).to(self.device), generator).contiguous(memory_format=self.memory_format)
         y = labels.to(self.device)
         perm, lam = None, 1.0
         if cfg.mix != "none" and (cfg.mix_prob >= 1 or float(torch.rand((), generator=generator)) < cfg.mix_prob):
             x, perm, lam = mix_batch(x, cfg.mix, cfg.mix_alpha, generator)  # the teacher labels the mixed images
-        with torch.no_grad():
-            t = self.teacher(x, return_features=True)
-        s = self.student(x, return_features=True)
-        l_kd = kd_loss(s.logits, t.logits, cfg.temperature)
-        l_ce = F.cross_entropy(s.logits, y)
+        with torch.inference_mode(), self.autocast():
+            t = self.teacher_forward(x, return_features=True)
+        # inference tensors cannot be saved for backward: the two targets leave inference mode as copies
+        t_logits, t_map = t.logits.float().clone(), t.feature_map.float().clone()
+        with self.autocast():
+            s = self.student(x, return_features=True)
+            aligned = self.align(s.feature_map, t_map.shape[-2:]) if cfg.fea > 0 else None
+        logits = s.logits.float()  # the losses in float32
+        l_kd = kd_loss(logits, t_logits, cfg.temperature)
+        l_ce = F.cross_entropy(logits, y)
         if perm is not None:
-            l_ce = lam * l_ce + (1 - lam) * F.cross_entropy(s.logits, y[perm])
-        l_fea = feature_loss(self.align(s.feature_map, t.feature_map.shape[-2:]), t.feature_map) if cfg.fea > 0 else torch.zeros((), device=self.device)
+            l_ce = lam * l_ce + (1 - lam) * F.cross_entropy(logits, y[perm])
+        l_fea = feature_loss(aligned.float(), t_map) if aligned is not None else torch.zeros((), device=self.device)
         loss = l_kd + cfg.ce * l_ce + cfg.fea * l_fea
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.kd_steps += 1
-        # one host sync for the four terms (on a GPU each .item() would wait for the device)
-        out = dict(zip(("loss", "kd", "ce", "fea"), torch.stack([loss, l_kd, l_ce, l_fea]).detach().tolist(), strict=True))
+        out = {"loss": loss.detach(), "kd": l_kd.detach(), "ce": l_ce.detach(), "fea": l_fea.detach()}
         if self.rotation_every and self.kd_steps % self.rotation_every == 0:
-            out["rot"] = self.rotation_step(x, y)
+            out["rot"] = self.rotation_step(x, y, generator)
         return out
 
-    def rotation_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """One SGD step of the rotation head on rotated copies of ``x``; the student runs in eval
-        mode (its BatchNorm buffers stay as the KD step left them) and gets no gradient."""
-        xr, yr = rotate_batch(x, y, self.num_classes)
+    def rotation_step(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One SGD step of the rotation head on rotated copies of ``x`` (``rotation_views`` per
+        image); the student runs in eval mode (its BatchNorm buffers stay as the KD step left them)
+        and gets no gradient. Returns the head's loss (detached, on the device)."""
+        xr, yr = rotate_views(x, y, self.rotation_views, generator)
         was_training = self.student_module.training
         self.student_module.eval()
         try:
-            with torch.no_grad():
-                emb = self.student_module(xr, return_features=True).embedding
+            with torch.inference_mode(), self.autocast():
+                emb = self.student_module(xr.contiguous(memory_format=self.memory_format), return_features=True).embedding
         finally:
             self.student_module.train(was_training)
-        loss = F.cross_entropy(self.rot_head(emb), yr)
+        loss = F.cross_entropy(self.rot_head(emb.float().clone()), yr)
         self.rot_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.rot_optimizer.step()
-        return loss.item()
+        return loss.detach()
 
     def state_dict(self) -> dict:
         return {
@@ -172,6 +223,7 @@ class Distiller:
             "optimizer": self.optimizer.state_dict(),
             "rot_optimizer": self.rot_optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "kd_steps": self.kd_steps,
         }
 
@@ -182,6 +234,8 @@ class Distiller:
         self.optimizer.load_state_dict(state["optimizer"])
         self.rot_optimizer.load_state_dict(state["rot_optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):  # fp16 runs: the loss scale it had reached
+            self.scaler.load_state_dict(state["scaler"])
         self.kd_steps = int(state.get("kd_steps", 0))
         # The schedule follows this run's distill.epochs (resuming with more epochs extends it):
         # put the closed-form cosine LR for the epochs done back into the optimiser.
@@ -253,6 +307,28 @@ class TrainSource(Protocol):
         ...
 
 
+def _read_losses(pending: list[dict[str, torch.Tensor]], sums: dict[str, float], counts: dict[str, int], epoch: int, steps: int) -> None:
+    """Add the pending steps' loss terms to ``sums`` / ``counts`` with one host sync, and stop a
+    diverged run (a non-finite loss) with the steps it happened between."""
+    if not pending:
+        return
+    keys = sorted({k for p in pending for k in p})
+    nan = torch.tensor(float("nan"))
+    table = torch.stack([torch.stack([p.get(k, nan.to(p["loss"].device)) for k in keys]) for p in pending]).tolist()
+    first = steps - len(pending) + 1
+    for i, row in enumerate(table):
+        vals = dict(zip(keys, row, strict=True))
+        if not math.isfinite(vals["loss"]):
+            raise FloatingPointError(
+                f"distillation diverged at epoch {epoch + 1}, step {first + i}: loss = {vals['loss']} ({vals}); "
+                "lower distill.lr or distill.fea, or resume from the last checkpoint with run.resume=true"
+            )
+        for k in pending[i]:
+            sums[k] = sums.get(k, 0.0) + vals[k]
+            counts[k] = counts.get(k, 0) + 1
+    pending.clear()
+
+
 def train_loop(
     distiller: Distiller,
     source: TrainSource,
@@ -279,6 +355,7 @@ def train_loop(
         t_prep = time.perf_counter() - t0
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}  # "rot" is only there on the steps the rotation head trained
+        pending: list[dict[str, torch.Tensor]] = []  # loss terms of the steps not read yet (on the device)
         steps, rows = 0, 0
         t1 = time.perf_counter()
         it = source.batches(epoch)
@@ -287,22 +364,29 @@ def train_loop(
             bar = progress(total=cfg.steps_per_epoch, desc=desc)
         else:
             bar = tqdm(total=cfg.steps_per_epoch, desc=desc, disable=not progress, leave=False, mininterval=2)
+        wait, first = 0.0, 0.0  # seconds blocked on the source: for the first batch (the stream's start), for the others
+        batches = iter(it)
         with distiller.epoch_context():
-            for images, labels in it:
-                losses = distiller.train_step(images, labels, generator)
-                if not math.isfinite(losses["loss"]):
-                    raise FloatingPointError(
-                        f"distillation diverged at epoch {epoch + 1}, step {steps + 1}: loss = {losses['loss']} ({losses}); "
-                        "lower distill.lr or distill.fea, or resume from the last checkpoint with run.resume=true"
-                    )
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                    counts[k] = counts.get(k, 0) + 1
+            while True:
+                tw = time.perf_counter()
+                try:
+                    images, labels = next(batches)
+                except StopIteration:
+                    break
+                if steps:
+                    wait += time.perf_counter() - tw
+                else:
+                    first = time.perf_counter() - tw
+                pending.append(distiller.train_step(images, labels, generator))
                 steps += 1
                 rows += len(labels)
                 bar.update(1)
-                if cfg.steps_per_epoch is not None and steps >= cfg.steps_per_epoch:
+                last = cfg.steps_per_epoch is not None and steps >= cfg.steps_per_epoch
+                if len(pending) >= SYNC_EVERY or last:
+                    _read_losses(pending, sums, counts, epoch, steps)
+                if last:
                     break
+        _read_losses(pending, sums, counts, epoch, steps)
         bar.close()
         close = getattr(it, "close", None)
         if close is not None:
@@ -324,6 +408,8 @@ def train_loop(
             "prepare_s": t_prep,
             "train_s": t_train,
             "train_img_per_s": rows / t_train if t_train > 0 else math.nan,
+            "first_batch_s": first,
+            "data_wait_s": wait,
             **{f"loss_{k}": v / counts[k] for k, v in sums.items()},
             **prep,
         }

@@ -112,7 +112,7 @@ def drive(cfg: Config, engine: Engine, tracker=None) -> dict:
     data = load_data(cfg.data, progress)
     test = data.test.subset(cfg.data.eval_subset, cfg.run.seed)
     student = build_model(cfg.student.arch, cfg.data.num_classes)
-    distiller = Distiller(student, teacher, normalize, cfg.data.num_classes, cfg.distill, cfg.synthesis.rotation_lr, device, wrap=engine.wrap(), rotation_every=rotation_every(cfg))
+    distiller = Distiller(student, teacher, normalize, cfg.data.num_classes, cfg.distill, cfg.synthesis.rotation_lr, device, wrap=engine.wrap(), rotation_every=rotation_every(cfg), rotation_views=cfg.synthesis.rotation_views)
 
     # Resume before the source reads the rounds on disk: rounds and metrics lines written after
     # the last checkpoint (an interrupted or failed epoch) are dropped and redone identically.

@@ -90,3 +90,13 @@ def test_a_recorded_figure_is_one_json_line_with_its_provenance(perf, tmp_path, 
     assert [x["metric"] for x in lines] == ["synthesis_img_per_s_cmi", "synthesis_img_per_s_fast"]
     assert set(lines[0]) == {"metric", "value", "unit", "detail", "commit", "date", "load"}
     assert lines[0]["value"] == 12.5 and lines[0]["detail"] == {"rounds": 4} and lines[0]["commit"] not in ("", None)
+
+
+def test_kd_roofline_benchmark_runs_every_arm_and_reports_the_ratio(perf, tmp_path, monkeypatch):
+    monkeypatch.setattr(perf, "PERF_JSONL", tmp_path / "perf.jsonl")
+    perf.main(["kd", "--quick", "--repeats", "1", "--config", str(ROOT / "configs/cifar10_cpu_smoke.yaml"), "--output-dir", str(tmp_path), "distill.batch_size=8", "run.mode=inversion"])
+    text = (tmp_path / "results.md").read_text()
+    for arm in ("roofline, NCHW", "roofline, channels_last", "project step (as configured)", "project step, channels_last=false (before)"):
+        assert f"| {arm} |" in text
+    assert "**roofline / project step:" in text and "rotation head every" in text
+    assert not (tmp_path / "perf.jsonl").exists()  # --quick figures are not recorded

@@ -133,3 +133,115 @@ def test_rotation_head_trains_every_kth_step_and_never_when_no_round_uses_it():
     assert rotation_every(cfg) == 3
     for off in (["run.mode=real_kd"], ["synthesis.adv=0"], ["synthesis.rounds_per_epoch=0"]):
         assert rotation_every(load_config("configs/cifar10_cpu_smoke.yaml", off)) == 0, off
+
+
+def test_rotate_views_draws_distinct_rotations_per_image_with_joint_labels():
+    from dda_ray.distill import rotate_views
+    from dda_ray.models import rotate_batch
+
+    x = torch.randn(6, 3, 8, 8)
+    y = torch.arange(6)
+    full, full_y = rotate_views(x, y, 4)
+    ref, ref_y = rotate_batch(x, y, 10)
+    assert torch.equal(full, ref) and torch.equal(full_y, ref_y)  # 4 views: DDA's batch, no draws
+    for views in (1, 2, 3):
+        xr, yr = rotate_views(x, y, views, torch.Generator().manual_seed(views))
+        assert xr.shape == (views * 6, 3, 8, 8) and yr.shape == (views * 6,)
+        ks = (yr - 4 * y.repeat(views)).view(views, 6)
+        assert ((ks >= 0) & (ks < 4)).all()
+        for i in range(6):
+            assert len(set(ks[:, i].tolist())) == views  # distinct rotations of one image
+            for v in range(views):
+                assert torch.equal(xr[v * 6 + i], torch.rot90(x[i], int(ks[v, i]), dims=(1, 2)))
+    assert len({tuple(rotate_views(x, y, 1, torch.Generator().manual_seed(s))[1].tolist()) for s in range(5)}) > 1  # drawn, not fixed
+
+
+def _one_step(seed: int = 0, **cfg) -> tuple[Distiller, dict]:
+    torch.manual_seed(seed)
+    d = Distiller(build_model("wrn16_1", 10), teacher_with_stats(), NORM, 10, DistillConfig(epochs=1, **cfg), rotation_every=1)
+    x, y = _synthetic_images(8, seed=8)
+    out = d.train_step(x, y, torch.Generator().manual_seed(1))
+    return d, out
+
+
+def test_kd_step_returns_device_tensors_and_channels_last_gives_the_same_step():
+    d_cl, cl = _one_step(channels_last=True)
+    d_plain, plain = _one_step(channels_last=False)
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in cl.values())
+    assert set(cl) == {"loss", "kd", "ce", "fea", "rot"}
+    conv = next(m for m in d_cl.student_module.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and conv.weight.dim() == 4
+    for k in cl:
+        assert float(cl[k]) == pytest.approx(float(plain[k]), rel=1e-4, abs=1e-5), k
+    for (k, a), b in zip(d_cl.student_module.state_dict().items(), d_plain.student_module.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-3), k  # float rounding of another convolution order
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_step_trains_in_float32_weights_close_to_the_full_precision_step(amp, tmp_path):
+    d_amp, low = _one_step(amp=amp)
+    _, full = _one_step(amp="none")
+    assert next(d_amp.student_module.parameters()).dtype == torch.float32  # autocast: the weights stay float32
+    assert d_amp.scaler.is_enabled() == (amp == "fp16")
+    for k in ("loss", "kd", "ce"):
+        assert math.isfinite(float(low[k])) and float(low[k]) == pytest.approx(float(full[k]), rel=0.1), (k, low[k], full[k])
+    save_training_state(tmp_path / "s.pt", d_amp, 1)
+    d2 = Distiller(build_model("wrn16_1", 10), teacher_with_stats(), NORM, 10, DistillConfig(epochs=1, amp=amp))
+    load_training_state(tmp_path / "s.pt", d2)
+    assert d2.scaler.state_dict() == d_amp.scaler.state_dict()  # fp16: the loss scale survives a resume
+
+
+def test_compiled_step_matches_the_eager_step_and_saves_plain_weights(tmp_path):
+    d_c, compiled = _one_step(compile=True, compile_backend="eager")
+    d_e, eager = _one_step()
+    assert d_c.student is not d_c.student_module  # the step ran the compiled callable
+    for k in compiled:
+        assert float(compiled[k]) == pytest.approx(float(eager[k]), rel=1e-5, abs=1e-6), k
+    assert not any("_orig_mod" in k for k in d_c.state_dict()["student"])  # checkpoints stay loadable without compile
+    save_training_state(tmp_path / "s.pt", d_c, 1)
+    load_training_state(tmp_path / "s.pt", Distiller(build_model("wrn16_1", 10), teacher_with_stats(), NORM, 10, DistillConfig(epochs=1)))
+
+
+def test_fewer_rotation_views_train_the_head_on_that_many_rotations():
+    torch.manual_seed(0)
+    d = Distiller(build_model("wrn16_1", 10), teacher_with_stats(), NORM, 10, DistillConfig(epochs=1), rotation_views=1)
+    x, y = _synthetic_images(8, seed=9)
+    seen = []
+    forward = d.student_module.forward
+    d.student_module.forward = lambda inp, **kw: (seen.append(inp.shape[0]), forward(inp, **kw))[1]
+    w = d.rot_head.net[0].weight.clone()
+    d.train_step(x, y, torch.Generator().manual_seed(0))
+    assert seen[-1] == 8  # the head's forward: one rotated copy per image, not four
+    assert not torch.equal(d.rot_head.net[0].weight, w)
+
+
+def test_epoch_loop_reads_losses_in_blocks_and_stops_a_diverged_run_at_its_step():
+    from dda_ray.distill import SYNC_EVERY, train_loop
+
+    x, y = _synthetic_images(8, seed=10)
+    d = Distiller(build_model("wrn16_1", 10), teacher_with_stats(), NORM, 10, DistillConfig(epochs=1, steps_per_epoch=SYNC_EVERY + 5, lr=0.01))
+    step = d.train_step
+    calls = []
+
+    def failing(images, labels, generator=None):
+        out = step(images, labels, generator)
+        calls.append(1)
+        if len(calls) == SYNC_EVERY + 3:
+            out["loss"] = torch.tensor(float("nan"))
+        return out
+
+    class Source:
+        def prepare_epoch(self, epoch, distiller):
+            return {}
+
+        def batches(self, epoch):
+            while True:
+                yield x, y
+
+    metrics = train_loop(d, Source(), lambda m: {"acc": 1.0, "loss": 0.0}, lambda m, e: None, progress=False, log=lambda s: None)
+    assert metrics["steps"] == SYNC_EVERY + 5 and math.isfinite(metrics["loss_kd"]) and metrics["loss_kd"] > 0
+    d.train_step = failing
+    d.cfg = DistillConfig(epochs=2, steps_per_epoch=SYNC_EVERY + 5, lr=0.01)
+    with pytest.raises(FloatingPointError, match=f"epoch 2, step {SYNC_EVERY + 3}:"):
+        train_loop(d, Source(), lambda m: {"acc": 1.0, "loss": 0.0}, lambda m, e: None, start_epoch=1, progress=False, log=lambda s: None)
+    assert len(calls) == SYNC_EVERY + 5  # read at the epoch's end: the steps after the bad one ran
