@@ -310,7 +310,9 @@ class DistillConfig:
     # whose rows join the KD pool every epoch beside the synthetic bank; in dda mode they are augmented too.
     extra_banks: list[str] = field(default_factory=list)
     # Speed switches of the KD step (same results up to float rounding):
-    channels_last: bool = True  # NHWC memory format for the models and batches (faster convolutions on CPU and tensor cores)
+    # NHWC memory format for the models and batches: what tensor cores want; ~1.3x faster on CPU but its CPU
+    # convolution gradients are ~5x less precise, which cost the bench preset ~2 points (docs/BENCHMARKS.md)
+    channels_last: bool = False
     amp: str = "none"  # none | bf16 | fp16: autocast of the forward passes (fp16 adds a gradient scaler); GPU runs
     compile: bool = False  # torch.compile the student (training) and teacher (labelling) forward passes
     compile_backend: str = "inductor"  # torch.compile backend (inductor needs a C++ compiler on CPU)

@@ -96,7 +96,7 @@ def test_kd_roofline_benchmark_runs_every_arm_and_reports_the_ratio(perf, tmp_pa
     monkeypatch.setattr(perf, "PERF_JSONL", tmp_path / "perf.jsonl")
     perf.main(["kd", "--quick", "--repeats", "1", "--config", str(ROOT / "configs/cifar10_cpu_smoke.yaml"), "--output-dir", str(tmp_path), "distill.batch_size=8", "run.mode=inversion"])
     text = (tmp_path / "results.md").read_text()
-    for arm in ("roofline, NCHW", "roofline, channels_last", "project step (as configured)", "project step, channels_last=false (before)"):
+    for arm in ("roofline, NCHW", "roofline, channels_last", "project step (as configured)", "project step, channels_last=true"):
         assert f"| {arm} |" in text
     assert "**roofline / project step:" in text and "rotation head every" in text
     assert not (tmp_path / "perf.jsonl").exists()  # --quick figures are not recorded
