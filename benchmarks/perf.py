@@ -335,17 +335,18 @@ def bench_streaming(args) -> str:
 
 
 # ---------------------------------------------------------------- (4) partitioned: trainer on one core, stages on the other
-# The workload of `streaming --partitioned` (before the command line's overrides), sized so that augment+filter on
-# one core and the KD steps on the other take about as long, and long against the fixed costs (actor start-up, Ray
-# Train set-up, evaluation: ~15-20 s on the idle machine). Measured through run_ray on the idle 2-core machine
-# (2026-12-02, one thread per process): augment (2 UNet passes for one variation, with guidance) + filter ~57 ms
-# per bank image, a wrn40_2 student's KD step ~30 ms per row, two rows (the image and its variation) per image.
-# One variation per image: its diffusion falls on its one variation slot, spread evenly over the shuffled stream
-# (with k > 1 all k are made at the parent's first variation slot, front-loading the diffusion). The bank is made
-# with 2 generator steps per round: its images' quality does not matter for timing.
+# The workload of `streaming --partitioned` (before the command line's overrides): augment+filter on one core and the
+# KD steps on the other about equally long, and long against what cannot overlap (actor start-up, Ray Train set-up,
+# evaluation: ~15-20 s idle). Measured through run_ray on the quiet 2-core machine (2026-12-02, 768-image bank, one
+# thread per process): augment (3 UNet passes of one variation, with guidance) + filter ~74 ms of the stage core per
+# bank image; a wrn40_2 student's KD step ~30 ms per row, two rows (the image and its kept variation) per image.
+# The stages are kept ~1.2x the train loop: the trainer's steps run ~10 % slower while the other core is busy
+# (streaming), the stages' do not. One variation per image: its diffusion falls on its one variation slot, spread
+# evenly over the shuffled stream (with k > 1 all k are made at the parent's first variation slot, which
+# front-loads the diffusion). The bank is made with 2 generator steps per round: image quality does not matter here.
 PARTITIONED = [
     "augment.num_variations=1",
-    "augment.steps=7",  # strength 0.3: int(7 * 0.3) = 2 denoising passes
+    "augment.steps=10",  # strength 0.3: int(10 * 0.3) = 3 denoising passes
     "student.arch=wrn40_2",
     "synthesis.init_rounds=16",
     "synthesis.init_batch_size=128",
@@ -462,10 +463,11 @@ def read_jsonl(paths) -> list[dict]:
     return out
 
 
-def stream_timeline(run_dir: Path) -> dict:
+def stream_timeline(run_dir: Path, start: float | None = None) -> dict:
     """When each stage worked, from the run's stream logs (wall-clock times, seconds after the first
     augment batch started): the stages' busy seconds, first/last batch, and how much of the train loop
-    ran while augmentation/filtering was still going."""
+    ran while augmentation/filtering was still going; with ``start`` (the run's ``time.time()``), also
+    how long the run took to its first augment batch (set-up, actor start-up)."""
     d = Path(run_dir) / "stream"
     aug, filt = read_jsonl(d.glob("augment-*.jsonl")), read_jsonl(d.glob("filter-*.jsonl"))
     train = sorted(r["t"] for r in read_jsonl(d.glob("train-rank0-epoch*.jsonl")))
@@ -484,6 +486,7 @@ def stream_timeline(run_dir: Path) -> dict:
         "train_batches": len(train),
         "train_batches_before_stages_end": sum(t < stages_end for t in train),
         "overlap_s": max(0.0, min(stages_end, train[-1]) - train[0]),
+        **({"first_augment_s": t0 - start} if start is not None else {}),
     }
 
 
@@ -510,7 +513,7 @@ def bench_streaming_partitioned(args) -> str:
             cfg, cache = fresh(make_cfg, args, f"part-{arm}-{r}", "run.mode=dda")
             sampler = AffinitySampler()
             sampler.start()
-            cpu0 = cpu_seconds()
+            cpu0, start = cpu_seconds(), time.time()
             with timed_kd_steps() as steps:
                 out = run_ray_timed(cfg, materialize=arms[arm])
             out["driver_cpu_s"] = cpu_seconds() - cpu0
@@ -524,9 +527,9 @@ def bench_streaming_partitioned(args) -> str:
                 s = seen.setdefault(label, {"pids": set(), "cpus": set()})
                 s["pids"] |= e["pids"]
                 s["cpus"] |= e["cpus"]
-            out = {**out, **stream_timeline(cfg.run_dir), "run_dir": str(cfg.run_dir)}
+            out = {**out, **stream_timeline(cfg.run_dir, start), "run_dir": str(cfg.run_dir)}
             res[arm].append(out)
-            keys = ("wall_s", "augment_filter_s", "train_s", "kd_step_s", "driver_cpu_s", "stages_cpu_s", "rows", "steps", "augment_busy_s", "filter_busy_s", "train_first_s", "stages_end_s", "train_last_s", "overlap_s")
+            keys = ("wall_s", "augment_filter_s", "train_s", "kd_step_s", "driver_cpu_s", "stages_cpu_s", "rows", "steps", "augment_busy_s", "filter_busy_s", "first_augment_s", "train_first_s", "stages_end_s", "train_last_s", "overlap_s")
             print(json.dumps({"bench": "streaming-partitioned", "arm": arm, "repeat": r, **{k: out.get(k) for k in keys}}), flush=True)
 
     cfg = make_cfg(args)
@@ -579,6 +582,8 @@ def bench_streaming_partitioned(args) -> str:
     tl = [x for x in st if x.get("train_batches")]
     if tl:
         rep.add(
+            "Before any row exists (run start -> first augment batch: Ray Train set-up in streaming, executor and actor start-up in both), "
+            + ", ".join(f"{a}: {fmt(median([x.get('first_augment_s', float('nan')) for x in res[a]]), 1)} s" for a in arms) + ". "
             "Overlap in the streaming arm (stream logs; seconds after the first augment batch started, medians): first train batch at "
             f"{fmt(median([x['train_first_s'] for x in tl]), 1)} s, last augment/filter batch ended at {fmt(median([x['stages_end_s'] for x in tl]), 1)} s, "
             f"last train batch at {fmt(median([x['train_last_s'] for x in tl]), 1)} s; train batches taken before the stages finished: "
@@ -595,7 +600,8 @@ def bench_streaming_partitioned(args) -> str:
             "streaming_train_s": [x["train_s"] for x in st], "bound": bound, "wall_bound": wall_bound,
             "kd_step_s": {a: [x["kd_step_s"] for x in res[a]] for a in arms}, "driver_cpu_s": {a: [x["driver_cpu_s"] for x in res[a]] for a in arms},
             "stages_cpu_s": {a: [x["stages_cpu_s"] for x in res[a]] for a in arms},
-            "overlap": [{k: x.get(k) for k in ("train_first_s", "stages_end_s", "train_last_s", "overlap_s")} for x in st],
+            "overlap": [{k: x.get(k) for k in ("first_augment_s", "train_first_s", "stages_end_s", "train_last_s", "overlap_s")} for x in st],
+            "sequential_first_augment_s": [x.get("first_augment_s") for x in seq],
             "overrides": [*PARTITIONED, *args.overrides], "cores": {"trainer": trainer_core, "stages": stage_core},
             "affinity": {label: sorted(e["cpus"]) for label, e in seen.items()}, "repeats": args.repeats,
         })  # fmt: skip

@@ -118,6 +118,7 @@ def test_stream_timeline_measures_the_overlap_of_stages_and_training(perf, tmp_p
     assert tl["augment_busy_s"] == pytest.approx(3.0) and tl["filter_busy_s"] == pytest.approx(1.5)
     assert (tl["train_first_s"], tl["stages_end_s"], tl["train_last_s"]) == pytest.approx((2.0, 3.5, 5.0))
     assert tl["train_batches_before_stages_end"] == 2 and tl["overlap_s"] == pytest.approx(1.5)
+    assert "first_augment_s" not in tl and perf.stream_timeline(tmp_path, start=97.5)["first_augment_s"] == pytest.approx(2.5)
     assert perf.stream_timeline(tmp_path / "nothing") == {}
 
 
