@@ -1,6 +1,7 @@
 """How fast is the pipeline? Ratios measured side by side, in one run, on the same work (issue #7: 4, 5, 6, 8).
 
     RAY_AUTH_MODE=disabled python benchmarks/perf.py streaming [--repeats 3]   # (4) streaming vs augment-everything-first
+    RAY_AUTH_MODE=disabled python benchmarks/perf.py streaming --partitioned [--cores 0 1]   # (4) the same, trainer and stages on one core each
     RAY_AUTH_MODE=disabled python benchmarks/perf.py step [--repeats 3]        # (5) Ray Train per step vs a plain PyTorch loop
     RAY_AUTH_MODE=disabled python benchmarks/perf.py augment [--repeats 3]     # (6) batched vs per-image diffusion; pool size 1 vs 2
     RAY_AUTH_MODE=disabled python benchmarks/perf.py memory                    # (8) peak RSS per stage
@@ -22,6 +23,18 @@ per-repeat values.
              (sequential: diffuse and filter everything, then train); and with
              ``resources.fused_stages=true`` (one pool of augment-then-filter actors). Each arm of
              each repeat has its own empty ``augment.cache_dir``, so diffusion is really recomputed.
+             ``--partitioned``: the streaming and sequential arms only, on the ``PARTITIONED`` workload
+             (augment+filter and training about equally long), with the cores split: this process (the
+             trainer: Ray Train local mode runs the loop here; Ray Data's streaming executor threads run
+             here too, in both arms) on core ``--cores TRAINER``, every process of the Ray session (GCS,
+             raylet, read task, augment and filter actors) on core ``STAGES``: the affinity is set before
+             ``ray.init`` (Ray's processes inherit it), then every thread of this process is moved to the
+             trainer's core. The affinities in effect (``Cpus_allowed_list`` of every thread of every process
+             of the session, sampled during the runs) are printed. An unmeasured warm-up run comes first.
+             Reports sequential / streaming, the stage times (sequential arm: ``materialize()`` of the
+             augment+filter graph, and the train loop), the bound max(stages) / sum(stages), and when each
+             stage worked (stream logs); appended to ``benchmarks/results/perf.jsonl``
+             (``streaming_over_sequential_partitioned``: streaming wall / sequential wall).
   step       per KD step: ``Distiller.train_step`` in a plain loop in this process, vs the same step
              inside ``run_ray`` (``TorchTrainer``, ``num_workers=0`` local mode and ``num_workers=1``),
              on the same batches (``run.mode=real_kd`` on ``data.train_subset`` real images: one
@@ -168,7 +181,8 @@ def make_cfg(args, *extra: str):
     from dda_ray.config import load_config
 
     quick = QUICK if args.quick else []
-    base = [*SMALL, *quick, *args.overrides]
+    workload = PARTITIONED if getattr(args, "partitioned", False) else []
+    base = [*SMALL, *quick, *workload, *args.overrides]
     probe = load_config(args.config, base)
     s = probe.synthesis
     bank = Path(args.output_dir).resolve() / f"bank-r{s.init_rounds}x{s.init_batch_size}-g{s.init_g_steps}-s{probe.run.seed}"
@@ -200,6 +214,8 @@ def start_ray(args) -> None:
         # other jobs they then lose the CPU to every un-niced process while the driver does not, which
         # measures the neighbours, not Ray. 0 by default here; --ray-worker-niceness 15 for Ray's default.
         os.environ["RAY_worker_niceness"] = str(args.ray_worker_niceness)
+        if args.partitioned:  # Ray's processes inherit the mask of the thread that starts them
+            os.sched_setaffinity(0, {args.cores[1]})
         for attempt in range(3):  # the raylet's 30 s registration window can pass on an overloaded machine
             try:
                 ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", num_cpus=os.cpu_count(), log_to_driver=True)
@@ -211,6 +227,9 @@ def start_ray(args) -> None:
                 ray.shutdown()
                 dashboard = False
         RAY_NOTE = "embedded local Ray, dashboard " + ("on (as dda_ray.pipeline.init_ray)" if dashboard else "off") + f", Ray worker niceness {args.ray_worker_niceness}"
+        if args.partitioned:
+            pin_process({args.cores[0]})  # the driver's threads (Ray's own included) onto the trainer's core
+            RAY_NOTE += f"; Ray's processes on core {args.cores[1]}, this process (the trainer) on core {args.cores[0]}"
     DataContext.get_current().enable_progress_bars = False
 
 
@@ -273,6 +292,8 @@ def augment_busy(run_dir: Path) -> tuple[float, int]:
 
 # ---------------------------------------------------------------- (4) streaming vs sequential
 def bench_streaming(args) -> str:
+    if args.partitioned:
+        return bench_streaming_partitioned(args)
     start_ray(args)
     # arm -> (materialize the graph first, extra overrides)
     arms = {"streaming": (False, []), "sequential": (True, []), "fused": (False, ["resources.fused_stages=true"])}
@@ -314,6 +335,280 @@ def bench_streaming(args) -> str:
     rep.add(f"**sequential / streaming wall time: {fmt(median(ratio))}** (per repeat: {fmt_list(ratio, 2)}; > 1 means streaming is faster).", "")
     fused = [f["wall_s"] / t["wall_s"] for f, t in zip(res["fused"], res["streaming"], strict=True)]
     rep.add(f"**fused (one augment+filter pool) / two pools wall time: {fmt(median(fused))}** (per repeat: {fmt_list(fused, 2)}; < 1 means the fused pool is faster).", "")
+    return rep.emit()
+
+
+# ---------------------------------------------------------------- (4) partitioned: trainer on one core, stages on the other
+# The workload of `streaming --partitioned` (before the command line's overrides): augment+filter on one core and the
+# KD steps on the other about equally long, and long against what cannot overlap (actor start-up, Ray Train set-up,
+# evaluation: ~15-20 s idle). Measured through run_ray on the quiet 2-core machine (2026-12-02, 768-image bank, one
+# thread per process): augment (3 UNet passes of one variation, with guidance) + filter ~74 ms of the stage core per
+# bank image; a wrn40_2 student's KD step ~30 ms per row, two rows (the image and its kept variation) per image.
+# The stages are kept ~1.2x the train loop: the trainer's steps run ~10 % slower while the other core is busy
+# (streaming), the stages' do not. One variation per image: its diffusion falls on its one variation slot, spread
+# evenly over the shuffled stream (with k > 1 all k are made at the parent's first variation slot, which
+# front-loads the diffusion). The bank is made with 2 generator steps per round: image quality does not matter here.
+PARTITIONED = [
+    "augment.num_variations=1",
+    "augment.steps=10",  # strength 0.3: int(10 * 0.3) = 3 denoising passes
+    "student.arch=wrn40_2",
+    "synthesis.init_rounds=16",
+    "synthesis.init_batch_size=128",
+    "synthesis.init_g_steps=2",
+    "run.stream_log=true",
+    "resources.num_workers=0",
+]
+
+
+def status_field(path: str | Path, name: str) -> str:
+    for line in Path(path).read_text().splitlines():
+        if line.startswith(name + ":"):
+            return line.split(":", 1)[1].strip()
+    return "?"
+
+
+def thread_affinities(pid: int | str = "self") -> set[str]:
+    """``Cpus_allowed_list`` of every thread of ``pid`` (one entry when they all agree)."""
+    out = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            out.add(status_field(f"/proc/{pid}/task/{tid}/status", "Cpus_allowed_list"))
+    return out
+
+
+def pin_process(cores: set[int], pid: int | None = None) -> None:
+    """Every thread of ``pid`` (this process by default) onto ``cores`` (``sched_setaffinity`` of a pid
+    sets only the thread with that id; threads started later inherit their creator's mask)."""
+    for tid in os.listdir(f"/proc/{pid or os.getpid()}/task"):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(tid), cores)
+
+
+def ray_process_label(cmd: str) -> str:
+    """``raylet``, ``gcs_server``, ``AugmentStage``, ``IDLE``, ...: what a process of the Ray session runs."""
+    if cmd.startswith("ray::"):
+        return cmd[5:].split()[0].split(".")[0] or "ray worker"
+    words = cmd.split() or ["?"]
+    if Path(words[0]).name.startswith("python"):  # python [-u ...] script.py: the script
+        words = [w for w in words[1:] if not w.startswith("-")] or words
+    return Path(words[0]).name
+
+
+class AffinitySampler(threading.Thread):
+    """Polls the CPU affinity (``Cpus_allowed_list`` of every thread) of every process under this
+    one, by what it runs (the actors live only while their dataset executes, so it samples during the run)."""
+
+    def __init__(self, interval: float = 1.0):
+        super().__init__(daemon=True)
+        self.interval, self.stop = interval, threading.Event()
+        self.seen: dict[str, dict] = {}  # label -> {"pids": set, "cpus": set}
+        self.cpu_s: dict[int, float] = {}  # pid -> CPU seconds (user + system) when last seen
+
+    def stage_cpu_s(self, *labels: str) -> float:
+        """CPU seconds of the processes that ran ``labels`` (as of their last sample)."""
+        pids = {p for label, e in self.seen.items() if any(x in label for x in labels) for p in e["pids"]}
+        return sum(self.cpu_s.get(p, 0.0) for p in pids)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.poll()
+            self.stop.wait(self.interval)
+
+    def poll(self) -> None:
+        for pid in descendants(os.getpid()):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                cpus = thread_affinities(pid)
+                self.cpu_s[pid] = cpu_seconds(pid)
+            except OSError:
+                continue
+            entry = self.seen.setdefault(ray_process_label(cmd), {"pids": set(), "cpus": set()})
+            entry["pids"].add(pid)
+            entry["cpus"] |= cpus
+        entry = self.seen.setdefault("driver (train loop, Ray Data executor)", {"pids": {os.getpid()}, "cpus": set()})
+        entry["cpus"] |= thread_affinities()
+
+
+def cpu_seconds(pid: int | str = "self") -> float:
+    """User + system CPU seconds of a process so far (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def timed_kd_steps():
+    """Seconds of every ``Distiller.train_step`` in this process (Ray Train local mode runs the loop here):
+    the train loop's compute, as against its waiting for the next batch."""
+    from dda_ray.distill import Distiller
+
+    times: list[float] = []
+    original = Distiller.train_step
+
+    def timed(self, *a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return original(self, *a, **kw)
+        finally:
+            times.append(time.perf_counter() - t0)
+
+    Distiller.train_step = timed
+    try:
+        yield times
+    finally:
+        Distiller.train_step = original
+
+
+def read_jsonl(paths) -> list[dict]:
+    out = []
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                out.append(json.loads(line))
+    return out
+
+
+def stream_timeline(run_dir: Path, start: float | None = None) -> dict:
+    """When each stage worked, from the run's stream logs (wall-clock times, seconds after the first
+    augment batch started): the stages' busy seconds, first/last batch, and how much of the train loop
+    ran while augmentation/filtering was still going; with ``start`` (the run's ``time.time()``), also
+    how long the run took to its first augment batch (set-up, actor start-up)."""
+    d = Path(run_dir) / "stream"
+    aug, filt = read_jsonl(d.glob("augment-*.jsonl")), read_jsonl(d.glob("filter-*.jsonl"))
+    train = sorted(r["t"] for r in read_jsonl(d.glob("train-rank0-epoch*.jsonl")))
+    if not aug or not train:
+        return {}
+    t0 = min(r["t0"] for r in aug)
+    stages_end = max(r["t1"] for r in aug + filt)
+    return {
+        "augment_busy_s": sum(r["t1"] - r["t0"] for r in aug),
+        "filter_busy_s": sum(r["t1"] - r["t0"] for r in filt),
+        "augment_batches": len(aug),
+        "filter_batches": len(filt),
+        "stages_end_s": stages_end - t0,
+        "train_first_s": train[0] - t0,
+        "train_last_s": train[-1] - t0,
+        "train_batches": len(train),
+        "train_batches_before_stages_end": sum(t < stages_end for t in train),
+        "overlap_s": max(0.0, min(stages_end, train[-1]) - train[0]),
+        **({"first_augment_s": t0 - start} if start is not None else {}),
+    }
+
+
+def bench_streaming_partitioned(args) -> str:
+    """``streaming --partitioned``: streaming vs sequential with the trainer (this process: Ray Train local
+    mode's loop, and Ray Data's executor threads) on one core and Ray (raylet, GCS, the read task, the augment
+    and filter actors) on the other, one torch thread everywhere. Stage times come from the sequential arm."""
+    start_ray(args)
+    trainer_core, stage_core = args.cores
+    # Warm-up, not measured: the first run of a session pays once for what later runs find ready (imports in
+    # this process, Ray Train and Ray Data set-up, the page cache behind the actors' imports and models).
+    pin_process({trainer_core})
+    cfg, cache = fresh(make_cfg, args, "part-warmup", "run.mode=dda", "distill.steps_per_epoch=2")
+    t0 = time.perf_counter()
+    run_ray_timed(cfg)
+    shutil.rmtree(cache, ignore_errors=True)
+    print(f"warm-up run (2 KD steps, not measured): {time.perf_counter() - t0:.1f}s", flush=True)
+    arms = {"streaming": False, "sequential": True}  # arm -> materialize the graph first
+    res: dict[str, list[dict]] = {a: [] for a in arms}
+    seen: dict[str, dict] = {}
+    for r in range(args.repeats):
+        for arm in list(arms) if r % 2 == 0 else list(arms)[::-1]:
+            pin_process({trainer_core})  # every driver thread, including any Ray started since
+            cfg, cache = fresh(make_cfg, args, f"part-{arm}-{r}", "run.mode=dda")
+            sampler = AffinitySampler()
+            sampler.start()
+            cpu0, start = cpu_seconds(), time.time()
+            with timed_kd_steps() as steps:
+                out = run_ray_timed(cfg, materialize=arms[arm])
+            out["driver_cpu_s"] = cpu_seconds() - cpu0
+            out["kd_step_s"] = sum(steps)
+            sampler.poll()
+            out["stages_cpu_s"] = sampler.stage_cpu_s("AugmentStage", "FilterStage")
+            sampler.stop.set()
+            sampler.join()
+            shutil.rmtree(cache, ignore_errors=True)
+            for label, e in sampler.seen.items():
+                s = seen.setdefault(label, {"pids": set(), "cpus": set()})
+                s["pids"] |= e["pids"]
+                s["cpus"] |= e["cpus"]
+            out = {**out, **stream_timeline(cfg.run_dir, start), "run_dir": str(cfg.run_dir)}
+            res[arm].append(out)
+            keys = ("wall_s", "augment_filter_s", "train_s", "kd_step_s", "driver_cpu_s", "stages_cpu_s", "rows", "steps", "augment_busy_s", "filter_busy_s", "first_augment_s", "train_first_s", "stages_end_s", "train_last_s", "overlap_s")
+            print(json.dumps({"bench": "streaming-partitioned", "arm": arm, "repeat": r, **{k: out.get(k) for k in keys}}), flush=True)
+
+    cfg = make_cfg(args)
+    seq, st = res["sequential"], res["streaming"]
+    stages = median([x["augment_filter_s"] for x in seq])
+    train = median([x["train_s"] for x in seq])
+    bound = max(stages, train) / (stages + train)
+    ratios = [s["wall_s"] / q["wall_s"] for s, q in zip(st, seq, strict=True)]
+    seq_wall = median([x["wall_s"] for x in seq])
+    wall_bound = (seq_wall - min(stages, train)) / seq_wall  # perfect overlap, the fixed costs unchanged
+    rep = Report(args, "(4) Streaming vs sequential on partitioned cores: trainer on one core, augment + filter on the other")
+    a = cfg.augment
+    rep.add(
+        f"Trainer (this process: Ray Train local mode, `num_workers=0`, and Ray Data's streaming executor) pinned to core "
+        f"{trainer_core}; Ray's processes (GCS, raylet, the read task, the augment and filter actors) to core {stage_core} "
+        f"(`sched_setaffinity` before `ray.init`, inherited; every driver thread re-pinned after); one torch thread per process. "
+        f"Bank {cfg.synthesis.init_rounds} x {cfg.synthesis.init_batch_size} images, {a.num_variations} variation(s) per image "
+        f"(strength {a.strength}, {a.steps} DDIM steps: {max(int(a.steps * a.strength), 1)} UNet pass(es), guidance {a.guidance}), "
+        f"filter {cfg.filter.threshold}, one pass (every original and kept variation once, KD batch {cfg.distill.batch_size}), "
+        f"pools of {cfg.resources.augment_actors}/{cfg.resources.filter_actors} actors, fresh augment cache per arm and repeat; "
+        f"{args.repeats} repeats, arm order alternates. Stage times are the sequential arm's: augment+filter = "
+        "`build_dataset(...).materialize()` (actor start-up included), train = the train loop on the materialised rows.",
+        "",
+    )
+    rows = []
+    for arm in arms:
+        rs = res[arm]
+        rows.append([
+            arm,
+            fmt(median([x["wall_s"] for x in rs]), 1),
+            fmt_list([x["wall_s"] for x in rs]),
+            fmt(median([x["augment_filter_s"] for x in rs]), 1) if arm == "sequential" else "(overlapped)",
+            fmt(median([x.get("train_s", float("nan")) for x in rs]), 1),
+            fmt(median([x["kd_step_s"] for x in rs]), 1),
+            fmt(median([x.get("augment_busy_s", float("nan")) for x in rs]), 1) + " / " + fmt(median([x.get("filter_busy_s", float("nan")) for x in rs]), 1),
+            fmt(median([x["driver_cpu_s"] for x in rs]), 1) + " / " + fmt(median([x["stages_cpu_s"] for x in rs]), 1),
+            "/".join(str(x.get("rows")) for x in rs),
+            "/".join(str(x.get("steps")) for x in rs),
+        ])
+    rep.table(["arm", "wall s (median)", "wall s per repeat", "augment+filter s", "train loop s", "of which KD steps s", "augment / filter busy s",
+               "CPU s: driver / stage actors", "rows trained", "steps"], rows)  # fmt: skip
+    rep.add(
+        f"Stages (sequential arm, medians): augment+filter {fmt(stages, 1)} s, train {fmt(train, 1)} s (ratio {fmt(max(stages, train) / min(stages, train))}). "
+        f"Theoretical best streaming/sequential = max(stages)/sum(stages) = **{fmt(bound)}**; with the rest of the run "
+        f"(set-up, start-up, evaluation) unchanged, (sequential wall - min(stages)) / sequential wall = {fmt(wall_bound)}.",
+        "",
+        f"**streaming / sequential wall time: {fmt(median(ratios))}** (per repeat: {fmt_list(ratios, 2)}; < 1 means streaming is faster; goal <= 0.60).",
+        "",
+    )
+    tl = [x for x in st if x.get("train_batches")]
+    if tl:
+        rep.add(
+            "Before any row exists (run start -> first augment batch: Ray Train set-up in streaming, executor and actor start-up in both), "
+            + ", ".join(f"{a}: {fmt(median([x.get('first_augment_s', float('nan')) for x in res[a]]), 1)} s" for a in arms) + ". "
+            "Overlap in the streaming arm (stream logs; seconds after the first augment batch started, medians): first train batch at "
+            f"{fmt(median([x['train_first_s'] for x in tl]), 1)} s, last augment/filter batch ended at {fmt(median([x['stages_end_s'] for x in tl]), 1)} s, "
+            f"last train batch at {fmt(median([x['train_last_s'] for x in tl]), 1)} s; train batches taken before the stages finished: "
+            + ", ".join(f"{x['train_batches_before_stages_end']}/{x['train_batches']}" for x in tl)
+            + f"; overlap {fmt_list([x['overlap_s'] for x in tl])} s.",
+            "",
+        )
+    rep.table(["process (Ray session, sampled every second)", "pids", "CPUs allowed (all threads)"],
+              [[label, str(len(e["pids"])), ", ".join(sorted(e["cpus"]))] for label, e in sorted(seen.items())])  # fmt: skip
+    if not args.quick:  # --quick numbers mean little: not recorded
+        record("streaming_over_sequential_partitioned", median(ratios), "ratio", {
+            "per_repeat": ratios, "streaming_wall_s": [x["wall_s"] for x in st], "sequential_wall_s": [x["wall_s"] for x in seq],
+            "augment_filter_s": [x["augment_filter_s"] for x in seq], "train_s": [x["train_s"] for x in seq],
+            "streaming_train_s": [x["train_s"] for x in st], "bound": bound, "wall_bound": wall_bound,
+            "kd_step_s": {a: [x["kd_step_s"] for x in res[a]] for a in arms}, "driver_cpu_s": {a: [x["driver_cpu_s"] for x in res[a]] for a in arms},
+            "stages_cpu_s": {a: [x["stages_cpu_s"] for x in res[a]] for a in arms},
+            "overlap": [{k: x.get(k) for k in ("first_augment_s", "train_first_s", "stages_end_s", "train_last_s", "overlap_s")} for x in st],
+            "sequential_first_augment_s": [x.get("first_augment_s") for x in seq],
+            "overrides": [*PARTITIONED, *args.overrides], "cores": {"trainer": trainer_core, "stages": stage_core},
+            "affinity": {label: sorted(e["cpus"]) for label, e in seen.items()}, "repeats": args.repeats,
+        })  # fmt: skip
     return rep.emit()
 
 
@@ -642,7 +937,7 @@ def bench_memory(args) -> str:
         f"Peak resident set (Linux `VmHWM` / `ru_maxrss`) of the process that runs each stage, one torch thread; "
         f"synthesis round: {sc.init_batch_size} images x {sc.init_g_steps} generator steps with {cfg0.teacher.arch}; "
         f"pipeline: `run_ray` in dda mode over the {sc.init_rounds}x{sc.init_batch_size}-image bank (augment batch {a.batch_size}, "
-        f"{a.num_variations} variations, filter batch {a.batch_size * (a.num_variations + 1)}, KD batch {cfg0.distill.batch_size}). "
+        f"{a.num_variations} variations, filter batch {a.batch_size}, KD batch {cfg0.distill.batch_size}). "
         "The driver's peak is this benchmark process's (it also ran Ray's driver side and Ray Data's executor; "
         "in local mode, num_workers=0, the train loop runs in it). One run each.",
         "",
@@ -732,6 +1027,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dashboard", action="store_true", help="start the embedded Ray with its dashboard, as init_ray does (slow to start, and flaky, on a loaded 2-core machine; Train and Data do not need it)")
     p.add_argument("--ray-worker-niceness", type=int, default=0, help="nice level of Ray's worker processes (Ray's own default: 15)")
     p.add_argument("--ray-address", default=None, help="attach to this cluster instead of starting a local one")
+    p.add_argument("--partitioned", action="store_true", help="streaming: the trainer (this process) on one core, Ray's processes (augment and filter actors) on another, on the PARTITIONED workload; streaming and sequential arms only")
+    p.add_argument("--cores", type=int, nargs=2, default=[0, 1], metavar=("TRAINER", "STAGES"), help="--partitioned: the trainer's core and the stages' core")
     p.add_argument("overrides", nargs="*", help="section.field=value (applied after the small-budget defaults)")
     return p
 
@@ -740,6 +1037,12 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_intermixed_args(argv)
     if args.repeats < 1:
         raise SystemExit("--repeats must be >= 1")
+    if args.partitioned:
+        allowed = os.sched_getaffinity(0)
+        if args.benchmark != "streaming" or args.ray_address:
+            raise SystemExit("--partitioned: streaming with the embedded local Ray only")
+        if args.cores[0] == args.cores[1] or not set(args.cores) <= allowed:
+            raise SystemExit(f"--cores: two different cores of this process's {sorted(allowed)}")
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     todo = BENCHMARKS if args.benchmark == "all" else (args.benchmark,)
     if set(todo) - {"kd"}:

@@ -103,11 +103,14 @@ def build_dataset(cfg: Config, class_names: list[str] | None = None):
             batch_format="numpy",
         )
         if not res.fused_stages:
+            # One augment batch per filter call: the augment stage hands on one row per slot it got, so a
+            # filter batch of (k + 1) augment batches would hold the stream's first rows back until k + 1
+            # augment batches were done (and every later block as long).
             ds = ds.map_batches(
                 FilterStage,
                 fn_constructor_kwargs={"cfg_dict": cfg_dict},
                 compute=ActorPoolStrategy(size=res.filter_actors),
-                batch_size=cfg.augment.batch_size * (cfg.augment.num_variations + 1),
+                batch_size=cfg.augment.batch_size,
                 num_cpus=res.filter_cpus,
                 num_gpus=res.filter_gpus,
                 memory=stage_memory(cfg, "filter"),

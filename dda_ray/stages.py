@@ -300,7 +300,7 @@ class FusedStage:
     """Ray Data actor running :class:`AugmentStage` then :class:`FilterStage` in one process.
 
     Selected by ``resources.fused_stages`` (sized by the ``augment_*`` resources). One pool
-    instead of two: the unfiltered rows (``num_variations + 1`` times the input) never cross
+    instead of two: the unfiltered rows (rejected variations included) never cross
     the object store, but augmentation and filtering of consecutive batches no longer overlap
     on different actors, and both models share one actor's memory (and GPU). Output columns
     are :class:`FilterStage`'s.

@@ -100,3 +100,44 @@ def test_kd_roofline_benchmark_runs_every_arm_and_reports_the_ratio(perf, tmp_pa
         assert f"| {arm} |" in text
     assert "**roofline / project step:" in text and "rotation head every" in text
     assert not (tmp_path / "perf.jsonl").exists()  # --quick figures are not recorded
+
+
+def test_partitioned_streaming_options_and_workload(perf, tmp_path):
+    p = perf.build_parser()
+    smoke = str(ROOT / "configs/cifar10_cpu_smoke.yaml")
+    args = p.parse_intermixed_args(["streaming", "--partitioned", "--config", smoke, "--output-dir", str(tmp_path), "synthesis.init_rounds=2"])
+    assert args.partitioned and args.cores == [0, 1]
+    assert p.parse_intermixed_args(["streaming", "--partitioned", "--cores", "1", "0"]).cores == [1, 0]
+    cfg = perf.make_cfg(args)
+    assert cfg.augment.num_variations == 1 and cfg.resources.num_workers == 0 and cfg.run.stream_log
+    assert cfg.synthesis.init_rounds == 2  # command-line overrides win over the workload
+    plain = perf.make_cfg(p.parse_intermixed_args(["streaming", "--config", smoke, "--output-dir", str(tmp_path)]))
+    assert plain.augment.num_variations == 2 and plain.synthesis.bank_dir != cfg.synthesis.bank_dir
+    for bad in (["step", "--partitioned"], ["streaming", "--partitioned", "--cores", "0", "0"]):
+        with pytest.raises(SystemExit):
+            perf.main([*bad, "--output-dir", str(tmp_path)])  # refused before any bank is made
+
+
+def test_stream_timeline_measures_the_overlap_of_stages_and_training(perf, tmp_path):
+    d = tmp_path / "stream"
+    d.mkdir()
+    (d / "augment-1.jsonl").write_text("".join(json.dumps({"t0": t, "t1": t + 1.0, "parents": 4}) + "\n" for t in (100.0, 101.0, 102.0)))
+    (d / "filter-2.jsonl").write_text("".join(json.dumps({"t0": t + 1.0, "t1": t + 1.5, "variations": 4}) + "\n" for t in (100.0, 101.0, 102.0)))
+    (d / "train-rank0-epoch0.jsonl").write_text("".join(json.dumps({"t": t}) + "\n" for t in (102.0, 103.0, 104.0, 105.0)))
+    tl = perf.stream_timeline(tmp_path)
+    assert tl["augment_busy_s"] == pytest.approx(3.0) and tl["filter_busy_s"] == pytest.approx(1.5)
+    assert (tl["train_first_s"], tl["stages_end_s"], tl["train_last_s"]) == pytest.approx((2.0, 3.5, 5.0))
+    assert tl["train_batches_before_stages_end"] == 2 and tl["overlap_s"] == pytest.approx(1.5)
+    assert "first_augment_s" not in tl and perf.stream_timeline(tmp_path, start=97.5)["first_augment_s"] == pytest.approx(2.5)
+    assert perf.stream_timeline(tmp_path / "nothing") == {}
+
+
+def test_process_labels_affinity_and_cpu_time(perf):
+    assert perf.ray_process_label("ray::MapWorker(MapBatches(AugmentStage)).submit") == "MapWorker(MapBatches(AugmentStage))"
+    assert perf.ray_process_label("/venv/bin/python -u /venv/ray/_private/log_monitor.py --logs-dir=/tmp") == "log_monitor.py"
+    assert perf.ray_process_label("/venv/ray/core/src/ray/raylet/raylet --node-ip=1") == "raylet"
+    allowed = perf.os.sched_getaffinity(0)
+    perf.pin_process(allowed)  # every thread of this process, onto the cores it already has
+    cpus = perf.thread_affinities()
+    assert len(cpus) == 1 and cpus.pop() == perf.status_field("/proc/self/status", "Cpus_allowed_list")
+    assert perf.cpu_seconds() > 0

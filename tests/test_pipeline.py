@@ -227,6 +227,20 @@ def test_custom_resources_pin_each_stage_to_its_node_type(tmp_path, ray_cluster)
     assert all("resources" not in a for a in remote_args(build_dataset(plain)))
 
 
+def test_the_filter_takes_one_augment_batch_per_call(tmp_path, ray_cluster):
+    """The augment stage hands on one row per slot it got; a filter batch of one augment batch lets the
+    stream's first rows (and every later block) through as soon as one augment batch is done."""
+    from dda_ray.pipeline import build_dataset
+
+    cfg = load_config("configs/cifar10_cpu_smoke.yaml", [f"run.output_dir={tmp_path}", "augment.batch_size=24"])
+    op, sizes = build_dataset(cfg)._logical_plan.dag, []
+    while op is not None:
+        if hasattr(op, "batch_size"):
+            sizes.append(op.batch_size)
+        op = op.input_dependencies[0] if op.input_dependencies else None
+    assert sizes == [24, 24]  # filter, augment
+
+
 @pytest.mark.parametrize("method", ["cmi", "fast"])
 def test_both_engines_train_on_the_same_batches_and_adversarial_rounds_let_the_student_learn(tmp_path, cifar10_decoded, ray_cluster, method):
     """The shipped teacher, rounds with the student and the rotation-adversarial term on: the Ray
