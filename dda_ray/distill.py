@@ -287,8 +287,11 @@ def train_loop(
             bar = progress(total=cfg.steps_per_epoch, desc=desc)
         else:
             bar = tqdm(total=cfg.steps_per_epoch, desc=desc, disable=not progress, leave=False, mininterval=2)
+        first_batch = None  # seconds until the source's first batch arrived (stream start-up, actor start)
         with distiller.epoch_context():
             for images, labels in it:
+                if steps == 0:
+                    first_batch = time.perf_counter() - t1
                 losses = distiller.train_step(images, labels, generator)
                 if not math.isfinite(losses["loss"]):
                     raise FloatingPointError(
@@ -313,7 +316,9 @@ def train_loop(
         t_train = time.perf_counter() - t1
         lr = distiller.lr
         distiller.scheduler.step()
+        t2 = time.perf_counter()
         ev = evaluate_fn(distiller.student_module)
+        t_eval = time.perf_counter() - t2
         metrics = {
             "epoch": epoch + 1,
             "test_acc": ev["acc"],
@@ -324,6 +329,8 @@ def train_loop(
             "prepare_s": t_prep,
             "train_s": t_train,
             "train_img_per_s": rows / t_train if t_train > 0 else math.nan,
+            "first_batch_s": t_train if first_batch is None else first_batch,
+            "eval_s": t_eval,
             **{f"loss_{k}": v / counts[k] for k, v in sums.items()},
             **prep,
         }

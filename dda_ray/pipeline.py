@@ -223,11 +223,14 @@ def kd_progress(cfg: Config, rank: int):
 def train_worker(config: dict) -> None:
     """Ray Train worker: the run driver (:func:`dda_ray.driver.drive`) on the Ray Train engine."""
     from .driver import drive
+    from .runtime import mark
     from .tracking import Tracker
 
+    cfg = config_from_dict(config["cfg"])
     engine = RayTrainEngine(config.get("bank_s"))
+    mark(cfg.run_dir, "worker_start", rank=engine.rank)
     tracker = Tracker(**config["mlflow"]) if engine.rank == 0 and config.get("mlflow") else None
-    drive(config_from_dict(config["cfg"]), engine, tracker)
+    drive(cfg, engine, tracker)
 
 
 def uneven_data_config(execution_options=None):
@@ -327,6 +330,7 @@ def run_ray(cfg: Config, tracker=None, callbacks: list | None = None) -> dict:
     from ray.train.torch import TorchTrainer
 
     from .checkpoint import read_meta
+    from .runtime import mark
     from .sources import run_synthesizer
 
     cfg = cfg.with_absolute_paths()
@@ -337,6 +341,7 @@ def run_ray(cfg: Config, tracker=None, callbacks: list | None = None) -> dict:
         from .data import load_data
 
         load_data(cfg.data, progress=True)
+        mark(cfg.run_dir, "data_checked")
     init_ray(cfg)
     res = cfg.resources
     run_dir = cfg.run_dir
@@ -346,6 +351,7 @@ def run_ray(cfg: Config, tracker=None, callbacks: list | None = None) -> dict:
         run_synthesizer(cfg)  # the initial bank, here (or in Ray tasks: resources.synthesis_tasks)
         bank_s = time.perf_counter() - t0
         class_names = (read_meta(cfg.teacher.checkpoint) or {}).get("classes")  # sd_img2img prompts
+        mark(run_dir, "bank_checked")
     ds = build_dataset(cfg, class_names)
     cfg_dict = cfg.to_dict()
     trainer = TorchTrainer(
@@ -363,7 +369,9 @@ def run_ray(cfg: Config, tracker=None, callbacks: list | None = None) -> dict:
         datasets={"train": ds},
         dataset_config=uneven_data_config(),
     )
+    mark(run_dir, "fit_start")
     result = trainer.fit()
+    mark(run_dir, "fit_end")
     metrics_file = run_dir / "metrics.json"
     final = json.loads(metrics_file.read_text()) if metrics_file.exists() else dict(result.metrics or {})
     return final
