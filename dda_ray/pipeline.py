@@ -175,7 +175,11 @@ class RayTrainEngine(Engine):
         cfg = run.cfg
         n = len(run.data.train)  # real_kd: the pool is data.train_subset rows of it (the stream reads them itself)
         real_rows = (n if cfg.data.train_subset is None else min(n, cfg.data.train_subset)) if cfg.run.mode == "real_kd" else None
-        return RaySource(cfg, run.synthesizer, self.rank, self.world_size, run.next_round, real_rows)
+        return RaySource(cfg, run.synthesizer, self.rank, self.world_size, run.next_round, real_rows, shard=self.shard())
+
+    def shard(self):
+        """Where this engine's rows come from: None, the worker's Ray Train dataset shard."""
+        return None
 
     def report(self, metrics: dict, epoch: int, save_state) -> None:
         import tempfile

@@ -340,11 +340,12 @@ class RaySource:
     """A Ray Train worker's rows: its Ray Data shard of the stream :func:`dda_ray.pipeline.build_dataset`
     builds, in the pool's slot order; rank 0 makes the rounds with the student between epochs."""
 
-    def __init__(self, cfg: Config, synthesizer: Synthesizer | None, rank: int, world_size: int, next_round: int | None = None, real_rows: int | None = None):
+    def __init__(self, cfg: Config, synthesizer: Synthesizer | None, rank: int, world_size: int, next_round: int | None = None, real_rows: int | None = None, shard=None):
         import ray.train
 
         self.cfg, self.rank, self.world_size, self.real_rows = cfg, rank, world_size, real_rows
-        self.shard = ray.train.get_dataset_shard("train")
+        # this Train worker's shard; or the whole stream when the loop runs outside Ray Train (a Tune trial's own process)
+        self.shard = ray.train.get_dataset_shard("train") if shard is None else shard
         if next_round is None:
             next_round = cfg.synthesis.init_rounds + len(bank_files(cfg.run_dir / "rounds"))
         # rank 0 makes and writes the rounds; other ranks only keep the round count in step
