@@ -245,6 +245,8 @@ class AugmentStage:
             result["parent_image"] = encode_image_column(images)
         if "teacher_embedding" in batch:  # the parent's embedding: the filter's reference
             result["parent_embedding"] = stack_vector_column(batch["teacher_embedding"])
+        if "pass" in batch:  # which pass over the pool the slot belongs to (the trainer's batches end with each pass)
+            result["pass"] = np.asarray(batch["pass"], dtype=np.int64)
         # Logged when computed, not when delivered: a batch re-run after its actor died is logged
         # twice here (kept/rejected counts come from the filter's log, which sees it once).
         append_jsonl(self.log, {"t0": t0, "t1": time.time(), "parents": len(first), "variations": len(wanted), "cache_hits": len(first) - len(miss)})
@@ -318,7 +320,7 @@ class FilterStage:
             self.log,
             {"t0": t0, "t1": time.time(), "variations": report.n_variations, "kept": report.n_kept, "rejected": report.n_variations - report.n_kept, "hist": report.to_dict().get("hist")},
         )
-        return {c: np.asarray(out[c])[kept] for c in ("id", "parent_id", "image", "label", "variation", "score")}
+        return {c: np.asarray(out[c])[kept] for c in ("id", "parent_id", "image", "label", "variation", "score", "pass") if c in out}
 
 
 class FusedStage:
