@@ -135,6 +135,10 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
         extra_tags={"tune.trial_id": trial_id, "tune.search": setup.search_name},
     )
     mark(cfg.run_dir, "tracker_started")
+    if not cfg.run.verbose:  # the trial's stream: no Ray Data bars beside the KD bar, as init_ray does in a driver
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
     try:
         if cfg.tune.trains_in_trial(cfg):
             train_in_trial(cfg, tracker)

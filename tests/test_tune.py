@@ -344,8 +344,6 @@ def test_a_trial_trains_in_its_own_process_as_it_would_in_a_torch_trainer(tmp_pa
     from dda_ray.runtime import read_jsonl
     from dda_ray.tune import tune_search
 
-    from .test_reliability import comparable
-
     point = {"augment.strength": {"choice": [0.4]}, "augment.guidance": {"choice": [3.0]}, "filter.threshold": {"choice": [0.5]}}
     runs = {}
     for where in ("trial", "ray_train"):
@@ -362,4 +360,6 @@ def test_a_trial_trains_in_its_own_process_as_it_would_in_a_torch_trainer(tmp_pa
     assert "worker_start" in trainer_events and "worker_start" not in trial_events
     assert not (trial_dir / "ray").exists()  # no Ray Train run storage: nothing of Train was started
     assert {"teacher_loaded", "source_ready", "epoch_reported", "trial_end"} <= trial_events
-    assert [comparable(m) for m in in_trial] == [comparable(m) for m in trainer]
+    # what trained is identical; the stages' totals also count the rows the stream ran ahead of the loop (timing)
+    trained = ("epoch", "test_acc", "test_loss", "steps", "rows", "lr", "next_round", "loss_loss", "loss_kd", "loss_ce", "loss_fea", "loss_rot")
+    assert [{k: m.get(k) for k in trained} for m in in_trial] == [{k: m.get(k) for k in trained} for m in trainer]
