@@ -72,6 +72,11 @@ class Config:
             getattr(self, f.name).validate(f.name)
         if self.distill.extra_banks and self.run.mode == "real_kd":
             raise ConfigError("distill.extra_banks adds rows to the synthetic pool; run.mode = 'real_kd' trains on the real split only (use inversion or dda)")
+        if self.tune.train_in == "trial" and self.resources.num_workers > 1:
+            raise ConfigError(
+                f"tune.train_in = 'trial' runs each trial's KD loop in the trial's own process (one worker), but resources.num_workers = "
+                f"{self.resources.num_workers}; set tune.train_in=ray_train (or auto) for a TorchTrainer with that many workers per trial"
+            )
         if check_space:
             self.tune.check_space(self)
         return self

@@ -364,7 +364,7 @@ def train_loop(
             bar = progress(total=cfg.steps_per_epoch, desc=desc)
         else:
             bar = tqdm(total=cfg.steps_per_epoch, desc=desc, disable=not progress, leave=False, mininterval=2)
-        wait, first = 0.0, 0.0  # seconds blocked on the source: for the first batch (the stream's start), for the others
+        wait, first = 0.0, None  # seconds blocked on the source: for the first batch (the stream's start-up, actor start), for the others
         batches = iter(it)
         with distiller.epoch_context():
             while True:
@@ -397,7 +397,9 @@ def train_loop(
         t_train = time.perf_counter() - t1
         lr = distiller.lr
         distiller.scheduler.step()
+        t2 = time.perf_counter()
         ev = evaluate_fn(distiller.student_module)
+        t_eval = time.perf_counter() - t2
         metrics = {
             "epoch": epoch + 1,
             "test_acc": ev["acc"],
@@ -408,8 +410,9 @@ def train_loop(
             "prepare_s": t_prep,
             "train_s": t_train,
             "train_img_per_s": rows / t_train if t_train > 0 else math.nan,
-            "first_batch_s": first,
+            "first_batch_s": t_train if first is None else first,
             "data_wait_s": wait,
+            "eval_s": t_eval,
             **{f"loss_{k}": v / counts[k] for k, v in sums.items()},
             **prep,
         }

@@ -100,17 +100,20 @@ def drive(cfg: Config, engine: Engine, tracker=None) -> dict:
     from .data import load_data
     from .evaluation import evaluate
     from .models import build_model
-    from .runtime import append_jsonl, rewind_run, seed_everything, set_threads, write_text_atomic
+    from .runtime import append_jsonl, mark, rewind_run, seed_everything, set_threads, write_text_atomic
     from .sources import resume_extra, run_synthesizer
 
     lead, progress = engine.rank == 0, engine.progress
     log = (lambda s: print(s, flush=True)) if lead else (lambda s: None)
+    step = (lambda event, **kw: mark(cfg.run_dir, event, **kw)) if lead else (lambda event, **kw: None)  # the timeline
     set_threads(cfg.resources.torch_threads)
     gen = seed_everything(cfg.run.seed + engine.rank)
     device = engine.device(cfg)
     teacher, normalize, meta = load_teacher(cfg)
+    step("teacher_loaded")
     data = load_data(cfg.data, progress)
     test = data.test.subset(cfg.data.eval_subset, cfg.run.seed)
+    step("data_loaded")
     student = build_model(cfg.student.arch, cfg.data.num_classes)
     distiller = Distiller(student, teacher, normalize, cfg.data.num_classes, cfg.distill, cfg.synthesis.rotation_lr, device, wrap=engine.wrap(), rotation_every=rotation_every(cfg), rotation_views=cfg.synthesis.rotation_views)
 
@@ -140,6 +143,7 @@ def drive(cfg: Config, engine: Engine, tracker=None) -> dict:
         if "synthesizer" in extra:  # resuming: the chain as it was after the last checkpoint's rounds
             synthesizer.load_state_dict(extra["synthesizer"])
     source = engine.source(RunParts(cfg, teacher, normalize, meta or {}, data, device, distiller, synthesizer, next_round, progress))
+    step("source_ready")
     del data  # the source keeps what it trains on (real_kd: the train split); the rest is freed
     if start_epoch:  # setting up drew from the global RNG: continue from the checkpoint's draws
         set_global_rng_state(rng[0])
@@ -153,6 +157,7 @@ def drive(cfg: Config, engine: Engine, tracker=None) -> dict:
                 tracker.log_metrics(metrics, step=epoch + 1)
             save_training_state(state_file, distiller, epoch + 1, extra, gen)
         engine.report(metrics, epoch, lambda path: save_training_state(path, distiller, epoch + 1, extra, gen))
+        step("epoch_reported", epoch=epoch + 1)
 
     t0 = time.perf_counter()
     metrics = train_loop(distiller, source, lambda m: evaluate(m, test, normalize, device=device), report, start_epoch, gen, engine.kd_bar(cfg), log)
@@ -162,6 +167,7 @@ def drive(cfg: Config, engine: Engine, tracker=None) -> dict:
         write_text_atomic(cfg.run_dir / "metrics.json", json.dumps(final, indent=2))
         mean, std = normalize.mean.flatten().tolist(), normalize.std.flatten().tolist()
         save_classifier(distiller.student_module, cfg.run_dir / "student", arch=cfg.student.arch, num_classes=cfg.data.num_classes, mean=mean, std=std, accuracy=metrics.get("test_acc"), mode=cfg.run.mode)
+        step("final_saved")
     return final
 
 

@@ -178,7 +178,11 @@ class RayTrainEngine(Engine):
         cfg = run.cfg
         n = len(run.data.train)  # real_kd: the pool is data.train_subset rows of it (the stream reads them itself)
         real_rows = (n if cfg.data.train_subset is None else min(n, cfg.data.train_subset)) if cfg.run.mode == "real_kd" else None
-        return RaySource(cfg, run.synthesizer, self.rank, self.world_size, run.next_round, real_rows)
+        return RaySource(cfg, run.synthesizer, self.rank, self.world_size, run.next_round, real_rows, shard=self.shard())
+
+    def shard(self):
+        """Where this engine's rows come from: None, the worker's Ray Train dataset shard."""
+        return None
 
     def report(self, metrics: dict, epoch: int, save_state) -> None:
         import tempfile
@@ -226,11 +230,14 @@ def kd_progress(cfg: Config, rank: int):
 def train_worker(config: dict) -> None:
     """Ray Train worker: the run driver (:func:`dda_ray.driver.drive`) on the Ray Train engine."""
     from .driver import drive
+    from .runtime import mark
     from .tracking import Tracker
 
+    cfg = config_from_dict(config["cfg"])
     engine = RayTrainEngine(config.get("bank_s"))
+    mark(cfg.run_dir, "worker_start", rank=engine.rank)
     tracker = Tracker(**config["mlflow"]) if engine.rank == 0 and config.get("mlflow") else None
-    drive(config_from_dict(config["cfg"]), engine, tracker)
+    drive(cfg, engine, tracker)
 
 
 def uneven_data_config(execution_options=None):
@@ -330,6 +337,7 @@ def run_ray(cfg: Config, tracker=None, callbacks: list | None = None) -> dict:
     from ray.train.torch import TorchTrainer
 
     from .checkpoint import read_meta
+    from .runtime import mark
     from .sources import run_synthesizer
 
     cfg = cfg.with_absolute_paths()
@@ -340,6 +348,7 @@ def run_ray(cfg: Config, tracker=None, callbacks: list | None = None) -> dict:
         from .data import load_data
 
         load_data(cfg.data, progress=True)
+        mark(cfg.run_dir, "data_checked")
     init_ray(cfg)
     res = cfg.resources
     run_dir = cfg.run_dir
@@ -349,6 +358,7 @@ def run_ray(cfg: Config, tracker=None, callbacks: list | None = None) -> dict:
         run_synthesizer(cfg)  # the initial bank, here (or in Ray tasks: resources.synthesis_tasks)
         bank_s = time.perf_counter() - t0
         class_names = (read_meta(cfg.teacher.checkpoint) or {}).get("classes")  # sd_img2img prompts
+        mark(run_dir, "bank_checked")
     ds = build_dataset(cfg, class_names)
     cfg_dict = cfg.to_dict()
     trainer = TorchTrainer(
@@ -366,7 +376,9 @@ def run_ray(cfg: Config, tracker=None, callbacks: list | None = None) -> dict:
         datasets={"train": ds},
         dataset_config=uneven_data_config(),
     )
+    mark(run_dir, "fit_start")
     result = trainer.fit()
+    mark(run_dir, "fit_end")
     metrics_file = run_dir / "metrics.json"
     final = json.loads(metrics_file.read_text()) if metrics_file.exists() else dict(result.metrics or {})
     return final

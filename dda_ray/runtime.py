@@ -171,6 +171,21 @@ def append_jsonl(path: str | Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+def mark(run_dir: str | Path, event: str, **fields) -> None:
+    """One line in ``<run_dir>/timeline.jsonl``: ``event`` happened now (wall clock, pid, ``fields``).
+
+    The run's phases across its processes (trial, Train worker, augment/filter actors: set-up,
+    model loads, epochs), so where a run's time goes can be read back afterwards
+    (``benchmarks/tune_warm_cold.py`` does). Never fails the run."""
+    import time
+
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        append_jsonl(Path(run_dir) / "timeline.jsonl", {"event": event, "t": time.time(), "pid": os.getpid(), **fields})
+    except OSError:
+        pass
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():

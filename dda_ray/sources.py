@@ -340,11 +340,12 @@ class RaySource:
     """A Ray Train worker's rows: its Ray Data shard of the stream :func:`dda_ray.pipeline.build_dataset`
     builds, in the pool's slot order; rank 0 makes the rounds with the student between epochs."""
 
-    def __init__(self, cfg: Config, synthesizer: Synthesizer | None, rank: int, world_size: int, next_round: int | None = None, real_rows: int | None = None):
+    def __init__(self, cfg: Config, synthesizer: Synthesizer | None, rank: int, world_size: int, next_round: int | None = None, real_rows: int | None = None, shard=None):
         import ray.train
 
         self.cfg, self.rank, self.world_size, self.real_rows = cfg, rank, world_size, real_rows
-        self.shard = ray.train.get_dataset_shard("train")
+        # this Train worker's shard; or the whole stream when the loop runs outside Ray Train (a Tune trial's own process)
+        self.shard = ray.train.get_dataset_shard("train") if shard is None else shard
         if next_round is None:
             next_round = cfg.synthesis.init_rounds + len(bank_files(cfg.run_dir / "rounds"))
         # rank 0 makes and writes the rounds; other ranks only keep the round count in step
@@ -353,6 +354,11 @@ class RaySource:
         self.log_dir = cfg.run_dir / "stream" if cfg.run.stream_log else None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.pass_batches = None  # batches in the last whole pass this worker saw: sizes the next execution
+
+    def _passes(self, batches_left: int | None) -> int:
+        """Passes the next execution streams: enough for ``batches_left`` at the last whole pass's size."""
+        return 1 if batches_left is None or not self.pass_batches else max(1, -(-batches_left // self.pass_batches))
 
     def _barrier(self) -> None:
         if self.world_size > 1 and torch.distributed.is_initialized():
@@ -364,7 +370,7 @@ class RaySource:
         self.epoch_started = time.time()
         _, synthesis_s = _timed_rounds(self.rounds, distiller)
         if self.rank == 0:
-            write_epoch_order(self.cfg.run_dir, epoch, 0)
+            write_epoch_order(self.cfg.run_dir, epoch, 0, self._passes(self.cfg.distill.steps_per_epoch))
         self._barrier()  # every rank's stream starts after the round is on disk and the order is set
         return {"synthesis_s": synthesis_s, **({"next_round": self.rounds.next_round} if self.rounds is not None else {})}
 
@@ -388,25 +394,36 @@ class RaySource:
 
     def batches(self, epoch: int):
         """This worker's rows in the pool's slot order; with ``steps_per_epoch`` set, passes repeat
-        until the loop stops (each pass re-executes the stream in a fresh order: re-lists the bank,
-        reads cached variations). With several workers a pass after the first may start before
-        rank 0 has set its order; it then repeats the previous pass's order (still a uniform shuffle)."""
-        from .data.pool_source import write_epoch_order
+        until the loop stops, each in a fresh order. An execution of the stream (re-lists the bank,
+        reads cached variations, starts the actor pools) streams as many passes as the steps left
+        need at the last whole pass's size (one while that is unknown); batches end with each pass
+        all the same (:func:`~dda_ray.data.pool_source.per_pass`). With several workers an execution
+        after the first may start before rank 0 has set its order; it then repeats the previous one's."""
+        from .data.pool_source import per_pass, write_epoch_order
         from .pipeline import BankCollate
         from .runtime import append_jsonl
 
         log = self.log_dir / f"train-rank{self.rank}-epoch{epoch}.jsonl" if self.log_dir else None
-        collate = BankCollate(self.shape)
-        passes = 0
+        collate, size, steps = BankCollate(self.shape), self.cfg.distill.batch_size, self.cfg.distill.steps_per_epoch
+        first, done = 0, 0
         while True:
-            if passes and self.rank == 0:  # pass 0's order was set in prepare_epoch
-                write_epoch_order(self.cfg.run_dir, epoch, passes)
-            for b in self.shard.iter_torch_batches(batch_size=self.cfg.distill.batch_size, collate_fn=collate, prefetch_batches=1):
+            if first and self.rank == 0:  # the first execution's order was set in prepare_epoch
+                write_epoch_order(self.cfg.run_dir, epoch, first, self._passes(None if steps is None else steps - done))
+            counts: dict[int, int] = {}  # batches per pass of this execution
+            for batch in per_pass(self.shard.iter_batches(batch_size=size, batch_format="numpy", prefetch_batches=1), size):
+                p = int(batch["pass"][0])
+                if counts and p not in counts:
+                    self.pass_batches = counts[max(counts)]  # the pass before ended whole
+                counts[p] = counts.get(p, 0) + 1
+                b = collate(batch)
                 if log is not None:
-                    append_jsonl(log, {"t": time.time(), "pid": os.getpid(), "rows": len(b["ids"]), "ids": b["ids"], "pass": passes})
+                    append_jsonl(log, {"t": time.time(), "pid": os.getpid(), "rows": len(b["ids"]), "ids": b["ids"], "pass": p})
+                done += 1
                 yield b["image"], b["label"]
-            passes += 1
-            if self.cfg.distill.steps_per_epoch is None:
+            if counts:  # the execution ran to its end: its last pass was whole too
+                self.pass_batches = counts[max(counts)]
+            first = max(counts) + 1 if counts else first + 1
+            if steps is None:
                 return
 
 

@@ -9,7 +9,8 @@ steps, number of variations, seed and image size (and, for ``sd_image_variations
 tag for its stock-pipeline semantics). The pixel hash matters because ids repeat
 across runs sharing the cache: rounds with the student are numbered alike in every run, but each
 run's student makes different images.
-A hit skips diffusion; a miss is computed and written atomically. So:
+A hit skips diffusion; a miss is computed and written atomically; the diffusion pipeline is loaded
+at the stage's first miss (an actor whose parents are all cached never imports diffusers). So:
 
 * later epochs only diffuse images they have not seen (the new round's),
 * Tune trials that share (strength, guidance, model, seed) share the work,
@@ -148,21 +149,43 @@ class AugmentStage:
     """
 
     def __init__(self, cfg_dict: dict, class_names: list[str] | None = None):
-        from .augment import Augmenter
-        from .runtime import set_threads
+        from .runtime import mark, set_threads
 
         self.cfg = config_from_dict(cfg_dict)
+        mark(self.cfg.run_dir, "augment_init")
         set_threads(self.cfg.resources.torch_threads)
-        if not self.cfg.run.verbose:
-            from diffusers.utils import logging as diffusers_logging
-
-            diffusers_logging.disable_progress_bar()  # "Loading pipeline components" in every actor
-        device = stage_device(self.cfg.augment.device, self.cfg.resources.augment_gpus, _ray_gpu_ids())
-        self.augmenter = Augmenter(dataclasses.replace(self.cfg.augment, device=str(device)), class_names)
+        self.class_names = class_names
+        self._augmenter = None  # loaded at the first cache miss: see `augmenter`
         self.cache = augment_cache_dir(self.cfg)
         self.cache.mkdir(parents=True, exist_ok=True)
         self.log = _stream_log(self.cfg, "augment")
         self.totals = {"parents": 0, "cache_hits": 0}  # over this actor's life (the local engine reads them)
+        mark(self.cfg.run_dir, "augment_ready")
+
+    @property
+    def augmenter(self):
+        """The :class:`~dda_ray.augment.Augmenter`, built on first use (the first cache miss): an actor
+        whose parents are all in the cache (a Tune trial with seen (strength, guidance), a later pass
+        over the stream) never imports diffusers nor loads the pipeline. (A bad ``augment.model`` is
+        caught before the run by the jobs' preflight; here it fails the first batch that needs it.)"""
+        if self._augmenter is None:
+            from .augment import Augmenter
+            from .runtime import mark
+
+            mark(self.cfg.run_dir, "prior_load_start")
+            if not self.cfg.run.verbose:
+                from diffusers.utils import logging as diffusers_logging
+
+                diffusers_logging.disable_progress_bar()  # "Loading pipeline components" in every actor
+            device = stage_device(self.cfg.augment.device, self.cfg.resources.augment_gpus, _ray_gpu_ids())
+            self._augmenter = Augmenter(dataclasses.replace(self.cfg.augment, device=str(device)), self.class_names)
+            mark(self.cfg.run_dir, "prior_loaded")
+        return self._augmenter
+
+    @property
+    def loaded(self) -> bool:
+        """Whether this stage has loaded its diffusion pipeline (only a cache miss does)."""
+        return self._augmenter is not None
 
     def _entry(self, pid: str, image: np.ndarray) -> str:
         # Ids repeat across runs and trials sharing the cache (a round with the student is numbered
@@ -222,6 +245,8 @@ class AugmentStage:
             result["parent_image"] = encode_image_column(images)
         if "teacher_embedding" in batch:  # the parent's embedding: the filter's reference
             result["parent_embedding"] = stack_vector_column(batch["teacher_embedding"])
+        if "pass" in batch:  # which pass over the pool the slot belongs to (the trainer's batches end with each pass)
+            result["pass"] = np.asarray(batch["pass"], dtype=np.int64)
         # Logged when computed, not when delivered: a batch re-run after its actor died is logged
         # twice here (kept/rejected counts come from the filter's log, which sees it once).
         append_jsonl(self.log, {"t0": t0, "t1": time.time(), "parents": len(first), "variations": len(wanted), "cache_hits": len(first) - len(miss)})
@@ -259,9 +284,10 @@ class FilterStage:
     def __init__(self, cfg_dict: dict):
         from .checkpoint import load_teacher
         from .filter import CosineFilter
-        from .runtime import set_threads
+        from .runtime import mark, set_threads
 
         self.cfg = config_from_dict(cfg_dict)
+        mark(self.cfg.run_dir, "filter_init")
         set_threads(self.cfg.resources.torch_threads)
         teacher, normalize, _ = load_teacher(self.cfg)
         res = self.cfg.resources
@@ -271,6 +297,7 @@ class FilterStage:
         self.filter = CosineFilter(self.cfg.filter, teacher, normalize, device=device, image_shape=_image_shape(self.cfg))
         self.log = _stream_log(self.cfg, "filter")
         self.grids_left = self.cfg.filter.grid_batches  # per actor; pools are rebuilt every epoch
+        mark(self.cfg.run_dir, "filter_ready")
 
     def __call__(self, batch: dict) -> dict:
         import warnings
@@ -293,7 +320,7 @@ class FilterStage:
             self.log,
             {"t0": t0, "t1": time.time(), "variations": report.n_variations, "kept": report.n_kept, "rejected": report.n_variations - report.n_kept, "hist": report.to_dict().get("hist")},
         )
-        return {c: np.asarray(out[c])[kept] for c in ("id", "parent_id", "image", "label", "variation", "score")}
+        return {c: np.asarray(out[c])[kept] for c in ("id", "parent_id", "image", "label", "variation", "score", "pass") if c in out}
 
 
 class FusedStage:

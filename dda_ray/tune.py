@@ -2,11 +2,12 @@
 
 ::
 
-    driver: cfg.tune (validated with the config) -> MLflow parent run -> initial bank ONCE (shared synthesis.bank_dir)
-        -> Tuner(function trainable, ASHA on per-epoch test_acc, Optuna or random search)
+    driver: cfg.tune (validated with the config) -> MLflow parent run -> data decoded and initial bank made ONCE
+            (shared synthesis.bank_dir) -> Tuner(function trainable, ASHA on per-epoch test_acc, Optuna or random search)
             trial: cfg + sampled values, run.name=<name>-<trial id>, same output_dir
-                -> MLflow child run (tag mlflow.parentRunId) -> pipeline.run_ray(...,
-                   callbacks=[TuneReportCallback()]) : TorchTrainer.fit() reports every epoch to Tune
+                -> MLflow child run (tag mlflow.parentRunId) -> the trial's Ray Data stream, then
+                   tune.train_in=trial (one worker): driver.drive in the trial's own process, ray.tune.report per epoch
+                   tune.train_in=ray_train: pipeline.run_ray(..., callbacks=[TuneReportCallback()]): TorchTrainer.fit()
         -> best trial -> <output_dir>/<name>/best.yaml (ready for jobs/distill.py)
 
 The search space and settings are the config's ``tune`` section (:mod:`dda_ray.tune_space`); one
@@ -14,13 +15,14 @@ trial, its resources, searcher and scheduler are in :mod:`dda_ray.tune_trial`; t
 ``best.yaml`` and the MLflow parent/child bookkeeping in :mod:`dda_ray.tune_results`.
 
 Train V2's local mode (``num_workers=0``) runs no callbacks and refuses ``ray.train.get_context()``
-inside a Tune session, so trials always run at least one Train worker (``num_workers=0`` is promoted to 1).
+inside a Tune session, so trials always run at least one worker (``num_workers=0`` is promoted to 1); with
+one worker (``tune.train_in: auto``) that worker is the trial's own process, not a Ray Train worker.
 
 Shared work between trials: the initial bank is synthesised once by the driver into a shared
 ``synthesis.bank_dir``; diffusion variations are cached under ``augment.cache_dir`` keyed by
 (image id, backend, model, strength, guidance, steps, variations, seed) — a trial whose
-(strength, guidance) was seen before reads the bank's variations from disk; the filter
-threshold is applied on the fly, so it costs nothing to vary.
+(strength, guidance) was seen before reads the bank's variations from disk (and its augment actors
+never load the diffusion model); the filter threshold is applied on the fly, so it costs nothing to vary.
 """
 
 from __future__ import annotations
@@ -41,7 +43,16 @@ from .tune_results import (
     write_best_yaml,
 )
 from .tune_space import Domain, TuneConfig
-from .tune_trial import FinalEpochASHA, TrialSetup, make_searcher, max_concurrent_trials, run_trial, trial_demand, trial_dirname
+from .tune_trial import (
+    FinalEpochASHA,
+    TrialSetup,
+    make_searcher,
+    max_concurrent_trials,
+    run_trial,
+    trial_demand,
+    trial_dirname,
+    trial_resources,
+)
 
 
 def search_config(cfg: Config, uri: str | None) -> Config:
@@ -53,7 +64,7 @@ def search_config(cfg: Config, uri: str | None) -> Config:
         base.augment.cache_dir = str(Path(base.augment.cache_dir).expanduser().resolve())
     if base.resources.num_workers == 0:
         # Train V2's local mode runs no Train callbacks and refuses get_context() in a Tune session.
-        print("note: resources.num_workers=0 (local mode) cannot report to Tune; trials run 1 Train worker", flush=True)
+        print("note: resources.num_workers=0 (local mode) cannot report to Tune; trials train with 1 worker", flush=True)
         base.resources.num_workers = 1
     base.run.resume = False
     if uri is None:
@@ -79,7 +90,7 @@ def tune_search(cfg: Config) -> dict:
     from ray import tune
 
     from .pipeline import init_ray
-    from .runtime import check_ray_address, prepare_run_dir
+    from .runtime import check_ray_address, mark, prepare_run_dir
     from .tracking import Tracker, check_reachable, tracking_uri
 
     spec = cfg.validate().tune  # a config changed in code is checked again here
@@ -93,6 +104,9 @@ def tune_search(cfg: Config) -> dict:
         base = search_config(cfg, parent.uri if parent.enabled else None)
         run_dir = Path(base.run.output_dir) / base.run.name
         run_dir.mkdir(parents=True, exist_ok=True)
+        from .data import load_data
+
+        load_data(base.data, progress=True)  # decoded (and its cache written) once, before trials read it at once
         bank_s = build_shared_bank(base)
         print(f"initial bank: {base.synthesis.bank_dir} ({bank_s:.1f} s, shared by every trial)", flush=True)
         init_ray(base)
@@ -101,7 +115,8 @@ def tune_search(cfg: Config) -> dict:
         cluster = ray.cluster_resources()
         concurrent = max_concurrent_trials(base, spec.trial_cpus, cluster, spec.num_samples)
         need = trial_demand(base, spec.trial_cpus)
-        print(f"tune: {spec.num_samples} trial(s), {concurrent} at a time (one trial holds ~{need['CPU']:g} CPU, {need['GPU']:g} GPU; cluster {cluster.get('CPU', 0):g} CPU, {cluster.get('GPU', 0):g} GPU)", flush=True)
+        where = "in the trial's own process" if spec.trains_in_trial(base) else f"in a TorchTrainer of {base.resources.num_workers} worker(s)"
+        print(f"tune: {spec.num_samples} trial(s), {concurrent} at a time, each training {where} (one trial holds ~{need['CPU']:g} CPU, {need['GPU']:g} GPU; cluster {cluster.get('CPU', 0):g} CPU, {cluster.get('GPU', 0):g} GPU)", flush=True)
         parent.log_params({"tune.max_concurrent_trials": concurrent, "tune.initial_bank_s": f"{bank_s:.1f}"})
 
         scheduler = None
@@ -109,7 +124,9 @@ def tune_search(cfg: Config) -> dict:
             scheduler = FinalEpochASHA(time_attr="epoch", max_t=base.distill.epochs, grace_period=spec.grace_period, reduction_factor=spec.reduction_factor, stop_last_trials=False)
         search_alg, limit = make_searcher(spec.searcher, base.run.seed if spec.seed is None else spec.seed, concurrent)
         setup = TrialSetup(base=base.to_dict(), search_name=base.run.name, parent_run_id=parent.run_id)
-        trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": spec.trial_cpus})
+        trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), trial_resources(base, spec.trial_cpus))
+        # a trial that trains in its own process is retried like a Train worker (from its run dir's state.pt)
+        retries = base.resources.max_failures if spec.trains_in_trial(base) else 0
         tuner = tune.Tuner(
             trainable,
             param_space=spec.param_space(),
@@ -122,10 +139,12 @@ def tune_search(cfg: Config) -> dict:
                 max_concurrent_trials=limit,
                 trial_dirname_creator=trial_dirname,
             ),
-            run_config=tune.RunConfig(name="search", storage_path=str(run_dir / "tune"), failure_config=tune.FailureConfig(max_failures=0), verbose=1),
+            run_config=tune.RunConfig(name="search", storage_path=str(run_dir / "tune"), failure_config=tune.FailureConfig(max_failures=retries), verbose=1),
         )
         t0 = time.perf_counter()
+        mark(run_dir, "tuner_fit_start")
         results = tuner.fit()
+        mark(run_dir, "tuner_fit_end")
         search_s = time.perf_counter() - t0
 
         rows = trial_rows(results, spec, base.run.name, base.distill.epochs)

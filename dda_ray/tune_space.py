@@ -31,6 +31,7 @@ DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice")
 SEARCHERS = ("optuna", "random")
 SCHEDULERS = ("asha", "fifo")
 METRICS = ("test_acc", "test_loss")
+TRAIN_IN = ("auto", "trial", "ray_train")
 TUNABLE_SECTIONS = ("student", "synthesis", "augment", "filter", "distill")
 DEFAULT_SPACE = {
     "augment.strength": {"uniform": [0.1, 0.6]},
@@ -124,8 +125,12 @@ class TuneConfig:
     scheduler: str = "asha"  # asha | fifo
     grace_period: int = 1  # ASHA: epochs every trial runs before it may be stopped
     reduction_factor: float = 2.0  # ASHA: keep the top 1/reduction_factor at each rung
-    trial_cpus: float = 0.25  # CPU of the trial function itself (Train workers and data actors come on top)
+    trial_cpus: float = 0.25  # CPU of the trial function itself (its worker's cpus_per_worker and the data actors come on top)
     seed: int | None = None  # searcher seed (None: run.seed)
+    # where a trial's KD loop runs: trial (in the trial's own process: no Ray Train controller and worker to
+    # start per trial; one worker), ray_train (a TorchTrainer per trial, resources.num_workers workers),
+    # auto (trial when resources.num_workers <= 1, else ray_train)
+    train_in: str = "auto"
 
     def validate(self, p: str) -> None:
         space_meaning = "a non-empty mapping of 'section.field: {distribution: args}'"
@@ -140,6 +145,11 @@ class TuneConfig:
         _check(self.grace_period >= 1, f"{p}.grace_period", self.grace_period, "an integer >= 1 (epochs)")
         _check(self.reduction_factor > 1, f"{p}.reduction_factor", self.reduction_factor, "a number > 1")
         _check(self.trial_cpus > 0, f"{p}.trial_cpus", self.trial_cpus, "a positive number (Ray refuses {'cpu': 0})")
+        _check(self.train_in in TRAIN_IN, f"{p}.train_in", self.train_in, f"one of {TRAIN_IN}")
+
+    def trains_in_trial(self, cfg: Config) -> bool:
+        """Whether a trial runs its KD loop in its own process (``train_in``, resolved against ``resources.num_workers``)."""
+        return self.train_in == "trial" or (self.train_in == "auto" and cfg.resources.num_workers <= 1)
 
     def check_space(self, cfg: Config, p: str = "tune") -> None:
         """Each key is a field of a tunable section; every value a trial may get passes the config's validation."""

@@ -2,19 +2,30 @@
 trial holds, the searcher with its concurrency cap, and ASHA that never stops a trial's last epoch.
 
 Ray 2.60 (Train V2): a ``TorchTrainer`` cannot be handed to ``Tuner``; each trial is a function
-that builds its own dataset and calls ``TorchTrainer(...).fit()``. Metrics reach Tune through
-``ray.tune.integration.ray_train.TuneReportCallback`` (a Train ``UserCallback`` that forwards
-rank 0's ``ray.train.report`` to the trial's Tune session).
+that builds its own dataset and then trains in one of two places (``tune.train_in``):
+
+* ``trial`` (``auto`` with ``resources.num_workers <= 1``): the KD loop runs in the trial's own
+  process (:class:`TrialEngine`, the same :func:`~dda_ray.driver.drive` as every engine), reading
+  the trial's Ray Data stream directly and reporting each epoch with ``ray.tune.report``. No Ray
+  Train controller, worker group or dataset split coordinator is started per trial (on a small
+  machine that start-up is most of a short trial; see docs/BENCHMARKS.md). The trial holds the
+  worker's resources itself; a failed trial is retried up to ``resources.max_failures`` times and
+  resumes from its run directory's ``state.pt``.
+* ``ray_train``: ``TorchTrainer(...).fit()`` with ``resources.num_workers`` workers (DDP when > 1).
+  Metrics reach Tune through ``ray.tune.integration.ray_train.TuneReportCallback`` (a Train
+  ``UserCallback`` that forwards rank 0's ``ray.train.report`` to the trial's Tune session).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from .config import Config, apply_values, config_from_dict
+from .pipeline import RayTrainEngine
 
 
 def trial_demand(cfg: Config, trial_cpus: float) -> dict[str, float]:
@@ -48,19 +59,74 @@ def trial_run_name(search_name: str, trial_id: str) -> str:
     return f"{search_name}-{trial_id}"
 
 
+def trial_config(setup: TrialSetup, params: dict, trial_id: str) -> Config:
+    """This trial's config: the search's with the sampled values and the trial's run name. A trial that
+    trains in its own process and finds its run directory already made is Tune retrying it after a
+    failure: it resumes (``run.resume``) from the last epoch its ``state.pt`` holds."""
+    cfg = apply_values(config_from_dict(setup.base), params, name=trial_run_name(setup.search_name, trial_id))
+    if cfg.tune.trains_in_trial(cfg) and (cfg.run_dir / "config.yaml").exists():
+        cfg.run.resume = True
+    return cfg
+
+
+def trial_resources(cfg: Config, trial_cpus: float) -> dict[str, float]:
+    """What the trial function reserves: its own CPU, plus the Train worker's share when it trains itself."""
+    if not cfg.tune.trains_in_trial(cfg):
+        return {"cpu": trial_cpus}
+    r = cfg.resources
+    return {"cpu": trial_cpus + r.cpus_per_worker, **({"gpu": 1} if r.use_gpu else {}), **r.worker_resources}
+
+
+class TrialEngine(RayTrainEngine):
+    """The KD loop in the Tune trial's own process (``tune.train_in: trial``): one worker, rows straight
+    from the trial's Ray Data stream (the pool's slot order), each epoch's metrics to ``ray.tune.report``."""
+
+    def __init__(self, dataset):
+        self.rank, self.world_size, self.bank_s, self.dataset = 0, 1, None, dataset
+
+    def device(self, cfg: Config):
+        from .runtime import resolve_device
+
+        return resolve_device("auto" if cfg.resources.use_gpu else "cpu")  # the GPU the trial reserved
+
+    def restored(self, load):
+        return None  # a retried trial resumes from its run directory's state.pt (run.resume, set by run_trial)
+
+    def shard(self):
+        return self.dataset
+
+    def report(self, metrics: dict, epoch: int, save_state) -> None:
+        from ray import tune
+
+        tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+
+def train_in_trial(cfg: Config, tracker) -> dict:
+    """``tune.train_in: trial``: the run's stream, then :func:`~dda_ray.driver.drive` here; returns the final metrics."""
+    from .checkpoint import read_meta
+    from .driver import drive
+    from .pipeline import build_dataset
+
+    class_names = None if cfg.run.mode == "real_kd" else (read_meta(cfg.teacher.checkpoint) or {}).get("classes")  # sd_img2img prompts
+    return drive(cfg, TrialEngine(build_dataset(cfg, class_names)), tracker)
+
+
 def run_trial(params: dict, setup: TrialSetup) -> None:
-    """The function trainable: this trial's config -> MLflow child run -> run_ray (TorchTrainer.fit)."""
+    """The function trainable: this trial's config -> MLflow child run -> the KD loop in this process
+    (``tune.train_in: trial``, :func:`train_in_trial`) or run_ray (TorchTrainer.fit)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from .api import log_run_artifacts
     from .pipeline import run_ray
-    from .runtime import prepare_run_dir
+    from .runtime import mark, prepare_run_dir
     from .tracking import Tracker
 
+    entered = time.time()
     trial_id = tune.get_context().get_trial_id()
-    cfg = apply_values(config_from_dict(setup.base), params, name=trial_run_name(setup.search_name, trial_id))
+    cfg = trial_config(setup, params, trial_id)
     prepare_run_dir(cfg)  # <output_dir>/<name>-<trial id>/config.yaml; output_dir (caches, bank) is shared
+    mark(cfg.run_dir, "trial_start", entered=entered)
     tracker = Tracker.start(
         cfg,
         "tune_trial",
@@ -68,8 +134,16 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
         run_name=cfg.run.name,
         extra_tags={"tune.trial_id": trial_id, "tune.search": setup.search_name},
     )
+    mark(cfg.run_dir, "tracker_started")
+    if not cfg.run.verbose:  # the trial's stream: no Ray Data bars beside the KD bar, as init_ray does in a driver
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
     try:
-        run_ray(cfg, tracker=tracker, callbacks=[TuneReportCallback()])
+        if cfg.tune.trains_in_trial(cfg):
+            train_in_trial(cfg, tracker)
+        else:
+            run_ray(cfg, tracker=tracker, callbacks=[TuneReportCallback()])
         # A trial's student becomes an MLflow Model (a torch.export, seconds per trial) only when the search
         # registers its best one (tracking.register_as); its checkpoint files are logged either way.
         log_run_artifacts(tracker, cfg, register=False, model=bool(cfg.tracking.register_as))
@@ -77,6 +151,7 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
         tracker.finish("FAILED")
         raise
     tracker.finish()
+    mark(cfg.run_dir, "trial_end")
 
 
 class FinalEpochASHA(ASHAScheduler):

@@ -57,3 +57,35 @@ def test_batches_mix_rounds_and_parents_like_uniform_sampling(keep_rate):
     assert np.mean(distinct) == pytest.approx(expected_rounds, abs=0.5)
     expected_rate = (bs - 1) / (n - 1)
     assert together / variations == pytest.approx(expected_rate, rel=0.5)
+
+
+def test_one_execution_of_several_passes_streams_what_one_execution_per_pass_would(tmp_path):
+    """The Ray stream's read task with ``passes`` > 1 (dda_ray.data.pool_source): pass after pass, each in
+    its own order, each row tagged with its pass; per_pass cuts the trainer's batches at every pass's end,
+    so the batches are those of one execution per pass, whatever the sizes of the batches Ray hands over."""
+    import pyarrow as pa
+
+    from dda_ray.data.pool_source import per_pass, pool_blocks, write_epoch_order
+
+    table = pa.table({"id": [f"r{i}" for i in range(7)], "image": [bytes([i]) * 3 for i in range(7)], "label": list(range(7))})
+
+    def stream(first, passes):
+        write_epoch_order(tmp_path, epoch=3, pass_=first, passes=passes)
+        return pa.concat_tables(list(pool_blocks(lambda: (table, (1, 1, 3)), str(tmp_path), 0, 2, block_rows=5))).to_pydict()
+
+    single = [stream(p, 1) for p in range(3)]
+    multi = stream(0, 3)
+    assert multi["pass"] == [0] * 21 + [1] * 21 + [2] * 21
+    assert multi["id"] == [i for s in single for i in s["id"]]
+    assert single[0]["id"] != single[1]["id"] and sorted(single[0]["id"]) == sorted(single[1]["id"])
+
+    rng = np.random.default_rng(0)
+    rows = {k: np.asarray(v, dtype=object if k == "image" else None) for k, v in multi.items()}
+    ray_batches, i = [], 0
+    while i < 63:  # Ray's batches straddle passes and have any size
+        n = int(rng.integers(1, 12))
+        ray_batches.append({k: v[i : i + n] for k, v in rows.items()})
+        i += n
+    got = [(b["pass"].tolist(), b["id"].tolist()) for b in per_pass(ray_batches, 4)]
+    expected = [([p] * len(ids), ids) for p, s in enumerate(single) for ids in (s["id"][j : j + 4] for j in range(0, 21, 4))]
+    assert got == expected  # 4, 4, 4, 4, 4, 1 per pass: no batch mixes two passes

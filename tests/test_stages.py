@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -65,6 +67,57 @@ def test_cache_hits_need_the_same_id_and_the_same_pixels(tmp_path, assets):
     v_first = decode_image_column(first["image"][2:], (16, 16, 3))
     v_other = decode_image_column(other["image"][2:], (16, 16, 3))
     assert not np.array_equal(v_first, v_other)
+
+
+def test_a_stage_whose_parents_are_all_cached_never_loads_the_prior(tmp_path, assets):
+    """The pipeline is loaded at the first cache miss: a warm stage (a trial with seen (strength, guidance), a
+    later pass) neither imports diffusers nor reads the prior. Proved on a prior made unloadable after the
+    cache was filled, with its files' sizes and mtimes (the cache key) kept: hits still work, a miss fails."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from dda_ray.augment import AugmentError
+    from dda_ray.runtime import read_jsonl
+
+    prior = tmp_path / "prior"
+    shutil.copytree(assets / "prior", prior)
+    cfg = stage_cfg(tmp_path, assets, **{"augment.model": str(prior)})
+    batch = bank_batch(["a", "b"], seed=0)
+    cold = AugmentStage(cfg.to_dict())
+    assert not cold.loaded  # nothing loaded before a batch needs it
+    first = cold(batch)
+    assert cold.loaded
+    key = augment_cache_dir(cfg)
+
+    for weights in prior.rglob("*.safetensors"):  # garbage of the same size, same mtime: same cache key
+        st = weights.stat()
+        weights.write_bytes(b"\0" * st.st_size)
+        os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert augment_cache_dir(cfg) == key
+
+    warm = AugmentStage(cfg.to_dict())
+    again = warm(batch)
+    assert not warm.loaded and warm.totals == {"parents": 2, "cache_hits": 2}
+    assert np.array_equal(np.stack(first["image"]), np.stack(again["image"]))
+    with pytest.raises(AugmentError, match="augment.model"):
+        warm(bank_batch(["c"], seed=3))  # a miss needs the pipeline: now it loads (and this one cannot)
+    loads = [e for e in read_jsonl(cfg.run_dir / "timeline.jsonl") if e["event"] == "prior_loaded"]
+    assert len(loads) == 1  # the cold stage's only
+
+    # In a fresh process: serving hits imports no diffusers at all (seconds per actor start).
+    code = (
+        "import json, sys; import numpy as np; from dda_ray.stages import AugmentStage, encode_image_column; "
+        "cfg, ids = json.loads(sys.argv[1]), ['a', 'b']; "
+        "images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8); "
+        "stage = AugmentStage(cfg); stage({'id': np.array(ids), 'image': encode_image_column(images), 'label': np.arange(2)}); "
+        "print(json.dumps({'hits': stage.totals['cache_hits'], 'loaded': stage.loaded, 'diffusers': 'diffusers' in sys.modules}))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(cfg.to_dict())], capture_output=True, text=True, env=env, timeout=300, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"hits": 2, "loaded": False, "diffusers": False}
 
 
 def test_a_retrained_model_at_the_same_path_gets_a_new_cache_key(tmp_path, assets):

@@ -104,6 +104,51 @@ def test_max_concurrent_trials_follows_resources():
     assert max_concurrent_trials(fixed, 0.25, {"CPU": 2.0}, num_samples=8) == 3
 
 
+def test_where_trials_train_is_checked_against_the_workers():
+    def cfg_of(*args):
+        return load_config(None, ["teacher.checkpoint=null", *args])
+
+    for workers, expected in [(0, True), (1, True), (2, False)]:  # auto: in the trial unless DDP needs Ray Train
+        cfg = cfg_of(f"resources.num_workers={workers}")
+        assert cfg.tune.train_in == "auto" and cfg.tune.trains_in_trial(cfg) is expected
+    cfg = cfg_of("resources.num_workers=1", "tune.train_in=ray_train")
+    assert not cfg.tune.trains_in_trial(cfg)
+    with pytest.raises(ConfigError, match=r"tune\.train_in.*resources\.num_workers = 2.*tune\.train_in=ray_train"):
+        cfg_of("resources.num_workers=2", "tune.train_in=trial")
+    with pytest.raises(ConfigError, match=r"tune\.train_in"):
+        cfg_of("tune.train_in=driver")
+
+
+def test_a_trial_that_trains_itself_holds_the_workers_resources():
+    from dda_ray.tune_trial import trial_resources
+
+    cfg = load_config(None, ["teacher.checkpoint=null", "resources.num_workers=1", "resources.cpus_per_worker=0.5"])
+    assert trial_resources(cfg, 0.25) == {"cpu": 0.75}  # the trial function and the loop it runs
+    assert trial_demand(cfg, 0.25)["CPU"] == 0.25 + 0.5 + 0.25 + 0.25 + 0.25  # the same total either way
+    gpu = load_config(None, ["teacher.checkpoint=null", "resources.num_workers=1", "resources.use_gpu=true", "resources.worker_resources={accel: 1}"])
+    assert trial_resources(gpu, 0.25) == {"cpu": 0.25 + gpu.resources.cpus_per_worker, "gpu": 1, "accel": 1}
+    ray_train = load_config(None, ["teacher.checkpoint=null", "resources.num_workers=1", "tune.train_in=ray_train"])
+    assert trial_resources(ray_train, 0.25) == {"cpu": 0.25}  # the Train worker reserves its own
+
+
+def test_a_retried_trial_resumes_from_its_run_directory(tmp_path):
+    """Tune retries a failed trial that trains in its own process (resources.max_failures): the second call finds
+    the trial's run directory and resumes from its state.pt; a fresh trial never resumes."""
+    from dda_ray.runtime import prepare_run_dir
+    from dda_ray.tune_trial import TrialSetup, trial_config
+
+    base = load_config(None, ["teacher.checkpoint=null", f"run.output_dir={tmp_path}", "resources.num_workers=1"])
+    setup = TrialSetup(base=base.to_dict(), search_name="s", parent_run_id=None)
+    first = trial_config(setup, {"augment.strength": 0.4}, "t1")
+    assert first.run.name == "s-t1" and first.augment.strength == 0.4 and not first.run.resume
+    prepare_run_dir(first)
+    retry = trial_config(setup, {"augment.strength": 0.4}, "t1")
+    assert retry.run.resume and retry.run_dir == first.run_dir
+    assert not trial_config(setup, {"augment.strength": 0.4}, "t2").run.resume
+    setup.base["tune"]["train_in"] = "ray_train"  # Ray Train restarts its workers itself; the trial is not retried
+    assert not trial_config(setup, {"augment.strength": 0.4}, "t1").run.resume
+
+
 @pytest.mark.parametrize("name", ["optuna", "random"])
 def test_the_concurrency_cap_reaches_every_searcher(name):
     """Tune ignores max_concurrent_trials for a BasicVariantGenerator instance: it must carry the cap."""
@@ -291,3 +336,30 @@ def test_two_trial_search_tracks_a_parent_and_a_child_per_trial(mlflow_server_st
     assert best.run.name == "search-best" and best.tune == TuneConfig()
     assert best.synthesis.bank_dir == str(search_dir / "bank")  # reuses the shared bank
     assert summary["test_acc"] == max(t["test_acc"] for t in trials)
+
+
+def test_a_trial_trains_in_its_own_process_as_it_would_in_a_torch_trainer(tmp_path, tiny_assets, cifar10_decoded, tune_cluster):
+    """tune.train_in=trial (the default for one worker) starts no Ray Train controller or worker, and trains
+    exactly as a TorchTrainer trial does: the same rows in the same order, the same per-epoch metrics."""
+    from dda_ray.runtime import read_jsonl
+    from dda_ray.tune import tune_search
+
+    point = {"augment.strength": {"choice": [0.4]}, "augment.guidance": {"choice": [3.0]}, "filter.threshold": {"choice": [0.5]}}
+    runs = {}
+    for where in ("trial", "ray_train"):
+        cfg = tune_config(tmp_path / where, tiny_assets, cifar10_decoded, None, **{"tracking.enabled": False})
+        cfg.tune.train_in, cfg.tune.num_samples, cfg.tune.searcher, cfg.tune.scheduler = where, 1, "random", "fifo"
+        cfg.tune.space = config_from_dict({"teacher": {"checkpoint": None}, "tune": {"space": point}}).tune.space
+        summary = tune_search(cfg.validate())
+        run_dir = Path(cfg.run.output_dir) / summary["run_name"]
+        (trial,) = json.loads((Path(cfg.run.output_dir) / cfg.run.name / "trials.json").read_text())
+        assert trial["status"] == "completed" and len(trial["history"]) == 2  # every epoch reached Tune
+        events = {e["event"] for e in read_jsonl(run_dir / "timeline.jsonl")}
+        runs[where] = (read_jsonl(run_dir / "metrics.jsonl"), events, run_dir)
+    (in_trial, trial_events, trial_dir), (trainer, trainer_events, _) = runs["trial"], runs["ray_train"]
+    assert "worker_start" in trainer_events and "worker_start" not in trial_events
+    assert not (trial_dir / "ray").exists()  # no Ray Train run storage: nothing of Train was started
+    assert {"teacher_loaded", "source_ready", "epoch_reported", "trial_end"} <= trial_events
+    # what trained is identical; the stages' totals also count the rows the stream ran ahead of the loop (timing)
+    trained = ("epoch", "test_acc", "test_loss", "steps", "rows", "lr", "next_round", "loss_loss", "loss_kd", "loss_ce", "loss_fea", "loss_rot")
+    assert [{k: m.get(k) for k in trained} for m in in_trial] == [{k: m.get(k) for k in trained} for m in trainer]

@@ -1,9 +1,13 @@
 """The epoch pool as a Ray Data datasource: what the Ray engine's stream reads.
 
-Each execution of the stream (one per epoch pass) re-lists the bank's round files, or reads the
-real subset, and yields the pool's rows in the slot order :mod:`dda_ray.data.pool` defines for
-(seed, epoch, pass): the order the local engine trains in too. The trainer writes which (epoch,
-pass) comes next (:func:`write_epoch_order`) before it iterates.
+Each execution of the stream re-lists the bank's round files, or reads the real subset, and yields
+the pool's rows in the slot order :mod:`dda_ray.data.pool` defines for (seed, epoch, pass): the
+order the local engine trains in too. The trainer writes which (epoch, pass) comes next, and how
+many passes the execution streams back to back (:func:`write_epoch_order`), before it iterates;
+every row carries its ``pass``, and :func:`per_pass` cuts the trainer's batches at each pass's end,
+so an execution of several passes gives the batches one execution per pass would. (Each execution
+starts the stream's actor pools anew: an epoch of ``distill.steps_per_epoch`` steps that takes more
+than one pass over the pool is, from its second execution on, one execution.)
 """
 
 from __future__ import annotations
@@ -23,18 +27,43 @@ from .pool import ORIGINAL, batched, slot_order, split_slots
 ORDER_FILE = "epoch_order.json"
 
 
-def write_epoch_order(run_dir: str | Path, epoch: int, pass_: int) -> None:
-    """Which (epoch, pass) the next execution of the stream is: the trainer writes it before it
-    iterates, the datasource reads it to seed that pass's order (see :mod:`dda_ray.data.pool`)."""
-    write_text_atomic(Path(run_dir) / ORDER_FILE, json.dumps({"epoch": epoch, "pass": pass_}))
+def write_epoch_order(run_dir: str | Path, epoch: int, pass_: int, passes: int = 1) -> None:
+    """Which (epoch, pass) the next execution of the stream starts with, and how many passes it
+    streams (``pass_``, ``pass_ + 1``, ...): the trainer writes it before it iterates, the datasource
+    reads it to seed each pass's order (see :mod:`dda_ray.data.pool`)."""
+    write_text_atomic(Path(run_dir) / ORDER_FILE, json.dumps({"epoch": epoch, "pass": pass_, "passes": max(1, int(passes))}))
 
 
-def read_epoch_order(run_dir: str | Path) -> tuple[int, int]:
+def read_epoch_order(run_dir: str | Path) -> tuple[int, int, int]:
+    """(epoch, first pass, number of passes) of the next execution."""
     path = Path(run_dir) / ORDER_FILE
     if not path.exists():
-        return 0, 0
+        return 0, 0, 1
     state = json.loads(path.read_text())
-    return int(state["epoch"]), int(state["pass"])
+    return int(state["epoch"]), int(state["pass"]), int(state.get("passes", 1))
+
+
+def per_pass(batches, size: int):
+    """Numpy batches of the stream (a ``pass`` column, rows in stream order) -> batches of ``size``
+    rows that never mix two passes: each pass ends with its own (possibly short) batch, as when
+    every pass was an execution of its own."""
+    pending, current = None, None
+    for batch in batches:
+        passes = np.asarray(batch["pass"])
+        for seg in np.split(np.arange(len(passes)), np.flatnonzero(np.diff(passes)) + 1):
+            if not len(seg):
+                continue
+            piece = {k: np.asarray(v)[seg] for k, v in batch.items()}
+            if pending is not None and int(passes[seg[0]]) != current:
+                yield pending
+                pending = None
+            current = int(passes[seg[0]])
+            pending = piece if pending is None else {k: np.concatenate([pending[k], piece[k]]) for k in piece}
+            while pending is not None and len(pending["pass"]) >= size:
+                yield {k: v[:size] for k, v in pending.items()}
+                pending = {k: v[size:] for k, v in pending.items()} if len(pending["pass"]) > size else None
+    if pending is not None:
+        yield pending
 
 
 def bank_pool(dirs: list[str]) -> tuple[pa.Table, tuple[int, int, int]]:
@@ -68,27 +97,29 @@ def real_pool(cfg_dict: dict) -> tuple[pa.Table, tuple[int, int, int]]:
 
 
 def pool_blocks(load, run_dir: str, seed: int, num_variations: int, block_rows: int):
-    """The read task's body: the pool in this (epoch, pass)'s slot order, in blocks of slots.
+    """The read task's body: the pool in the slot order of each pass of this execution, in blocks of slots.
 
-    A slot row carries its parent's columns plus ``parent_id`` and ``variation`` (-1: the
-    original; k: the augment stage makes the k-th variation of the parent)."""
+    A slot row carries its parent's columns plus ``parent_id``, ``variation`` (-1: the
+    original; k: the augment stage makes the k-th variation of the parent) and ``pass``."""
     table, shape = load()
-    epoch, pass_ = read_epoch_order(run_dir)
-    order = slot_order(table.num_rows, num_variations, seed, epoch, pass_)
+    epoch, first, passes = read_epoch_order(run_dir)
     meta = {"image_shape": ",".join(map(str, shape))}
-    for chunk in batched(order, block_rows):
-        rows, var = split_slots(chunk, num_variations)
-        block = table.take(pa.array(rows))
-        parents = block.column("id").to_pylist()
-        cols = {
-            "id": pa.array([p if k == ORIGINAL else f"{p}-v{k}" for p, k in zip(parents, var.tolist(), strict=True)]),
-            "parent_id": block.column("id"),
-            "variation": pa.array(var),
-        }
-        for name in block.column_names:
-            if name != "id":
-                cols[name] = block.column(name)
-        yield pa.table(cols).replace_schema_metadata(meta)
+    for pass_ in range(first, first + passes):
+        order = slot_order(table.num_rows, num_variations, seed, epoch, pass_)
+        for chunk in batched(order, block_rows):
+            rows, var = split_slots(chunk, num_variations)
+            block = table.take(pa.array(rows))
+            parents = block.column("id").to_pylist()
+            cols = {
+                "id": pa.array([p if k == ORIGINAL else f"{p}-v{k}" for p, k in zip(parents, var.tolist(), strict=True)]),
+                "parent_id": block.column("id"),
+                "variation": pa.array(var),
+                "pass": pa.array(np.full(len(chunk), pass_, dtype=np.int64)),
+            }
+            for name in block.column_names:
+                if name != "id":
+                    cols[name] = block.column(name)
+            yield pa.table(cols).replace_schema_metadata(meta)
 
 
 def make_pool_datasource(load, run_dir: str, seed: int, num_variations: int, block_rows: int = 256):
