@@ -311,7 +311,7 @@ class DistillConfig:
     extra_banks: list[str] = field(default_factory=list)
     # Speed switches of the KD step (same results up to float rounding):
     # NHWC memory format for the models and batches: what tensor cores want; ~1.3x faster on CPU but its CPU
-    # convolution gradients are ~5x less precise, which cost the bench preset ~2 points (docs/BENCHMARKS.md)
+    # convolution gradients are ~4x less precise, which cost the bench preset ~2 points (docs/BENCHMARKS.md)
     channels_last: bool = False
     amp: str = "none"  # none | bf16 | fp16: autocast of the forward passes (fp16 adds a gradient scaler); GPU runs
     compile: bool = False  # torch.compile the student (training) and teacher (labelling) forward passes
