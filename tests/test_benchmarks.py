@@ -141,3 +141,36 @@ def test_process_labels_affinity_and_cpu_time(perf):
     cpus = perf.thread_affinities()
     assert len(cpus) == 1 and cpus.pop() == perf.status_field("/proc/self/status", "Cpus_allowed_list")
     assert perf.cpu_seconds() > 0
+
+
+def test_the_warm_cold_breakdown_adds_up_to_the_trial_wall(tmp_path):
+    """benchmarks/tune_warm_cold.py: the critical-path rows from a trial's timeline and metrics sum to the trial
+    function's wall; absent events (a trial that trains in its own process: no Ray Train) are '-'."""
+    from dda_ray.runtime import append_jsonl
+
+    spec = importlib.util.spec_from_file_location("bench_tune_warm_cold", ROOT / "benchmarks" / "tune_warm_cold.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    trial, search = tmp_path / "s-t1", tmp_path / "s"
+    trial.mkdir()
+    search.mkdir()
+    t = 1000.0
+    events = [("trial_start", 0.5, {"entered": t}), ("tracker_started", 1.0, {}), ("teacher_loaded", 2.0, {}), ("data_loaded", 3.0, {}),
+              ("source_ready", 4.0, {}), ("augment_init", 6.0, {}), ("augment_ready", 6.5, {}), ("epoch_reported", 14.0, {"epoch": 1}),
+              ("epoch_reported", 24.0, {"epoch": 2}), ("final_saved", 24.5, {}), ("trial_end", 26.0, {})]  # fmt: skip
+    for event, dt, extra in events:
+        append_jsonl(trial / "timeline.jsonl", {"event": event, "t": t + dt, "pid": 7, **extra})
+    for event, dt in [("tuner_fit_start", -3.0), ("tuner_fit_end", 26.5)]:
+        append_jsonl(search / "timeline.jsonl", {"event": event, "t": t + dt, "pid": 1})
+    for e in (1, 2):
+        append_jsonl(trial / "metrics.jsonl", {"epoch": e, "prepare_s": 0.5, "train_s": 8.0, "first_batch_s": 2.0, "eval_s": 1.0})
+    rows = mod.breakdown(trial, search)
+    wall = rows["trial function wall (sum of the above)"]
+    assert wall == pytest.approx(26.0)
+    path = list(rows)[: list(rows).index("trial function wall (sum of the above)")]
+    assert sum(rows[k] for k in path if rows[k] is not None) == pytest.approx(wall)
+    assert rows["Ray Train controller + worker start-up (ray_train)"] is None
+    assert rows["epochs: KD steps (incl. waits on the stream)"] == pytest.approx(12.0)
+    assert rows["epochs: report, checkpoint"] == pytest.approx(20.0 - 1.0 - 4.0 - 12.0 - 2.0)
+    assert rows["Tune: tuner.fit() -> trial function entered"] == pytest.approx(3.0)
+    assert rows["augment actors: constructor"] == pytest.approx(0.5) and rows["augment actors: constructor (count)"] == 1
