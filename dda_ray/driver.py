@@ -105,19 +105,7 @@ def drive(cfg: Config, engine: Engine, tracker=None) -> dict:
 
     lead, progress = engine.rank == 0, engine.progress
     log = (lambda s: print(s, flush=True)) if lead else (lambda s: None)
-    held: list[tuple[str, float, dict]] = []  # timeline events from before the run directory exists
-
-    def step(event: str, **kw) -> None:
-        """The timeline (rank 0): held until the run directory exists, so a run that stops on bad
-        input before it made one leaves none behind."""
-        if not lead:
-            return
-        held.append((event, time.time(), kw))
-        if cfg.run_dir.exists():
-            for e, t, k in held:
-                mark(cfg.run_dir, e, t=t, **k)
-            held.clear()
-
+    step = (lambda event, **kw: mark(cfg.run_dir, event, **kw)) if lead else (lambda event, **kw: None)  # the timeline
     set_threads(cfg.resources.torch_threads)
     gen = seed_everything(cfg.run.seed + engine.rank)
     device = engine.device(cfg)

@@ -171,7 +171,7 @@ def append_jsonl(path: str | Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def mark(run_dir: str | Path, event: str, *, t: float | None = None, **fields) -> None:
+def mark(run_dir: str | Path, event: str, **fields) -> None:
     """One line in ``<run_dir>/timeline.jsonl``: ``event`` happened now (wall clock, pid, ``fields``).
 
     The run's phases across its processes (trial, Train worker, augment/filter actors: set-up,
@@ -181,7 +181,7 @@ def mark(run_dir: str | Path, event: str, *, t: float | None = None, **fields) -
 
     try:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        append_jsonl(Path(run_dir) / "timeline.jsonl", {"event": event, "t": time.time() if t is None else t, "pid": os.getpid(), **fields})
+        append_jsonl(Path(run_dir) / "timeline.jsonl", {"event": event, "t": time.time(), "pid": os.getpid(), **fields})
     except OSError:
         pass
 
