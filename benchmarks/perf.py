@@ -178,7 +178,7 @@ def make_cfg(args, *extra: str):
 
     quick = QUICK if args.quick else []
     workload = PARTITIONED if getattr(args, "partitioned", False) else []
-    base = [*SMALL, *quick, *workload, *args.overrides]
+    base = [*SMALL, *workload, *quick, *args.overrides]  # --quick shrinks the partitioned workload too
     probe = load_config(args.config, base)
     s = probe.synthesis
     bank = Path(args.output_dir).resolve() / f"bank-r{s.init_rounds}x{s.init_batch_size}-g{s.init_g_steps}-s{probe.run.seed}"
