@@ -182,7 +182,7 @@ def make_cfg(args, *extra: str):
 
     quick = QUICK if args.quick else []
     workload = PARTITIONED if getattr(args, "partitioned", False) else []
-    base = [*SMALL, *quick, *workload, *args.overrides]
+    base = [*SMALL, *workload, *quick, *args.overrides]  # --quick shrinks the partitioned workload too
     probe = load_config(args.config, base)
     s = probe.synthesis
     bank = Path(args.output_dir).resolve() / f"bank-r{s.init_rounds}x{s.init_batch_size}-g{s.init_g_steps}-s{probe.run.seed}"
@@ -340,14 +340,14 @@ def bench_streaming(args) -> str:
 
 # ---------------------------------------------------------------- (4) partitioned: trainer on one core, stages on the other
 # The workload of `streaming --partitioned` (before the command line's overrides): augment+filter on one core and the
-# KD steps on the other about equally long, and long against what cannot overlap (actor start-up, Ray Train set-up,
-# evaluation: ~15-20 s idle). Measured through run_ray on the quiet 2-core machine (2026-12-02, 768-image bank, one
-# thread per process): augment (3 UNet passes of one variation, with guidance) + filter ~74 ms of the stage core per
-# bank image; a wrn40_2 student's KD step ~30 ms per row, two rows (the image and its kept variation) per image.
-# The stages are kept ~1.2x the train loop: the trainer's steps run ~10 % slower while the other core is busy
-# (streaming), the stages' do not. One variation per image: its diffusion falls on its one variation slot, spread
-# evenly over the shuffled stream (with k > 1 all k are made at the parent's first variation slot, which
-# front-loads the diffusion). The bank is made with 2 generator steps per round: image quality does not matter here.
+# KD steps on the other about equally long, and long against what cannot overlap (Ray Train set-up, actor start-up,
+# evaluation: ~15-20 s). Measured through run_ray (2026-12-02, one thread per process): augment (3 UNet passes of one
+# variation, with guidance) + filter ~60-67 ms of the stage core per bank image; a wrn40_2 student's KD step ~30 ms
+# per row, two rows per image (the image and its kept variation); at 16 x 128 images the sequential arm's
+# augment+filter took 141.7 s (15.7 s of it before the first batch) and its train loop 150.3 s. One variation per
+# image: its diffusion falls on its one variation slot, spread evenly over the shuffled stream (with k > 1 all k
+# are made at the parent's first variation slot, which front-loads the diffusion). The bank is made with 2
+# generator steps per round: image quality does not matter here.
 PARTITIONED = [
     "augment.num_variations=1",
     "augment.steps=10",  # strength 0.3: int(10 * 0.3) = 3 denoising passes
