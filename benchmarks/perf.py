@@ -619,7 +619,7 @@ def plain_steps(cfg, n_steps: int, skip: int = 2) -> list[float]:
 
     from dda_ray.checkpoint import load_teacher
     from dda_ray.data import load_data
-    from dda_ray.distill import Distiller
+    from dda_ray.distill import Distiller, rotation_every
     from dda_ray.models import build_model
     from dda_ray.runtime import seed_everything, set_threads
 
@@ -628,7 +628,9 @@ def plain_steps(cfg, n_steps: int, skip: int = 2) -> list[float]:
     teacher, normalize, _ = load_teacher(cfg)
     data = load_data(cfg.data, progress=False).train.subset(cfg.data.train_subset, cfg.run.seed)
     student = build_model(cfg.student.arch, cfg.data.num_classes)
-    distiller = Distiller(student, teacher, normalize, cfg.data.num_classes, cfg.distill, cfg.synthesis.rotation_lr, "cpu")
+    # the rotation cadence the run's driver gives it (real_kd: never), as in the Ray arms
+    distiller = Distiller(student, teacher, normalize, cfg.data.num_classes, cfg.distill, cfg.synthesis.rotation_lr, "cpu",
+                          rotation_every=rotation_every(cfg), rotation_views=cfg.synthesis.rotation_views)  # fmt: skip
     bs = cfg.distill.batch_size
     times = []
     for s in range(n_steps):
