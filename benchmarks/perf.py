@@ -291,6 +291,20 @@ def augment_busy(run_dir: Path) -> tuple[float, int]:
 
 
 # ---------------------------------------------------------------- (4) streaming vs sequential
+def stream_row(arm: str, rs: list[dict], *extra: str) -> list[str]:
+    """One arm's row of a streaming table: wall times, stage times, ``extra`` columns, rows and steps trained."""
+    return [
+        arm,
+        fmt(median([x["wall_s"] for x in rs]), 1),
+        fmt_list([x["wall_s"] for x in rs]),
+        fmt(median([x["augment_filter_s"] for x in rs]), 1) if arm == "sequential" else "(overlapped)",
+        fmt(median([x.get("train_s", float("nan")) for x in rs]), 1),
+        *extra,
+        "/".join(str(x.get("rows")) for x in rs),
+        "/".join(str(x.get("steps")) for x in rs),
+    ]
+
+
 def bench_streaming(args) -> str:
     if args.partitioned:
         return bench_streaming_partitioned(args)
@@ -318,18 +332,7 @@ def bench_streaming(args) -> str:
         f"fresh augment cache per arm and repeat; {args.repeats} repeats, arms alternate.",
         "",
     )
-    rows = []
-    for arm in arms:
-        rs = res[arm]
-        rows.append([
-            arm,
-            fmt(median([x["wall_s"] for x in rs]), 1),
-            fmt_list([x["wall_s"] for x in rs]),
-            fmt(median([x["augment_filter_s"] for x in rs]), 1) if arm == "sequential" else "(overlapped)",
-            fmt(median([x.get("train_s", float("nan")) for x in rs]), 1),
-            "/".join(str(x.get("rows")) for x in rs),
-            "/".join(str(x.get("steps")) for x in rs),
-        ])
+    rows = [stream_row(arm, res[arm]) for arm in arms]
     rep.table(["arm", "wall s (median)", "wall s per repeat", "augment+filter s", "train loop s", "rows trained", "steps"], rows)
     ratio = [s["wall_s"] / t["wall_s"] for s, t in zip(res["sequential"], res["streaming"], strict=True)]
     rep.add(f"**sequential / streaming wall time: {fmt(median(ratio))}** (per repeat: {fmt_list(ratio, 2)}; > 1 means streaming is faster).", "")
@@ -558,21 +561,14 @@ def bench_streaming_partitioned(args) -> str:
         "`build_dataset(...).materialize()` (actor start-up included), train = the train loop on the materialised rows.",
         "",
     )
+    def med(rs, key):
+        return fmt(median([x.get(key, float("nan")) for x in rs]), 1)
+
     rows = []
     for arm in arms:
         rs = res[arm]
-        rows.append([
-            arm,
-            fmt(median([x["wall_s"] for x in rs]), 1),
-            fmt_list([x["wall_s"] for x in rs]),
-            fmt(median([x["augment_filter_s"] for x in rs]), 1) if arm == "sequential" else "(overlapped)",
-            fmt(median([x.get("train_s", float("nan")) for x in rs]), 1),
-            fmt(median([x["kd_step_s"] for x in rs]), 1),
-            fmt(median([x.get("augment_busy_s", float("nan")) for x in rs]), 1) + " / " + fmt(median([x.get("filter_busy_s", float("nan")) for x in rs]), 1),
-            fmt(median([x["driver_cpu_s"] for x in rs]), 1) + " / " + fmt(median([x["stages_cpu_s"] for x in rs]), 1),
-            "/".join(str(x.get("rows")) for x in rs),
-            "/".join(str(x.get("steps")) for x in rs),
-        ])
+        busy = med(rs, "augment_busy_s") + " / " + med(rs, "filter_busy_s")
+        rows.append(stream_row(arm, rs, med(rs, "kd_step_s"), busy, med(rs, "driver_cpu_s") + " / " + med(rs, "stages_cpu_s")))
     rep.table(["arm", "wall s (median)", "wall s per repeat", "augment+filter s", "train loop s", "of which KD steps s", "augment / filter busy s",
                "CPU s: driver / stage actors", "rows trained", "steps"], rows)  # fmt: skip
     rep.add(
