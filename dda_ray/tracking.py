@@ -21,6 +21,7 @@ needs only torch, not dda_ray. ``tracking.register_as`` also registers it in the
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import urllib.error
@@ -156,6 +157,30 @@ def run_location(uri: str, experiment_id: str, run_id: str) -> str:
     return f"run {run_id} in {redact(uri)}"
 
 
+RUN_FILE = "mlflow_run.json"  # in the run directory: the MLflow run (uri, run_id, job) a resume continues
+
+
+def _earlier_run(cfg: Config, client, uri: str, job: str):
+    """With ``run.resume``, the MLflow run this run directory's earlier attempt created (same store, same
+    job, not deleted), so that an interrupted job or a retried Tune trial continues one run with every
+    epoch's metrics instead of opening another; else None."""
+    if not cfg.run.resume:
+        return None
+    try:
+        rec = json.loads((cfg.run_dir / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rec, dict) or rec.get("uri") != uri or rec.get("job") != job or not rec.get("run_id"):
+        return None
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(str(rec["run_id"]))
+    except MlflowException:
+        return None
+    return run if run.info.lifecycle_stage == "active" else None
+
+
 class Tracker:
     """One MLflow run; a disabled tracker (``Tracker.disabled()``) accepts every call and does nothing."""
 
@@ -215,10 +240,34 @@ class Tracker:
             **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}),
             **(extra_tags or {}),
         }
+        earlier = _earlier_run(cfg, client, uri, job)
+        if earlier is not None:
+            return cls._reopen(cfg, client, uri, earlier)
         run = client.create_run(exp_id, tags=tags, run_name=run_name or cfg.run.name)
         _STARTED.append((uri, str(exp_id), run.info.run_id))
         tracker = cls(uri, run.info.run_id, client=client)
         tracker.log_params(params_of(cfg))
+        if cfg.run_dir.is_dir():  # what a resume of this run directory continues (_earlier_run)
+            from .runtime import atomic_write
+
+            atomic_write(cfg.run_dir / RUN_FILE, json.dumps({"uri": uri, "run_id": run.info.run_id, "job": job}) + "\n")
+        return tracker
+
+    @classmethod
+    def _reopen(cls, cfg: Config, client, uri: str, run) -> Tracker:
+        """Continue ``run`` (a resumed run directory's): status RUNNING again, ``attempts`` counted; params
+        it lacks are logged, and those whose value changed (MLflow keeps a param's first value: ``run.resume``,
+        a larger ``distill.epochs``) go to the tag ``resume.changed_params``."""
+        run_id = run.info.run_id
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "attempts", str(int(run.data.tags.get("attempts", "1")) + 1))
+        _STARTED.append((uri, str(run.info.experiment_id), run_id))
+        tracker = cls(uri, run_id, client=client)
+        params = params_of(cfg)
+        tracker.log_params({k: v for k, v in params.items() if k not in run.data.params})
+        changed = [f"{k}={v}" for k, v in params.items() if k in run.data.params and run.data.params[k] != v]
+        if changed:
+            client.set_tag(run_id, "resume.changed_params", " ".join(changed)[:5000])
         return tracker
 
     def log_params(self, params: dict) -> None:

@@ -10,7 +10,7 @@ that builds its own dataset and then trains in one of two places (``tune.train_i
   Train controller, worker group or dataset split coordinator is started per trial (on a small
   machine that start-up is most of a short trial; see docs/BENCHMARKS.md). The trial holds the
   worker's resources itself; a failed trial is retried up to ``resources.max_failures`` times and
-  resumes from its run directory's ``state.pt``.
+  resumes from its run directory's ``state.pt``, logging into the same MLflow child run.
 * ``ray_train``: ``TorchTrainer(...).fit()`` with ``resources.num_workers`` workers (DDP when > 1).
   Metrics reach Tune through ``ray.tune.integration.ray_train.TuneReportCallback`` (a Train
   ``UserCallback`` that forwards rank 0's ``ray.train.report`` to the trial's Tune session).

@@ -311,7 +311,7 @@ def test_interrupted_job_resumes_to_the_same_metrics_as_an_uninterrupted_run(tmp
     ref_final = run_ray(ref)
     ref_lines = read_jsonl(ref.run_dir / "metrics.jsonl")
 
-    args = job_args(tmp_path / "job", tiny_assets, cifar10_decoded)
+    args = [*job_args(tmp_path / "job", tiny_assets, cifar10_decoded), "tracking.enabled=true"]  # MLflow: <output_dir>/mlflow.db
     run_dir = tmp_path / "job" / "job"
     # 1. SIGINT (Ctrl-C) after the first epoch's checkpoint.
     proc = start_job(args)
@@ -343,3 +343,12 @@ def test_interrupted_job_resumes_to_the_same_metrics_as_an_uninterrupted_run(tmp
 
     got, want = load_file(run_dir / "student" / "model.safetensors"), load_file(ref.run_dir / "student" / "model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    # One MLflow run for the whole job: each resume continued the run the first attempt created.
+    from mlflow import MlflowClient
+
+    rec = json.loads((run_dir / "mlflow_run.json").read_text())
+    client = MlflowClient(rec["uri"])
+    run = client.get_run(rec["run_id"])
+    assert (run.info.status, run.data.tags["attempts"]) == ("FINISHED", "3")
+    assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "test_acc")}) == list(range(1, epochs + 1))
+    assert len(client.search_runs([run.info.experiment_id], filter_string="tags.mlflow.runName = 'job'")) == 1

@@ -170,6 +170,47 @@ def test_the_embedded_store_keeps_artifacts_beside_its_database(tmp_path, monkey
     assert not (tmp_path / "mlruns").exists()
 
 
+def test_a_resumed_run_directory_continues_its_mlflow_run(tmp_path, monkeypatch):
+    """An interrupted job resumed with ``run.resume=true`` (and a retried Tune trial, which resumes)
+    logs into the MLflow run its first attempt created: one run with every epoch, ``attempts``
+    counted, changed params named in a tag; a new run when there is nothing to continue."""
+    from mlflow import MlflowClient
+
+    from dda_ray.runtime import prepare_run_dir
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = cfg_with(tmp_path, **{"distill.epochs": 2})
+    prepare_run_dir(first)
+    tracker = Tracker.start(first, "distill")
+    tracker.log_metrics({"test_acc": 10.0}, step=1)
+    tracker.finish("FAILED")  # interrupted after epoch 1
+
+    resumed = cfg_with(tmp_path, **{"distill.epochs": 3, "run.resume": "true"})
+    prepare_run_dir(resumed)
+    again = Tracker.start(resumed, "distill")
+    assert again.run_id == tracker.run_id
+    client = MlflowClient(again.uri)
+    run = client.get_run(again.run_id)
+    assert run.info.status == "RUNNING" and run.data.tags["attempts"] == "2"
+    assert run.data.params["distill.epochs"] == "2"  # MLflow keeps a param's first value ...
+    assert "distill.epochs=3" in run.data.tags["resume.changed_params"].split()  # ... the new one is named
+    again.log_metrics({"test_acc": 20.0}, step=2)
+    again.finish()
+    assert [(m.step, m.value) for m in client.get_metric_history(again.run_id, "test_acc")] == [(1, 10.0), (2, 20.0)]
+    assert client.get_run(again.run_id).info.status == "FINISHED"
+
+    # Nothing to continue: another job in this directory, or the run deleted in MLflow -> a new run.
+    assert Tracker.start(resumed, "train_teacher").run_id != tracker.run_id
+    fresh = Tracker.start(resumed, "distill")
+    assert fresh.run_id != tracker.run_id
+    client.delete_run(fresh.run_id)
+    assert Tracker.start(resumed, "distill").run_id != fresh.run_id
+    # Without run.resume (a new run directory): always a new run.
+    other = cfg_with(tmp_path, **{"run.name": "other"})
+    prepare_run_dir(other)
+    assert Tracker.start(other, "distill").run_id not in (tracker.run_id, fresh.run_id)
+
+
 def test_unreachable_server_fails_before_anything_runs(tmp_path):
     cfg = cfg_with(tmp_path, **{"tracking.uri": closed_port_uri()})
     with pytest.raises(TrackingError, match="unreachable.*on_unreachable=warn"):
