@@ -55,7 +55,7 @@ from pathlib import Path
 
 from dda_ray.api import distill
 from dda_ray.config import load_config
-from dda_ray.runtime import prepare_run_dir, read_jsonl
+from dda_ray.runtime import cpu_description, package_versions, prepare_run_dir, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "accuracy.jsonl"
@@ -307,6 +307,8 @@ def main() -> None:
                 "commit": commit,
                 "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "load": {"start": list(load_start), "end": list(load_end)},
+                "cpu": cpu_description(),  # another CPU or package build rounds differently: another trajectory
+                "versions": package_versions(),
                 "arm_overrides": list(extra),
                 "mode": cfg.run.mode,
                 "synthesis_method": method,

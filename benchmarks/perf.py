@@ -116,7 +116,9 @@ def machine_line() -> str:
     import torch
 
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    return f"{platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}; load average (1/5/15 min) at start {load}"
+    from dda_ray.runtime import cpu_description
+
+    return f"{platform.platform()}, {os.cpu_count()} CPUs ({cpu_description()}), python {platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}; load average (1/5/15 min) at start {load}"
 
 
 def median(xs: list[float]) -> float:
@@ -161,11 +163,14 @@ class Report:
 
 def record(metric: str, value: float, unit: str, detail: dict) -> dict:
     """Append one measured figure to ``benchmarks/results/perf.jsonl`` (metric, value, unit, detail,
-    commit, date, load = the 1-minute load average when it was taken)."""
+    commit, date, load = the 1-minute load average when it was taken; the CPU in ``detail``)."""
+    from dda_ray.runtime import cpu_description
+
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=PERF_JSONL.parents[2], check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
+    detail = {**detail, "cpu": cpu_description()}  # another instruction set, other kernels: other timings
     line = {"metric": metric, "value": value, "unit": unit, "detail": detail, "commit": commit, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load": round(os.getloadavg()[0], 2)}
     PERF_JSONL.parent.mkdir(parents=True, exist_ok=True)
     with open(PERF_JSONL, "a") as f:

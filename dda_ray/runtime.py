@@ -151,6 +151,38 @@ def set_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
+def cpu_description() -> str:
+    """The CPU model and the instruction set torch's CPU kernels use here (``AVX2``, ``AVX512``, ...).
+
+    Benchmark results record it: the same code and seed give the same numbers on one machine, but
+    kernels of another instruction set round differently, so a run on another CPU follows another
+    trajectory (within seed noise)."""
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        import platform
+
+        model = platform.processor() or model
+    return f"{model}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
+
+
+def package_versions(names: tuple[str, ...] = ("torch", "numpy", "pillow", "ray", "diffusers", "pyarrow")) -> dict[str, str | None]:
+    """Installed versions of the packages a run's numbers depend on (None where one is absent)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -186,6 +186,7 @@ def test_resume_skips_done_arms_and_only_appends(accuracy, tmp_path, monkeypatch
     assert row["top1"] == 12.0 and row["epochs"] == [11.0, 12.0]
     assert row["bank_s"] == 1.5 and row["train_s"] == 2.0 and new[0]["bank_s"] is None
     assert row["wall_s"] >= 0 and len(row["load"]["start"]) == len(row["load"]["end"]) == 3
+    assert "torch CPU capability" in row["cpu"] and row["versions"]["torch"].startswith("2.")
     assert row["commit"] and datetime.datetime.fromisoformat(row["date"]).tzinfo is not None
     assert Path(row["run_dir"]).parent == out_dir.resolve()
 

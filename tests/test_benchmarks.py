@@ -89,7 +89,8 @@ def test_a_recorded_figure_is_one_json_line_with_its_provenance(perf, tmp_path, 
     lines = [json.loads(x) for x in (tmp_path / "results" / "perf.jsonl").read_text().splitlines()]
     assert [x["metric"] for x in lines] == ["synthesis_img_per_s_cmi", "synthesis_img_per_s_fast"]
     assert set(lines[0]) == {"metric", "value", "unit", "detail", "commit", "date", "load"}
-    assert lines[0]["value"] == 12.5 and lines[0]["detail"] == {"rounds": 4} and lines[0]["commit"] not in ("", None)
+    assert "torch CPU capability" in lines[0]["detail"]["cpu"]  # the machine beside the figure
+    assert lines[0]["value"] == 12.5 and lines[0]["detail"]["rounds"] == 4 and lines[0]["commit"] not in ("", None)
 
 
 def test_kd_roofline_benchmark_runs_every_arm_and_reports_the_ratio(perf, tmp_path, monkeypatch):

@@ -172,7 +172,7 @@ def test_kd_step_returns_device_tensors_and_channels_last_gives_the_same_step():
     conv = next(m for m in d_cl.student_module.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) and conv.weight.dim() == 4
     for k in cl:
-        assert float(cl[k]) == pytest.approx(float(plain[k]), rel=1e-4, abs=1e-5), k
+        assert float(cl[k]) == pytest.approx(float(plain[k]), rel=1e-3, abs=1e-5), k  # another convolution order rounds otherwise (~1e-4 here)
     for (k, a), b in zip(d_cl.student_module.state_dict().items(), d_plain.student_module.state_dict().values(), strict=True):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-3), k  # float rounding of another convolution order
 
