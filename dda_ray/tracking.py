@@ -158,13 +158,14 @@ def run_location(uri: str, experiment_id: str, run_id: str) -> str:
 
 
 RUN_FILE = "mlflow_run.json"  # in the run directory: the MLflow run (uri, run_id, job) a resume continues
+RESUMING_JOBS = ("distill", "tune_trial", "train_teacher")  # the jobs whose run.resume continues the work itself
 
 
 def _earlier_run(cfg: Config, client, uri: str, job: str):
     """With ``run.resume``, the MLflow run this run directory's earlier attempt created (same store, same
     job, not deleted), so that an interrupted job or a retried Tune trial continues one run with every
     epoch's metrics instead of opening another; else None."""
-    if not cfg.run.resume:
+    if not cfg.run.resume or job not in RESUMING_JOBS:
         return None
     try:
         rec = json.loads((cfg.run_dir / RUN_FILE).read_text())

@@ -201,6 +201,8 @@ def test_a_resumed_run_directory_continues_its_mlflow_run(tmp_path, monkeypatch)
 
     # Nothing to continue: another job in this directory, or the run deleted in MLflow -> a new run.
     assert Tracker.start(resumed, "train_teacher").run_id != tracker.run_id
+    prior = Tracker.start(resumed, "train_prior")  # a job that does not resume its work: never reopened
+    assert Tracker.start(resumed, "train_prior").run_id != prior.run_id
     fresh = Tracker.start(resumed, "distill")
     assert fresh.run_id != tracker.run_id
     client.delete_run(fresh.run_id)
