@@ -77,12 +77,14 @@ def interrupted_message(run_dir: Path | None, signum: int) -> str:
 def _nothing_written(run_dir: Path) -> bool:
     """True when ``run_dir`` holds only its ``config.yaml``, ``timeline.jsonl``, ``mlflow_run.json`` and empty folders
     (e.g. ``stream/``, made when a stage starts): a run that failed before any output, safe to remove."""
+    from .tracking import RUN_FILE
+
     if not run_dir.is_dir():
         return False
     for path in run_dir.rglob("*"):
         if path.is_dir():
             continue
-        if path.parent != run_dir or path.name not in ("config.yaml", "timeline.jsonl", "mlflow_run.json"):
+        if path.parent != run_dir or path.name not in ("config.yaml", "timeline.jsonl", RUN_FILE):
             return False
     return True
 

@@ -225,6 +225,9 @@ class Tracker:
         from .checkpoint import resolved_teacher_arch
 
         client = MlflowClient(uri)
+        earlier = _earlier_run(cfg, client, uri, job)
+        if earlier is not None:  # a resume: the run, its experiment and tags exist already
+            return cls._reopen(cfg, client, uri, earlier)
         exp = client.get_experiment_by_name(cfg.tracking.experiment)
         if exp is None:
             exp_id = client.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location(uri))
@@ -241,9 +244,6 @@ class Tracker:
             **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}),
             **(extra_tags or {}),
         }
-        earlier = _earlier_run(cfg, client, uri, job)
-        if earlier is not None:
-            return cls._reopen(cfg, client, uri, earlier)
         run = client.create_run(exp_id, tags=tags, run_name=run_name or cfg.run.name)
         _STARTED.append((uri, str(exp_id), run.info.run_id))
         tracker = cls(uri, run.info.run_id, client=client)
