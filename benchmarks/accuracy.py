@@ -7,16 +7,19 @@
 
 Arms (same teacher, student, KD steps, batch and evaluation; ``ARMS`` below):
   real_kd          the real training split (upper bound)
-  inversion_cmi    synthetic bank only, CMI-style inversion (synthesis.method=cmi)
-  inversion_fast   synthetic bank only, Fast-Datafree meta-synthesis (synthesis.method=fast, its
-                   Fast-2 settings) with the same generator image-steps as the preset's cmi
-                   settings (fast_budget): more rounds of 2 steps instead of fewer of many
+  synth_dda        synthetic bank only, DDA's synthesizer (synthesis.method=dda; KD loss KL + CE + feature)
+  synth_cmi        synthetic bank only, CMI (synthesis.method=cmi, cr 0.8; KD loss KL only)
+  synth_fast       synthetic bank only, Fast-Datafree meta-synthesis (synthesis.method=fast, its
+                   WRN Fast-2 settings; KD loss KL only) with the same generator image-steps as the
+                   preset's dda settings (fast_budget): more rounds of 2 steps instead of fewer of many
+  (inversion_cmi / inversion_fast in results files before 2026-12-07: the DDA synthesizer, then named
+  cmi, and Fast with DDA's rotation term, both with the KL + CE + feature loss)
   dda_self         bank + diffusion variations kept by the cosine filter, with the preset's own
                    synthesis method and diffusion prior (the prior was trained on such a bank)
   dda_nofilter     as dda_self, keeping every variation (filter.threshold = -1)
-  cutmix           inversion_cmi with CutMix on every KD batch (distill.mix=cutmix): diversity
+  cutmix           synth_dda with CutMix on every KD batch (distill.mix=cutmix): diversity
                    without diffusion
-  photos           inversion_cmi plus photo crops as extra KD rows (distill.extra_banks), cut like
+  photos           synth_dda plus photo crops as extra KD rows (distill.extra_banks), cut like
                    the crops the photo prior trained on (its training.json): as many crops as the
                    dda arms make variations (num_variations x every synthetic row of the run)
   photo_kd         photo crops alone as the transfer set (no synthesis): One-Image-KD-style, a
@@ -68,16 +71,20 @@ PHOTO_PRIOR = "checkpoints/photo_prior"  # the local prior trained on the packag
 # unconditional one on both counts at every strength, so the photo prior is the teacher-labelled one.
 PHOTO_STRENGTH = 0.5
 
-# Fast-Datafree's own settings for 2 inner steps (its scripts' "Fast-2": lr_g 5e-3, lr_z 0.015,
-# bn 10, oh 0.5); how many rounds it gets is set by fast_budget() from the preset's cmi settings.
+# Fast-Datafree's own settings for 2 inner steps (its scripts' WRN "Fast-2": lr_g 5e-3, lr_z 0.015; bn 10,
+# oh 0.4, adv 1.1 are the method's defaults); how many rounds it gets is set by fast_budget() from the
+# preset's dda settings.
 FAST_STEPS = 2
-FAST = ["synthesis.method=fast", f"synthesis.g_steps={FAST_STEPS}", f"synthesis.init_g_steps={FAST_STEPS}", "synthesis.lr_g=0.005", "synthesis.lr_z=0.015", "synthesis.bn=10", "synthesis.oh=0.5"]
+FAST = ["synthesis.method=fast", f"synthesis.g_steps={FAST_STEPS}", f"synthesis.init_g_steps={FAST_STEPS}", "synthesis.lr_g=0.005", "synthesis.lr_z=0.015"]
+# CMI's scripts: cr 0.8 (cr_t 0.2, adv 0.5, bn 1, oh 1 are the method's defaults)
+CMI = ["synthesis.method=cmi", "synthesis.cr=0.8"]
 
 # name -> config overrides of that arm; a new arm is one more entry.
 ARMS: dict[str, list[str]] = {
     "real_kd": ["run.mode=real_kd"],
-    "inversion_cmi": ["run.mode=inversion", "synthesis.method=cmi"],
-    "inversion_fast": ["run.mode=inversion", *FAST],
+    "synth_dda": ["run.mode=inversion", "synthesis.method=dda"],
+    "synth_cmi": ["run.mode=inversion", *CMI],
+    "synth_fast": ["run.mode=inversion", *FAST],
     "dda_self": ["run.mode=dda"],
     "dda_nofilter": ["run.mode=dda", "filter.threshold=-1"],
     "cutmix": ["run.mode=inversion", "distill.mix=cutmix"],
@@ -128,7 +135,7 @@ def build_crops(cfg, out_dir: Path, n: int, seed: int) -> tuple[Path, float]:
 
 
 def fast_budget(base) -> list[str]:
-    """The fast arm's rounds: as many generator image-steps as the preset's (cmi) settings spend,
+    """The fast arm's rounds: as many generator image-steps as the preset's (dda) settings spend,
     in rounds of FAST_STEPS steps — the initial bank (rounds x batch x steps) and each epoch's round
     alike — so the two inversion arms get the same synthesis compute, Fast spending it on more images."""
     sc = base.synthesis
@@ -140,7 +147,7 @@ def fast_budget(base) -> list[str]:
 
 def resolve_arms(names: list[str], config: str, overrides: list[str]) -> dict[str, list[str]]:
     base = load_config(config, overrides)
-    return {a: [*ARMS[a], *(fast_budget(base) if "synthesis.method=fast" in ARMS[a] and base.synthesis.method == "cmi" else [])] for a in names}
+    return {a: [*ARMS[a], *(fast_budget(base) if "synthesis.method=fast" in ARMS[a] and base.synthesis.method == "dda" else [])] for a in names}
 
 
 def sweep_arms(sweeps: list[str]) -> dict[str, list[str]]:
@@ -155,8 +162,8 @@ def sweep_arms(sweeps: list[str]) -> dict[str, list[str]]:
 
 
 def synthesis_method(cfg) -> str:
-    """The config's inversion method; presets from before ``synthesis.method`` existed are cmi."""
-    return getattr(cfg.synthesis, "method", "cmi")
+    """The config's inversion method; presets from before ``synthesis.method`` existed are dda."""
+    return getattr(cfg.synthesis, "method", "dda")
 
 
 def build_bank(cfg) -> float:

@@ -5,7 +5,7 @@
     RAY_AUTH_MODE=disabled python benchmarks/perf.py step [--repeats 3]        # (5) Ray Train per step vs a plain PyTorch loop
     RAY_AUTH_MODE=disabled python benchmarks/perf.py augment [--repeats 3]     # (6) batched vs per-image diffusion; pool size 1 vs 2
     RAY_AUTH_MODE=disabled python benchmarks/perf.py memory                    # (8) peak RSS per stage
-    RAY_AUTH_MODE=disabled python benchmarks/perf.py synthesis [--repeats 3]   # initial bank img/s, cmi and fast, driver vs Ray tasks
+    RAY_AUTH_MODE=disabled python benchmarks/perf.py synthesis [--repeats 3]   # initial bank img/s, dda, cmi and fast, driver vs Ray tasks
     python benchmarks/perf.py kd --config configs/cifar10_cpu_bench.yaml [--repeats 5]  # the KD step vs its roofline (perf_kd.py)
     common options: [--config configs/cifar10_cpu_smoke.yaml] [--output-dir outputs/bench_perf] [--quick] [section.field=value ...]
 
@@ -43,8 +43,8 @@ per-repeat values.
   augment    ``Augmenter.augment`` on bank images, batched (``augment.batch_size``) vs one image per
              call, in this process; then ``AugmentStage`` through ``map_batches`` with an actor pool of
              1 and 2 (fresh cache per run).
-  synthesis  the initial bank (``run_synthesizer``, fresh bank per arm) for ``synthesis.method`` cmi and fast,
-             in this process and over Ray tasks (cmi: ``--synthesis-tasks``; fast: one chain, one task);
+  synthesis  the initial bank (``run_synthesizer``, fresh bank per arm) for ``synthesis.method`` dda, cmi and fast,
+             in this process and over Ray tasks (dda: ``--synthesis-tasks``; cmi, fast: one chain, one task);
              images/s, also appended to ``benchmarks/results/perf.jsonl`` (``synthesis_img_per_s_*``).
   kd         (``perf_kd.py``) ``Distiller.train_step`` as configured vs the bare arithmetic of the step, in this
              process, on the config's own batch and models (not ``SMALL``: only one torch thread and no
@@ -961,14 +961,16 @@ def bench_memory(args) -> str:
 
 # ---------------------------------------------------------------- main
 def bench_synthesis(args) -> str:
-    """Initial-bank throughput (images/s) for ``synthesis.method`` cmi and fast: made in this process
-    (``resources.synthesis_tasks=0``) and over Ray tasks (cmi: ``--synthesis-tasks`` concurrent tasks of
-    ``synthesis_cpus`` 1; fast: one chain, so one task). Each arm of each repeat writes a fresh bank."""
+    """Initial-bank throughput (images/s) for ``synthesis.method`` dda, cmi and fast: made in this process
+    (``resources.synthesis_tasks=0``) and over Ray tasks (dda: ``--synthesis-tasks`` concurrent tasks of
+    ``synthesis_cpus`` 1; cmi and fast: one chain, so one task). Each arm of each repeat writes a fresh bank.
+    (``synthesis_img_per_s_cmi`` lines before 2026-12-07 measured the DDA synthesizer, then named cmi.)"""
     from dda_ray.sources import run_synthesizer
 
     rounds = 1 if args.quick else args.synthesis_rounds
     rep = Report(args, "Synthesis throughput: initial bank, images/s")
-    arms = [(m, t) for m in ("cmi", "fast") for t in (0, args.synthesis_tasks if m == "cmi" else 1)]
+    parallel = {"dda": args.synthesis_tasks, "cmi": 1, "fast": 1}  # chained methods: one task
+    arms = [(m, t) for m in parallel for t in (0, parallel[m])]
     got: dict[tuple[str, int], list[float]] = {a: [] for a in arms}
     for r in range(args.repeats):
         for method, tasks in arms if r % 2 == 0 else arms[::-1]:
@@ -976,6 +978,7 @@ def bench_synthesis(args) -> str:
                 start_ray(args)
             name = f"synth-{method}-t{tasks}-{r}-{time.strftime('%H%M%S')}"
             cfg = make_cfg(args, f"run.name={name}", f"synthesis.method={method}", f"synthesis.init_rounds={rounds}",
+                           *(["synthesis.cr=0.8"] if method == "cmi" else []),
                            f"resources.synthesis_tasks={tasks}", "resources.synthesis_cpus=1",
                            f"synthesis.bank_dir={Path(args.output_dir).resolve() / 'caches' / name}")  # fmt: skip
             t0 = time.perf_counter()
@@ -993,10 +996,10 @@ def bench_synthesis(args) -> str:
     rep.add(f"{rounds} rounds x {cfg.synthesis.init_batch_size} images, {cfg.synthesis.init_g_steps} generator steps per round, "
             f"teacher {cfg.teacher.arch}, one torch thread per process; Ray task arms include their tasks' start-up.")  # fmt: skip
     detail = {"rounds": rounds, "batch": cfg.synthesis.init_batch_size, "g_steps": cfg.synthesis.init_g_steps, "teacher": cfg.teacher.arch, "repeats": args.repeats}
-    for method in ("cmi", "fast") if not args.quick else ():  # --quick numbers mean little: not recorded
-        driver, tasks = got[(method, 0)], got[(method, args.synthesis_tasks if method == "cmi" else 1)]
+    for method in parallel if not args.quick else ():  # --quick numbers mean little: not recorded
+        driver, tasks = got[(method, 0)], got[(method, parallel[method])]
         record(f"synthesis_img_per_s_{method}", median(driver), "img/s", {**detail, "where": "driver", "per_repeat": driver,
-               "ray_tasks": args.synthesis_tasks if method == "cmi" else 1, "ray_tasks_img_per_s": median(tasks), "ray_per_repeat": tasks})  # fmt: skip
+               "ray_tasks": parallel[method], "ray_tasks_img_per_s": median(tasks), "ray_per_repeat": tasks})  # fmt: skip
     return rep.emit()
 
 

@@ -1,7 +1,7 @@
 """Summarise the accuracy results that benchmarks/accuracy.py appends to its JSONL file.
 
     python benchmarks/report.py [--results benchmarks/results/accuracy.jsonl] [--preset configs/cifar10_cpu_demo.yaml]
-        [--pair dda_self inversion_cmi]... [--plot accuracy.png]
+        [--pair dda_self synth_dda]... [--plot accuracy.png]
 
 Prints, for one preset (default: the preset with the most lines):
   * a Markdown table per arm: n, mean top-1, sample std (n-1), min, max, seeds, and the ratio of

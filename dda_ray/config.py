@@ -20,6 +20,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from .config_sections import (
+    ADV_TERMS,
     AUGMENT_BACKENDS,
     DATASETS,
     DTYPES,
@@ -44,7 +45,7 @@ from .config_sections import (
 from .tune_space import Domain, TuneConfig
 
 __all__ = [  # the sections are defined in config_sections.py / tune_space.py and re-exported here
-    "AUGMENT_BACKENDS", "DATASETS", "DTYPES", "MIX_MODES", "MODES", "PRIOR_LABELS", "PRIOR_SOURCES", "SYNTHESIS_METHODS",
+    "ADV_TERMS", "AUGMENT_BACKENDS", "DATASETS", "DTYPES", "MIX_MODES", "MODES", "PRIOR_LABELS", "PRIOR_SOURCES", "SYNTHESIS_METHODS",
     "AugmentConfig", "Config", "ConfigError", "DataConfig", "DistillConfig", "Domain", "FilterConfig", "ModelConfig",
     "ResourcesConfig", "RunConfig", "SynthesisConfig", "TeacherConfig", "TeacherTrainingConfig", "TrackingConfig", "TuneConfig",
     "apply_overrides", "apply_values", "config_from_dict", "config_reference", "load_config", "parse_override", "to_raw",
@@ -66,10 +67,21 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)  # search space and scheduler (jobs/tune.py)
 
+    def __post_init__(self) -> None:
+        self.resolve()
+
+    def resolve(self) -> Config:
+        """Fill the method-dependent fields a config left null: the synthesis weights of
+        ``synthesis.method`` and the KD loss terms of the method that makes the rows."""
+        self.synthesis.resolve()
+        self.distill.resolve(self.run.mode, self.synthesis.method)
+        return self
+
     def validate(self, check_space: bool = True) -> Config:
         """Every section's own checks, then those across sections (``check_space``: the tune space against the rest)."""
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate(f.name)
+        self.resolve()
         if self.distill.extra_banks and self.run.mode == "real_kd":
             raise ConfigError("distill.extra_banks adds rows to the synthetic pool; run.mode = 'real_kd' trains on the real split only (use inversion or dda)")
         if self.tune.train_in == "trial" and self.resources.num_workers > 1:
@@ -298,14 +310,16 @@ def config_from_dict(raw: dict) -> Config:
     unknown = sorted(set(raw) - set(hints))
     if unknown:
         raise ConfigError(f"unknown config section(s) {unknown}; known: {sorted(hints)}")
-    default = Config()
+    # each section's own defaults, before Config resolves the method-dependent ones: a config naming
+    # another method gets that method's values, not those resolved for the default method
+    defaults = {f.name: f.default_factory() for f in dataclasses.fields(Config)}
     kwargs = {}
     for name, typ in hints.items():
         if name not in raw:
             continue
         if raw[name] is not None and not isinstance(raw[name], dict):
             raise ConfigError(f"{name} must be a mapping of fields, got {raw[name]!r}")
-        base = to_raw(getattr(default, name))
+        base = to_raw(defaults[name])
         base.update(raw[name] or {})
         kwargs[name] = _build_section(typ, base, name)
     return Config(**kwargs)

@@ -15,7 +15,18 @@ MODES = ("dda", "inversion", "real_kd")
 DATASETS = ("cifar10", "cifar100", "imagefolder", "tiny_imagenet")
 AUGMENT_BACKENDS = ("local_prior", "sd_img2img", "sd_image_variations")
 DTYPES = ("float32", "float16", "bfloat16")
-SYNTHESIS_METHODS = ("cmi", "fast")
+SYNTHESIS_METHODS = ("dda", "cmi", "fast")
+ADV_TERMS = ("rotation", "kl")  # synthesis.adv_term: what the generator fools in rounds with the student
+# Each method's reference values (its reference code's scripts for CIFAR WRN pairs) for the fields a config
+# leaves null: DDA (SLGSP/DDA), CMI (zju-vipa/CMI, cmi_cifar10.sh), Fast-Datafree (zju-vipa/Fast-Datafree, fast_cifar.sh).
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dda": {"adv": 10.0, "bn": 1.0, "oh": 1.0, "adv_term": "rotation"},
+    "cmi": {"adv": 0.5, "bn": 1.0, "oh": 1.0, "adv_term": "kl"},
+    "fast": {"adv": 1.1, "bn": 10.0, "oh": 0.4, "adv_term": "kl"},
+}
+# The KD loss each method's reference trains with (DDA's datafree_kd.py: CE on the round's targets and the
+# feature term for --method dda only, KL alone otherwise); real_kd keeps the full loss on the real labels.
+KD_TERMS: dict[str, dict[str, float]] = {"dda": {"ce": 1.0, "fea": 30.0}, "cmi": {"ce": 0.0, "fea": 0.0}, "fast": {"ce": 0.0, "fea": 0.0}}
 PRIOR_SOURCES = ("bank", "folder", "photos")  # what the local prior trains on (dda_ray/prior_data.py)
 MIX_MODES = ("none", "cutmix", "mixup")  # distill.mix: batch mixing of the KD rows
 AMP_MODES = ("none", "bf16", "fp16")  # distill.amp: autocast dtype of the KD forward passes
@@ -142,23 +153,36 @@ class TeacherTrainingConfig:
 
 @dataclass
 class SynthesisConfig:
-    """Model inversion: generator + latents optimised against the teacher (and student)."""
+    """Model inversion: generator + latents optimised against the teacher (and student).
 
-    # cmi: a freshly initialised generator per round; fast: Fast-Datafree's meta-generator, kept
+    Fields left null take the method's reference value (``METHOD_DEFAULTS``) when the config is built.
+    """
+
+    # dda: DDA's synthesizer (a freshly initialised generator per round; rounds with the student fool a
+    # rotation head on the student); cmi: CMI (the same, plus a contrastive term over a memory bank of
+    # teacher features, and a masked-KL adversarial term); fast: Fast-Datafree's meta-generator, kept
     # across rounds and meta-learned (first-order MAML) from each round's few inner steps
-    method: str = "cmi"
+    method: str = "dda"
     batch_size: int = 400  # images per synthesis round
     g_steps: int = 200  # optimisation steps per round (fast: a few, e.g. 2-10)
-    lr_g: float = 1e-3  # generator learning rate (cmi: the latents' too)
+    lr_g: float = 1e-3  # generator learning rate (dda, cmi: the latents' too; cmi: its projection head's)
     lr_z: float = 0.01  # fast: latent learning rate
     bn_momentum: float = 0.9  # fast: momentum of the BN-statistics target across rounds, [0, 1); 0 turns it off
-    meta_lr: float | None = None  # fast: meta-optimiser learning rate; None: lr_g * g_steps (this g_steps, not a per-round override)
+    meta_lr: float | None = None  # fast: meta-optimiser learning rate; None: lr_g * the round's g_steps (Fast's lr_g * iterations)
     nz: int = 256  # latent size
     ngf: int = 64  # generator width
-    bn: float = 1.0  # BatchNorm-statistics loss weight
-    oh: float = 1.0  # one-hot cross-entropy weight
-    adv: float = 10.0  # rotation-adversarial weight (rounds with the student)
-    init_rounds: int = 400  # rounds of the initial bank (no student, adv = 0)
+    bn: float | None = None  # BatchNorm-statistics loss weight (null: dda 1, cmi 1, fast 10)
+    oh: float | None = None  # one-hot cross-entropy weight (null: dda 1, cmi 1, fast 0.4)
+    adv: float | None = None  # adversarial weight in rounds with the student (null: dda 10, cmi 0.5, fast 1.1)
+    # the adversarial term: rotation = the student's rotation head's CE, maximised (DDA); kl = the KL between
+    # teacher and student, maximised on the images both classify alike (CMI, Fast). null: the method's
+    adv_term: str | None = None
+    cr: float | None = None  # cmi: contrastive weight (CMI's scripts: 0.8); required for cmi
+    cr_t: float = 0.2  # cmi: contrastive temperature (CMI's cr_T)
+    cmi_bank_size: int = 40960  # cmi: memory bank of (local, global) teacher features, rows
+    cmi_negatives: int = 4096  # cmi: negatives drawn from the memory bank per step
+    cmi_head_dim: int = 256  # cmi: output size of the projection head
+    init_rounds: int = 400  # rounds of the initial bank (no student, adv = 0; fast: its warm-up, no KD)
     init_batch_size: int = 200
     init_g_steps: int = 500
     rounds_per_epoch: int = 1  # synthesis rounds with the student per distillation epoch
@@ -169,8 +193,21 @@ class SynthesisConfig:
     rotation_views: int = 4
     bank_dir: str | None = None  # initial bank location (shared between runs); None: <run_dir>/bank
 
+    def resolve(self) -> None:
+        """Fill the fields left null with the method's reference values (an unknown method is left for validate)."""
+        for name, value in METHOD_DEFAULTS.get(self.method, {}).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
     def validate(self, p: str) -> None:
-        for n in ("batch_size", "g_steps", "nz", "ngf", "init_batch_size", "init_g_steps"):
+        _check(self.method in SYNTHESIS_METHODS, f"{p}.method", self.method, f"one of {SYNTHESIS_METHODS}")
+        if self.method == "cmi" and self.cr is None:
+            raise ConfigError(
+                f"{p}.method = 'cmi' now names CMI (contrastive model inversion), which needs {p}.cr (its scripts: 0.8); "
+                f"the synthesizer this name meant before (a generator per round, rotation-adversarial head) is {p}.method = 'dda'"
+            )
+        self.resolve()
+        for n in ("batch_size", "g_steps", "nz", "ngf", "init_batch_size", "init_g_steps", "cmi_bank_size", "cmi_negatives", "cmi_head_dim"):
             _check(getattr(self, n) >= 1, f"{p}.{n}", getattr(self, n), "an integer >= 1")
         _check(self.rotation_every >= 1, f"{p}.rotation_every", self.rotation_every, "an integer >= 1")
         _check(self.rotation_views in (1, 2, 3, 4), f"{p}.rotation_views", self.rotation_views, "1, 2, 3 or 4")
@@ -178,7 +215,10 @@ class SynthesisConfig:
             _check(getattr(self, n) >= 0, f"{p}.{n}", getattr(self, n), "an integer >= 0")
         for n in ("bn", "oh", "adv"):
             _check(getattr(self, n) >= 0, f"{p}.{n}", getattr(self, n), "a number >= 0")
-        _check(self.method in SYNTHESIS_METHODS, f"{p}.method", self.method, f"one of {SYNTHESIS_METHODS}")
+        _check(self.adv_term in ADV_TERMS, f"{p}.adv_term", self.adv_term, f"null (the method's) or one of {ADV_TERMS}")
+        _check(self.cr is None or self.cr >= 0, f"{p}.cr", self.cr, "null or a number >= 0 (cmi: required)")
+        _check(self.cr is None or self.method == "cmi", f"{p}.cr", self.cr, "null unless method = 'cmi' (the contrastive term is CMI's)")
+        _check(self.cr_t > 0, f"{p}.cr_t", self.cr_t, "a positive number")
         _check(self.lr_g > 0, f"{p}.lr_g", self.lr_g, "a positive number")
         _check(self.lr_z > 0, f"{p}.lr_z", self.lr_z, "a positive number")
         _check(0 <= self.bn_momentum < 1, f"{p}.bn_momentum", self.bn_momentum, "a number in [0, 1) (0 turns it off)")
@@ -299,8 +339,11 @@ class DistillConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     temperature: float = 20.0
-    ce: float = 1.0  # cross-entropy weight (labels = the synthesis targets)
-    fea: float = 30.0  # feature-alignment weight
+    # KD loss = KL * T^2 + ce * CE(student, row labels) + fea * MSE(align(student map), teacher map), with the
+    # reference's terms for the method that made the rows when null (KD_TERMS: dda CE 1 + feature 30, as DDA's
+    # datafree_kd.py; cmi and fast KL only, as theirs); real_kd: CE 1 on the real labels + feature 30
+    ce: float | None = None  # cross-entropy weight (labels = the synthesis targets, or the real labels)
+    fea: float | None = None  # feature-alignment weight (the reference's layer: see models.ModelOutput.feature_map)
     # Mixing of each KD batch with a shuffled copy of itself (the teacher labels the mixed images):
     # none | cutmix (a box pasted from the partner) | mixup (a pixel blend); the CE term mixes the two labels.
     mix: str = "none"
@@ -328,8 +371,16 @@ class DistillConfig:
         _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, "an integer >= 1")
         _check(self.lr > 0, f"{p}.lr", self.lr, "a positive number")
         _check(self.temperature > 0, f"{p}.temperature", self.temperature, "a positive number")
-        for n in ("ce", "fea", "weight_decay"):
-            _check(getattr(self, n) >= 0, f"{p}.{n}", getattr(self, n), "a number >= 0")
+        for n in ("ce", "fea"):
+            _check(getattr(self, n) is None or getattr(self, n) >= 0, f"{p}.{n}", getattr(self, n), "null (the method's) or a number >= 0")
+        _check(self.weight_decay >= 0, f"{p}.weight_decay", self.weight_decay, "a number >= 0")
+
+    def resolve(self, mode: str, method: str) -> None:
+        """Fill ``ce`` / ``fea`` left null with the reference's terms for the rows' maker (``KD_TERMS``)."""
+        terms = KD_TERMS["dda"] if mode == "real_kd" else KD_TERMS.get(method, KD_TERMS["dda"])
+        for name, value in terms.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
 
 @dataclass

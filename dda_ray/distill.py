@@ -7,7 +7,10 @@
 
 KD step: ``KL(student/T || teacher/T) * T^2 + ce * CE(student, y)
 + fea * MSE(align(student map), teacher map)``; the teacher runs on the fly (under
-``torch.inference_mode``) on the same randomly cropped/flipped batch. After every
+``torch.inference_mode``) on the same randomly cropped/flipped batch. ``ce`` and ``fea`` follow the
+reference of the method that made the rows unless the config sets them (``DistillConfig``: DDA's
+rows CE + feature term, CMI's and Fast's KL alone); the maps are each network's
+``ModelOutput.feature_map``, the layer DDA aligns. After every
 ``rotation_every``-th KD step the rotation head (used by the adversarial synthesis term) takes one
 SGD step on rotated copies of the batch (``rotation_views`` of the four rotations per image), with
 the student in eval mode and its features detached: the step must not move the student's BatchNorm
@@ -21,6 +24,7 @@ the epoch loop reads them (and checks they are finite) every ``SYNC_EVERY`` step
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -115,7 +119,12 @@ class Distiller:
         rotation_views: int = 4,
     ):
         """``wrap`` (e.g. ``ray.train.torch.prepare_model``) turns the trained modules into DDP
-        modules; ``student_module`` always stays the plain model (synthesis, evaluation, saving)."""
+        modules; ``student_module`` always stays the plain model (synthesis, evaluation, saving).
+        A ``cfg`` whose ``ce`` / ``fea`` are null (not built through a ``Config``) gets DDA's terms."""
+        if cfg.ce is None or cfg.fea is None:
+            cfg = dataclasses.replace(cfg)
+            cfg.resolve("inversion", "dda")
+        self.ce, self.fea = cfg.ce, cfg.fea  # the loss's weights, fixed for the distiller's life
         self.device = torch.device(device)
         self.cfg, self.num_classes, self.normalize = cfg, num_classes, normalize
         self.transform = TrainTransform(normalize.mean.flatten().tolist(), normalize.std.flatten().tolist())
@@ -124,9 +133,13 @@ class Distiller:
         self.teacher = teacher.to(self.device, memory_format=self.memory_format).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        with torch.no_grad():
+        with torch.no_grad():  # channel probe in eval mode: a train-mode forward would move the student's BN statistics
             probe = torch.zeros(2, 3, 32, 32, device=self.device)
-            s_ch = self.student_module(probe, return_features=True).feature_map.shape[1]
+            self.student_module.eval()
+            try:
+                s_ch = self.student_module(probe, return_features=True).feature_map.shape[1]
+            finally:
+                self.student_module.train()
             t_ch = self.teacher(probe, return_features=True).feature_map.shape[1]
         self.align_module = AlignHead(s_ch, t_ch).to(self.device, memory_format=self.memory_format)
         self.rot_head = RotationHead(self.student_module.feature_dim, num_classes).to(self.device)
@@ -134,7 +147,7 @@ class Distiller:
         self.align: nn.Module = self.align_module
         if wrap is not None:
             self.student = wrap(self.student_module)
-            if cfg.fea > 0:  # an unused DDP module would fail its gradient reduction
+            if self.fea > 0:  # an unused DDP module would fail its gradient reduction
                 self.align = wrap(self.align_module)
         self.teacher_forward: Callable = self.teacher
         if cfg.compile:  # the compiled callables train and label; the plain modules are saved and evaluated
@@ -170,7 +183,7 @@ class Distiller:
         cfg = self.cfg
         x = self.transform(to_float(images).to(self.device), generator).contiguous(memory_format=self.memory_format)
         y = labels.to(self.device)
-        perm, lam = None, 1.0
+        perm, lam, unmixed = None, 1.0, x
         if cfg.mix != "none" and (cfg.mix_prob >= 1 or float(torch.rand((), generator=generator)) < cfg.mix_prob):
             x, perm, lam = mix_batch(x, cfg.mix, cfg.mix_alpha, generator)  # the teacher labels the mixed images
         with torch.inference_mode(), self.autocast():
@@ -179,14 +192,14 @@ class Distiller:
         t_logits, t_map = t.logits.float().clone(), t.feature_map.float().clone()
         with self.autocast():
             s = self.student(x, return_features=True)
-            aligned = self.align(s.feature_map, t_map.shape[-2:]) if cfg.fea > 0 else None
+            aligned = self.align(s.feature_map, t_map.shape[-2:]) if self.fea > 0 else None
         logits = s.logits.float()  # the losses in float32
         l_kd = kd_loss(logits, t_logits, cfg.temperature)
         l_ce = F.cross_entropy(logits, y)
         if perm is not None:
             l_ce = lam * l_ce + (1 - lam) * F.cross_entropy(logits, y[perm])
         l_fea = feature_loss(aligned.float(), t_map) if aligned is not None else torch.zeros((), device=self.device)
-        loss = l_kd + cfg.ce * l_ce + cfg.fea * l_fea
+        loss = l_kd + self.ce * l_ce + self.fea * l_fea
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -194,7 +207,7 @@ class Distiller:
         self.kd_steps += 1
         out = {"loss": loss.detach(), "kd": l_kd.detach(), "ce": l_ce.detach(), "fea": l_fea.detach()}
         if self.rotation_every and self.kd_steps % self.rotation_every == 0:
-            out["rot"] = self.rotation_step(x, y, generator)
+            out["rot"] = self.rotation_step(unmixed, y, generator)  # y labels the unmixed images
         return out
 
     def rotation_step(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -423,8 +436,9 @@ def train_loop(
 
 def rotation_every(cfg) -> int:
     """How often the run's rotation head trains: ``synthesis.rotation_every`` when rounds with the
-    student use it (``synthesis.adv > 0`` and ``rounds_per_epoch > 0``, not ``real_kd``), else never
-    (0): its step costs a student forward on four rotated copies of the batch, for nothing."""
+    student use it (``synthesis.adv_term: rotation``, ``adv > 0`` and ``rounds_per_epoch > 0``, not
+    ``real_kd``), else never (0): its step costs a student forward on four rotated copies of the
+    batch, for nothing."""
     sc = cfg.synthesis
-    used = cfg.run.mode != "real_kd" and sc.adv > 0 and sc.rounds_per_epoch > 0
+    used = cfg.run.mode != "real_kd" and sc.adv_term == "rotation" and sc.adv > 0 and sc.rounds_per_epoch > 0
     return sc.rotation_every if used else 0

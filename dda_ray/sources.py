@@ -43,10 +43,14 @@ def bank_provenance(cfg: Config, synthesizer: Synthesizer, initial: bool = True)
     settings = f"batch_size={size} g_steps={steps} lr_g={sc.lr_g} nz={sc.nz} ngf={sc.ngf} bn={sc.bn} oh={sc.oh} seed={cfg.run.seed}"
     if sc.method == "fast":
         settings += f" lr_z={sc.lr_z} bn_momentum={sc.bn_momentum} meta_lr={sc.meta_lr}"
+    if sc.method == "cmi":
+        settings += f" cr={sc.cr} cr_t={sc.cr_t} cmi_bank_size={sc.cmi_bank_size} cmi_negatives={sc.cmi_negatives} cmi_head_dim={sc.cmi_head_dim}"
+    if not initial:
+        settings += f" adv={sc.adv} adv_term={sc.adv_term}"
     return {"teacher": fingerprint(synthesizer.teacher), "synthesis": settings, "method": sc.method}
 
 
-SYNTHESIS_STATE = "synthesizer.pt"  # fast: the meta-generator chain after the bank's last round
+SYNTHESIS_STATE = "synthesizer.pt"  # a chained method (fast, cmi): the chain's state after the bank's last round
 
 
 def _save_synthesis_state(bank_dir: Path, synthesizer: Synthesizer) -> None:
@@ -56,13 +60,14 @@ def _save_synthesis_state(bank_dir: Path, synthesizer: Synthesizer) -> None:
 
 
 def load_bank_synthesis_state(cfg: Config, synthesizer: Synthesizer) -> None:
-    """``fast``: continue the chain where the initial bank left it (every run sharing the bank
-    starts its rounds with the student from the same meta-generator). ``cmi``: nothing to do."""
-    if cfg.synthesis.method != "fast":
+    """A chained method's state where the initial bank's chain left it (``_build_chain`` resumes
+    an interrupted bank from it; ``fast``'s rounds with the student continue it). ``dda``: nothing."""
+    if not synthesizer.chained:
         return
     path = initial_bank_dir(cfg) / SYNTHESIS_STATE
+    method = cfg.synthesis.method
     if not path.exists():
-        raise RuntimeError(f"the fast synthesis state {path} is missing: the initial bank under {path.parent} was not made with synthesis.method=fast")
+        raise RuntimeError(f"the {method} synthesis state {path} is missing: the initial bank under {path.parent} was not made with synthesis.method={method}")
     synthesizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
 
@@ -74,9 +79,9 @@ def build_initial_bank(cfg: Config, synthesizer: Synthesizer, progress: bool = T
     another teacher or with other settings are refused (:func:`check_provenance`). With
     ``resources.synthesis_tasks > 0`` and Ray running, the missing rounds are spread over that many
     concurrent Ray tasks (:func:`synthesize_rounds`, each with ``synthesis_cpus`` / ``synthesis_gpus``);
-    otherwise they run here, one after another. ``synthesis.method: fast`` rounds form one chain, run in
-    order (:func:`_build_fast_chain`): in one Ray task when tasks are asked for, else here;
-    ``synthesizer`` ends holding the chain either way.
+    otherwise they run here, one after another. A chained method's rounds (``fast``, ``cmi``) form
+    one chain, run in order (:func:`_build_chain`): in one Ray task when tasks are asked for, else
+    here; ``synthesizer`` ends holding the chain either way.
     """
     sc = cfg.synthesis
     bank_dir = initial_bank_dir(cfg)
@@ -86,13 +91,13 @@ def build_initial_bank(cfg: Config, synthesizer: Synthesizer, progress: bool = T
         check_provenance(path, provenance)
     done = {round_of(p) for p in existing}
     todo = [r for r in range(sc.init_rounds) if r not in done]
-    if sc.method == "fast" and todo and cfg.resources.synthesis_tasks > 0 and _ray_running():
+    if synthesizer.chained and todo and cfg.resources.synthesis_tasks > 0 and _ray_running():
         # one chain: one Ray task (on a cluster it runs where the synthesis GPUs are), then continue from it here
         _build_with_ray_tasks(cfg, bank_dir, todo, provenance, progress, max_tasks=1)
         load_bank_synthesis_state(cfg, synthesizer)
         return bank_dir
-    if sc.method == "fast":
-        return _build_fast_chain(cfg, synthesizer, bank_dir, todo, provenance, progress)
+    if synthesizer.chained:
+        return _build_chain(cfg, synthesizer, bank_dir, todo, provenance, progress)
     if todo and cfg.resources.synthesis_tasks > 0 and _ray_running():
         _build_with_ray_tasks(cfg, bank_dir, todo, provenance, progress)
         return bank_dir
@@ -105,7 +110,9 @@ def build_initial_bank(cfg: Config, synthesizer: Synthesizer, progress: bool = T
 def run_synthesizer(cfg: Config, teacher: tuple | None = None, device: torch.device | str | None = None, progress: bool = True) -> Synthesizer:
     """THE construction of a run's Synthesizer: built against the teacher, the initial bank made
     (rounds already on disk skipped, see :func:`build_initial_bank`), and for ``fast`` the chain
-    left at the bank's end, where the rounds with the student continue it.
+    left at the bank's end, where the rounds with the student continue it (Fast's warm-up and
+    training are one process). ``cmi``'s rounds with the student start a fresh chain (projection
+    head, empty memory bank), as the reference's bank-then-train scripts do (two processes).
 
     ``teacher``: ``(model, normalize)`` as :func:`~dda_ray.checkpoint.load_teacher` returns them;
     None: a standalone call (the Ray driver, Tune's shared bank, the benchmarks) sets the threads,
@@ -121,21 +128,24 @@ def run_synthesizer(cfg: Config, teacher: tuple | None = None, device: torch.dev
     device = resolve_device("auto" if cfg.resources.use_gpu else "cpu") if device is None else device
     synthesizer = build_synthesizer(cfg, teacher[0], teacher[1], device)
     build_initial_bank(cfg, synthesizer, progress)
+    if synthesizer.method == "cmi":
+        synthesizer.reset_chain()
     return synthesizer
 
 
-def _build_fast_chain(cfg: Config, synthesizer: Synthesizer, bank_dir: Path, todo: list[int], provenance: dict[str, str], progress: bool) -> Path:
-    """``fast``: rounds form one chain (each continues the meta-generator the one before left), so
-    they run here in order, and the chain's state is saved beside the rounds after each one: an
-    interrupted bank resumes exactly, and runs sharing the bank continue from its end."""
+def _build_chain(cfg: Config, synthesizer: Synthesizer, bank_dir: Path, todo: list[int], provenance: dict[str, str], progress: bool) -> Path:
+    """A chained method (``fast``, ``cmi``): rounds form one chain (each continues the state the
+    one before left: fast's meta-generator, cmi's head and memory bank), so they run here in order,
+    and the chain's state is saved beside the rounds after each one: an interrupted bank resumes
+    exactly, and runs sharing the bank continue from its end."""
     sc = cfg.synthesis
     if (bank_dir / SYNTHESIS_STATE).exists():
         load_bank_synthesis_state(cfg, synthesizer)
     elif sc.init_rounds - len(todo):
-        raise RuntimeError(f"{bank_dir} holds rounds but no {SYNTHESIS_STATE}: it was not made with synthesis.method=fast")
+        raise RuntimeError(f"{bank_dir} holds rounds but no {SYNTHESIS_STATE}: it was not made with synthesis.method={sc.method}")
     if todo and todo != list(range(synthesizer.rounds_done, sc.init_rounds)):
-        raise RuntimeError(f"fast bank {bank_dir}: rounds {todo} are missing but its chain stopped after round {synthesizer.rounds_done - 1}")
-    for r in tqdm(todo, desc="initial bank (fast chain)", unit="round", disable=not progress or not todo):
+        raise RuntimeError(f"{sc.method} bank {bank_dir}: rounds {todo} are missing but its chain stopped after round {synthesizer.rounds_done - 1}")
+    for r in tqdm(todo, desc=f"initial bank ({sc.method} chain)", unit="round", disable=not progress or not todo):
         res = synthesizer.run_round(r, derive_seed(cfg.run.seed, "bank", r), sc.init_batch_size, sc.init_g_steps, adv=0.0)
         write_round(bank_dir, res.batch, r, provenance)
         _save_synthesis_state(bank_dir, synthesizer)
@@ -156,8 +166,8 @@ def synthesize_rounds(cfg_dict: dict, bank_dir: str, rounds: list[int], provenan
     if fingerprint(synthesizer.teacher) != provenance["teacher"]:
         raise RuntimeError(f"the task's teacher ({cfg.teacher.checkpoint}) is not the driver's: is the checkpoint on storage every node sees?")
     sc = cfg.synthesis
-    if sc.method == "fast":  # the whole chain, in order, from its saved state
-        _build_fast_chain(cfg, synthesizer, Path(bank_dir), rounds, provenance, progress=False)
+    if synthesizer.chained:  # the whole chain, in order, from its saved state
+        _build_chain(cfg, synthesizer, Path(bank_dir), rounds, provenance, progress=False)
         return rounds
     for r in rounds:
         res = synthesizer.run_round(r, derive_seed(cfg.run.seed, "bank", r), sc.init_batch_size, sc.init_g_steps, adv=0.0)
@@ -428,12 +438,12 @@ class RaySource:
 
 
 def resume_extra(source) -> dict:
-    """What a checkpoint records besides the models: the round counter and, for ``fast``, the
-    meta-generator chain (so a resumed run makes the rounds an uninterrupted one would)."""
+    """What a checkpoint records besides the models: the round counter and, for a chained method,
+    the chain's state (so a resumed run makes the rounds an uninterrupted one would)."""
     rounds = getattr(source, "rounds", None)
     extra = {"next_round": rounds.next_round if rounds is not None else 0}
     synthesizer = rounds.synthesizer if rounds is not None else None
-    if isinstance(synthesizer, Synthesizer) and synthesizer.method == "fast":
+    if isinstance(synthesizer, Synthesizer) and synthesizer.chained:
         extra["synthesizer"] = synthesizer.state_dict()
     return extra
 

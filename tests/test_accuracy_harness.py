@@ -138,10 +138,10 @@ def test_plot_writes_a_png(report, results, tmp_path):
     assert png.stat().st_size > 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_synthesis_method_defaults_to_cmi(accuracy):
-    assert accuracy.synthesis_method(SimpleNamespace(synthesis=SimpleNamespace())) == "cmi"
+def test_synthesis_method_defaults_to_dda(accuracy):
+    assert accuracy.synthesis_method(SimpleNamespace(synthesis=SimpleNamespace())) == "dda"
     assert accuracy.synthesis_method(SimpleNamespace(synthesis=SimpleNamespace(method="fast"))) == "fast"
-    assert set(accuracy.ARMS) >= {"real_kd", "inversion_cmi", "inversion_fast", "dda_self", "dda_nofilter"}
+    assert set(accuracy.ARMS) >= {"real_kd", "synth_dda", "synth_cmi", "synth_fast", "dda_self", "dda_nofilter"}
 
 
 def test_resume_skips_done_arms_and_only_appends(accuracy, tmp_path, monkeypatch):

@@ -131,7 +131,7 @@ def test_rotation_head_trains_every_kth_step_and_never_when_no_round_uses_it():
     assert "rot" not in never.train_step(x, y) and torch.equal(never.rot_head.net[0].weight, w)
     cfg = load_config("configs/cifar10_cpu_smoke.yaml", ["synthesis.rotation_every=3"])
     assert rotation_every(cfg) == 3
-    for off in (["run.mode=real_kd"], ["synthesis.adv=0"], ["synthesis.rounds_per_epoch=0"]):
+    for off in (["run.mode=real_kd"], ["synthesis.adv=0"], ["synthesis.rounds_per_epoch=0"], ["synthesis.method=fast"], ["synthesis.adv_term=kl"]):
         assert rotation_every(load_config("configs/cifar10_cpu_smoke.yaml", off)) == 0, off
 
 
@@ -245,3 +245,81 @@ def test_epoch_loop_reads_losses_in_blocks_and_stops_a_diverged_run_at_its_step(
     with pytest.raises(FloatingPointError, match=f"epoch 2, step {SYNC_EVERY + 3}:"):
         train_loop(d, Source(), lambda m: {"acc": 1.0, "loss": 0.0}, lambda m, e: None, start_epoch=1, progress=False, log=lambda s: None)
     assert len(calls) == SYNC_EVERY + 5  # read at the epoch's end: the steps after the bad one ran
+
+
+# ------------------------------------------- faithfulness to the references (issue #26)
+@pytest.mark.parametrize("ce,fea", [(1.0, 30.0), (0.5, 7.0), (0.0, 0.0)])
+def test_kd_step_is_kl_plus_ce_plus_feature_mse_on_the_reference_layer(ce, fea):
+    """The step's loss, recomputed here from its definition: KL * T^2 + ce * CE(y) + fea * MSE(align(s), t)
+    on the WRNs' raw block-3 outputs (DDA's features[-2], before the final BN/ReLU)."""
+    import copy
+
+    torch.manual_seed(0)
+    x, y = _synthetic_images(8, seed=3)
+    teacher = build_model("wrn16_2", 10).eval()
+    d = Distiller(build_model("wrn16_1", 10), teacher, NORM, 10, DistillConfig(epochs=1, temperature=4.0, ce=ce, fea=fea))
+    student, align = copy.deepcopy(d.student_module), copy.deepcopy(d.align_module)
+    g = torch.Generator().manual_seed(5)
+    xa = d.transform(to_float(x), torch.Generator().manual_seed(5))  # the step's own draws
+    out = d.train_step(x, y, g)
+    with torch.no_grad():
+        t_logits, s_logits = teacher(xa), student(xa)
+        t_map, s_map = teacher.blocks(teacher.conv1(xa)), student.blocks(student.conv1(xa))
+        kl = F.kl_div(F.log_softmax(s_logits / 4, 1), F.softmax(t_logits / 4, 1), reduction="batchmean") * 16
+        expected = kl + ce * F.cross_entropy(s_logits, y) + fea * F.mse_loss(align(s_map, t_map.shape[-2:]), t_map)
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-4)
+    assert out["kd"].item() == pytest.approx(kl.item(), rel=1e-4)
+
+
+def test_kd_terms_follow_the_method_that_made_the_rows():
+    from dda_ray.config import load_config
+
+    def terms(*ov):
+        dc = load_config(None, list(ov)).distill
+        return dc.ce, dc.fea
+
+    assert terms("synthesis.method=dda") == (1.0, 30.0)  # DDA: KL + CE on the round's targets + feature term
+    assert terms("synthesis.method=fast") == (0.0, 0.0)  # every other method of the references: KL alone
+    assert terms("synthesis.method=cmi", "synthesis.cr=0.8") == (0.0, 0.0)
+    assert terms("synthesis.method=fast", "run.mode=dda") == (0.0, 0.0)  # augmented fast rows: still fast's rows
+    assert terms("synthesis.method=fast", "run.mode=real_kd") == (1.0, 30.0)  # real rows, real labels
+    assert terms("synthesis.method=fast", "distill.ce=0.3") == (0.3, 0.0)  # unless the config says
+    x, y = _synthetic_images(8, seed=4)
+    d = Distiller(build_model("wrn16_1", 10), teacher_with_stats(), NORM, 10, load_config(None, ["synthesis.method=fast"]).distill)
+    out = d.train_step(x, y, torch.Generator().manual_seed(0))
+    assert out["loss"].item() == pytest.approx(out["kd"].item(), rel=1e-6)  # KL alone
+
+
+def test_building_the_distiller_leaves_the_students_batchnorm_statistics_alone():
+    student = build_model("wrn16_1", 10)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    Distiller(student, teacher_with_stats(), NORM, 10, DistillConfig(epochs=1))
+    for k, v in student.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert student.training
+
+
+def test_under_cutmix_the_rotation_head_trains_on_the_unmixed_images_its_labels_describe():
+    x, y = _synthetic_images(8, seed=7)
+    d = Distiller(build_model("wrn16_1", 10), teacher_with_stats(), NORM, 10, DistillConfig(epochs=1, mix="cutmix"), rotation_every=1)
+    seen = []
+    step = d.rotation_step
+    d.rotation_step = lambda xs, ys, gen=None: (seen.append(xs.clone()), step(xs, ys, gen))[1]
+    d.train_step(x, y, torch.Generator().manual_seed(3))
+    unmixed = d.transform(to_float(x), torch.Generator().manual_seed(3))
+    torch.testing.assert_close(seen[0], unmixed)
+
+
+def test_align_head_is_ddas_regressor():
+    from torch import nn
+
+    from dda_ray.models import AlignHead
+
+    head = AlignHead(16, 32).eval()
+    convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)]
+    assert [tuple(c.weight.shape) for c in convs] == [(64, 16, 1, 1), (64, 64, 3, 3), (32, 64, 1, 1)]  # 2 x teacher channels inside
+    assert all(c.bias is None for c in convs)
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(head(x, (4, 4)), head.net(F.adaptive_avg_pool2d(x, (4, 4))))  # pooled before, not after
+        assert head(x, (8, 8)).shape == (2, 32, 8, 8)

@@ -32,8 +32,16 @@ def test_logits_and_features(arch, num_classes):
     assert fmap.dim() == 4 and fmap.shape[0] == 2
     assert fmap.shape[1] == model.feature_dim
     assert emb.shape == (2, model.feature_dim)
-    torch.testing.assert_close(emb, fmap.mean(dim=(2, 3)))
-    torch.testing.assert_close(emb, F.adaptive_avg_pool2d(fmap, 1).flatten(1))
+    final = model.features(x)  # the activated map fc pools; the aligned map is the reference's features[-2]
+    if arch.startswith("wrn"):  # raw block-3 output, before the final BN/ReLU (DDA's WRN f3)
+        with torch.no_grad():
+            torch.testing.assert_close(fmap, model.blocks(model.conv1(x)))
+            torch.testing.assert_close(final, F.relu(model.bn(fmap)))
+        assert (fmap < 0).any()  # not an activation's output
+    else:
+        torch.testing.assert_close(fmap, final)
+    torch.testing.assert_close(emb, final.mean(dim=(2, 3)))
+    torch.testing.assert_close(emb, F.adaptive_avg_pool2d(final, 1).flatten(1))
     torch.testing.assert_close(out.logits, logits)
     torch.testing.assert_close(out.logits, model.fc(emb))
 

@@ -75,6 +75,28 @@ def random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> to
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
+def random_resized_crop(
+    x: torch.Tensor, scale: tuple[float, float] = (0.25, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3), generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Per-image random crop of area ``scale`` (fractions of the image) and aspect ``ratio``
+    (log-uniform), resized back to the input size by bilinear sampling (NCHW); differentiable in
+    ``x``, so a generator can be optimised through it (CMI's local view). A box wider or taller
+    than the image is clipped to it."""
+    n, _, h, w = x.shape
+    area = torch.empty(n).uniform_(scale[0], scale[1], generator=generator)
+    log_r = torch.empty(n).uniform_(float(np.log(ratio[0])), float(np.log(ratio[1])), generator=generator)
+    r = log_r.exp()
+    bw = (area * r).sqrt().clamp(max=1.0)  # box width / image width
+    bh = (area / r).sqrt().clamp(max=1.0)
+    cx = bw / 2 + torch.rand(n, generator=generator) * (1 - bw)  # box centre, in [0, 1]
+    cy = bh / 2 + torch.rand(n, generator=generator) * (1 - bh)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = bw, 2 * cx - 1
+    theta[:, 1, 1], theta[:, 1, 2] = bh, 2 * cy - 1
+    grid = F.affine_grid(theta.to(x.device, x.dtype), [n, x.shape[1], h, w], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 class TrainTransform:
     """Random crop (with padding) + horizontal flip + normalisation, on float NCHW batches."""
 

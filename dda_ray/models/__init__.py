@@ -9,7 +9,7 @@ from torch import nn
 
 from .classifiers import ARCHITECTURES, Classifier, ModelOutput
 from .generator import Generator
-from .heads import AlignHead, RotationHead, rotate_batch
+from .heads import AlignHead, MLPHead, RotationHead, rotate_batch
 
 __all__ = [
     "ARCHITECTURES",
@@ -17,6 +17,7 @@ __all__ = [
     "Classifier",
     "Generator",
     "ImportedClassifier",
+    "MLPHead",
     "ModelOutput",
     "RotationHead",
     "build_model",

@@ -1,9 +1,9 @@
 """CIFAR-style classifiers used as teachers and students.
 
 Every classifier takes a normalised NCHW float batch and returns logits, or, with
-``return_features=True``, a :class:`ModelOutput` carrying what DFKD needs: the last
-convolutional feature map (feature-alignment loss) and the pooled embedding (rotation
-head, cosine filter, bank). Architectures follow the CIFAR variants used across the
+``return_features=True``, a :class:`ModelOutput` carrying what DFKD needs: the feature map the
+feature-alignment loss compares (the DFKD codebases' ``features[-2]``) and the pooled embedding
+(rotation head, cosine filter, bank). Architectures follow the CIFAR variants used across the
 DFKD literature (3x3 stems, no max-pool): the WRNs, ResNets and VGG compute what the DFKD
 codebases' networks compute, so their checkpoints load by name once their keys are renamed
 (:mod:`.community`). MobileNetV2 is a CIFAR variant (stride-1 stem) of its own.
@@ -20,28 +20,37 @@ from torch import nn
 
 class ModelOutput(NamedTuple):
     logits: torch.Tensor
-    feature_map: torch.Tensor  # (N, C, H, W): last conv block, after its activation
-    embedding: torch.Tensor  # (N, C): global-average-pooled feature map
+    # (N, C, H, W): the map DDA's feature term aligns, the reference networks' ``features[-2]``: the last
+    # conv stage's output; for the pre-activation WRNs that is the raw block-3 output, *before* the final
+    # BatchNorm/ReLU (ResNet, VGG, MobileNetV2: after their activation, as they compute it)
+    feature_map: torch.Tensor
+    embedding: torch.Tensor  # (N, C): global-average-pooled final (activated) map, what ``fc`` sees
 
 
 class Classifier(nn.Module):
-    """Base class: subclasses implement ``features`` (-> map) and own ``fc``."""
+    """Base class: subclasses implement ``features`` (-> map) and own ``fc``; a network whose
+    aligned map is not its final one overrides ``feature_maps``."""
 
     fc: nn.Linear
 
     def features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def feature_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the map the feature term aligns, the final map ``fc`` pools)."""
+        fmap = self.features(x)
+        return fmap, fmap
+
     @property
     def feature_dim(self) -> int:
         return self.fc.in_features
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
-        fmap = self.features(x)
+        aligned, fmap = self.feature_maps(x)
         emb = torch.flatten(F.adaptive_avg_pool2d(fmap, 1), 1)
         logits = self.fc(emb)
         if return_features:
-            return ModelOutput(logits, fmap, emb)
+            return ModelOutput(logits, aligned, emb)
         return logits
 
 
@@ -135,7 +144,11 @@ class WideResNet(Classifier):
                 nn.init.zeros_(m.bias)
 
     def features(self, x):
-        return F.relu(self.bn(self.blocks(self.conv1(x))))
+        return self.feature_maps(x)[1]
+
+    def feature_maps(self, x):
+        raw = self.blocks(self.conv1(x))  # the reference WRN's f3 = features[-2]
+        return raw, F.relu(self.bn(raw))
 
 
 # ------------------------------------------------------------------ VGG (CIFAR)

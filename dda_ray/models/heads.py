@@ -17,9 +17,22 @@ def rotate_batch(x: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tup
     return torch.cat(xs), torch.cat(ys)
 
 
-class RotationHead(nn.Module):
-    """The auxiliary self-supervised head on the student's pooled embedding (DDA's ``MLPHead``):
-    Linear -> ReLU -> Linear to the joint (class, rotation) label, L2-normalised output.
+class MLPHead(nn.Module):
+    """Linear -> ReLU -> Linear, L2-normalised output: the small head DFKD codebases put on a
+    network's features (DDA's rotation head, CMI's projection head; both their ``MLPHead``)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or in_dim
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net(x), p=2, dim=1)
+
+
+class RotationHead(MLPHead):
+    """The auxiliary self-supervised head on the student's pooled embedding (DDA's ``MLPHead``)
+    to the joint (class, rotation) label.
 
     The normalised output bounds its logits to the unit sphere, so the cross-entropy the
     synthesis *maximises* (the adversarial term) is bounded too: an unbounded head lets the
@@ -28,14 +41,9 @@ class RotationHead(nn.Module):
     """
 
     def __init__(self, in_dim: int, num_classes: int, hidden: int | None = None):
-        super().__init__()
+        super().__init__(in_dim, 4 * num_classes, hidden)
         self.num_classes = num_classes
-        hidden = hidden or in_dim
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 4 * num_classes))
         self.reset_parameters()
-
-    def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.net(emb), p=2, dim=1)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """DFKD's generator/head initialisation: weights N(0, 0.02), biases 0 (seeded when given)."""
@@ -63,11 +71,13 @@ def init_dcgan(module: nn.Module, generator: torch.Generator | None = None) -> N
 
 
 class AlignHead(nn.Module):
-    """Conv projector (1x1 -> 3x3 -> 1x1, BN/ReLU) mapping student channels to teacher channels."""
+    """DDA's feature-alignment regressor (``datafree/utils/_utils.py``): the student's map, average-pooled
+    to the teacher's size first when they differ, through 1x1 -> 3x3 -> 1x1 convolutions (BN/ReLU
+    between, no biases) with twice the teacher's channels in the middle, to the teacher's channels."""
 
     def __init__(self, in_ch: int, out_ch: int, mid_ch: int | None = None):
         super().__init__()
-        mid = mid_ch or max(in_ch, out_ch)
+        mid = mid_ch or 2 * out_ch
         self.net = nn.Sequential(
             nn.Conv2d(in_ch, mid, 1, bias=False),
             nn.BatchNorm2d(mid),
@@ -75,11 +85,10 @@ class AlignHead(nn.Module):
             nn.Conv2d(mid, mid, 3, padding=1, bias=False),
             nn.BatchNorm2d(mid),
             nn.ReLU(inplace=True),
-            nn.Conv2d(mid, out_ch, 1),
+            nn.Conv2d(mid, out_ch, 1, bias=False),
         )
 
     def forward(self, fmap: torch.Tensor, target_hw: tuple[int, int] | None = None) -> torch.Tensor:
-        out = self.net(fmap)
-        if target_hw is not None and tuple(out.shape[-2:]) != tuple(target_hw):
-            out = F.adaptive_avg_pool2d(out, target_hw)
-        return out
+        if target_hw is not None and tuple(fmap.shape[-2:]) != tuple(target_hw):
+            fmap = F.adaptive_avg_pool2d(fmap, target_hw)
+        return self.net(fmap)
