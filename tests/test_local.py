@@ -146,9 +146,11 @@ def test_shared_bank_is_reused_only_with_the_same_teacher_and_settings(tmp_path,
 
 
 FAST = {"synthesis.method": "fast", "synthesis.init_g_steps": 2, "synthesis.g_steps": 2}
+CMI = {"synthesis.method": "cmi", "synthesis.cr": 0.8, "synthesis.cmi_negatives": 32, "synthesis.init_g_steps": 2, "synthesis.g_steps": 2}
 
 
-def test_fast_bank_is_one_chain_that_resumes_exactly_and_records_its_method(tmp_path, tiny_teacher, cifar10_decoded):
+@pytest.mark.parametrize("chain", [FAST, CMI], ids=["fast", "cmi"])
+def test_chained_bank_is_one_chain_that_resumes_exactly_and_records_its_method(tmp_path, tiny_teacher, cifar10_decoded, chain):
     from dda_ray.checkpoint import load_teacher
     from dda_ray.data.bank import read_provenance
     from dda_ray.sources import SYNTHESIS_STATE, build_initial_bank
@@ -156,7 +158,7 @@ def test_fast_bank_is_one_chain_that_resumes_exactly_and_records_its_method(tmp_
 
     def bank(name, rounds_in_steps):
         for n in rounds_in_steps:  # a bank built in pieces = an interrupted then resumed bank
-            cfg = tiny_config(tmp_path / f"{name}{n}", tiny_teacher, cifar10_decoded, **FAST, **{"synthesis.init_rounds": n, "synthesis.bank_dir": str(tmp_path / name)})
+            cfg = tiny_config(tmp_path / f"{name}{n}", tiny_teacher, cifar10_decoded, **chain, **{"synthesis.init_rounds": n, "synthesis.bank_dir": str(tmp_path / name)})
             teacher, normalize, _ = load_teacher(cfg)
             synth = build_synthesizer(cfg, teacher, normalize)
             build_initial_bank(cfg, synth, progress=False)
@@ -168,20 +170,22 @@ def test_fast_bank_is_one_chain_that_resumes_exactly_and_records_its_method(tmp_
     assert (whole.images == pieces.images).all()  # round 2 continued the saved chain exactly
     assert synth_whole.rounds_done == synth_pieces.rounds_done == 3
     assert (tmp_path / "whole" / SYNTHESIS_STATE).exists()
-    assert read_provenance(bank_files(tmp_path / "whole")[0])["method"] == "fast"
-    # a cmi run cannot take a fast bank for its own (other settings)
+    assert read_provenance(bank_files(tmp_path / "whole")[0])["method"] == chain["synthesis.method"]
+    # a dda run cannot take a chained method's bank for its own (other settings)
     from dda_ray.data.bank import BankError
 
-    cfg = tiny_config(tmp_path / "cmi", tiny_teacher, cifar10_decoded, **{"synthesis.init_rounds": 3, "synthesis.bank_dir": str(tmp_path / "whole")})
+    cfg = tiny_config(tmp_path / "dda", tiny_teacher, cifar10_decoded, **{"synthesis.init_rounds": 3, "synthesis.bank_dir": str(tmp_path / "whole")})
     teacher, normalize, _ = load_teacher(cfg)
     with pytest.raises(BankError, match="method"):
         build_initial_bank(cfg, build_synthesizer(cfg, teacher, normalize), progress=False)
 
 
-def test_fast_run_resumes_its_meta_generator_and_repeats_the_uninterrupted_run(tmp_path, tiny_teacher, cifar10_decoded):
-    """Rounds with the student continue the meta-generator chain; a resumed run restores it from the
-    checkpoint, so its rounds and metrics equal an uninterrupted run's."""
-    common = {**FAST, "synthesis.adv": 1.0}
+@pytest.mark.parametrize("chain", [FAST, CMI], ids=["fast", "cmi"])
+def test_chained_run_resumes_its_chain_and_repeats_the_uninterrupted_run(tmp_path, tiny_teacher, cifar10_decoded, chain):
+    """Rounds with the student continue a chain (fast: the meta-generator; cmi: its projection head
+    and memory bank, started afresh after the bank); a resumed run restores it from the checkpoint,
+    so its rounds and metrics equal an uninterrupted run's."""
+    common = {**chain, "synthesis.adv": 1.0}
     whole = tiny_config(tmp_path / "whole", tiny_teacher, cifar10_decoded, **common)
     run_local(whole, progress=False)
     first = tiny_config(tmp_path / "split", tiny_teacher, cifar10_decoded, **common, **{"distill.epochs": 1})
@@ -190,7 +194,7 @@ def test_fast_run_resumes_its_meta_generator_and_repeats_the_uninterrupted_run(t
     prepare_run_dir(resumed)
     run_local(resumed, progress=False)
     a, b = read_jsonl(whole.run_dir / "metrics.jsonl"), read_jsonl(first.run_dir / "metrics.jsonl")
-    for k in ("test_acc", "loss_kd", "loss_rot", "rows"):
+    for k in ("test_acc", "loss_kd", "rows"):
         assert [m[k] for m in a] == [m[k] for m in b], k
     ra, rb = read_bank(whole.run_dir / "rounds"), read_bank(first.run_dir / "rounds")
     assert (ra.images == rb.images).all()  # the second round came from the restored chain
