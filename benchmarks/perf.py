@@ -161,9 +161,9 @@ class Report:
         return text
 
 
-def record(metric: str, value: float, unit: str, detail: dict) -> dict:
-    """Append one measured figure to ``benchmarks/results/perf.jsonl`` (metric, value, unit, detail,
-    commit, date, load = the 1-minute load average when it was taken; the CPU in ``detail``)."""
+def record(metric: str, value: float, unit: str, detail: dict, path: Path | None = None) -> dict:
+    """Append one measured figure to ``benchmarks/results/perf.jsonl`` (or ``path``): metric, value, unit,
+    detail, commit, date, load = the 1-minute load average when it was taken; the CPU in ``detail``."""
     from dda_ray.runtime import cpu_description
 
     try:
@@ -172,8 +172,9 @@ def record(metric: str, value: float, unit: str, detail: dict) -> dict:
         commit = "unknown"
     detail = {**detail, "cpu": cpu_description()}  # another instruction set, other kernels: other timings
     line = {"metric": metric, "value": value, "unit": unit, "detail": detail, "commit": commit, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load": round(os.getloadavg()[0], 2)}
-    PERF_JSONL.parent.mkdir(parents=True, exist_ok=True)
-    with open(PERF_JSONL, "a") as f:
+    path = Path(path) if path is not None else PERF_JSONL
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
         f.write(json.dumps(line) + "\n")
     return line
 
