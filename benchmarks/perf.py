@@ -645,6 +645,8 @@ def plain_steps(cfg, n_steps: int, skip: int = 2) -> list[float]:
 
 
 def bench_step(args) -> str:
+    from dda_ray.checkpoint import resolved_teacher_arch
+
     start_ray(args)
     probe = make_cfg(args)
     n = args.steps or (6 if args.quick else 15)
@@ -671,7 +673,7 @@ def bench_step(args) -> str:
             print(json.dumps({"bench": "step", "arm": arm, "repeat": r, **out}), flush=True)
     rep = Report(args, "(5) Per KD step: Ray Train vs a plain PyTorch loop")
     rep.add(
-        f"{probe.student.arch} student, {probe.teacher.arch} teacher, batch {probe.distill.batch_size}, {n} steps per run on the same "
+        f"{probe.student.arch} student, {resolved_teacher_arch(probe)} teacher, batch {probe.distill.batch_size}, {n} steps per run on the same "
         f"{subset} real images in the same order (`run.mode=real_kd`), one torch thread; first 2 steps dropped as warm-up; "
         f"{args.repeats} repeats, arm order rotates. Step = `Distiller.train_step` (plain) or the gap between consecutive "
         "batches in the Ray worker's stream log (train step + fetching the next batch through Ray Data). "
@@ -701,7 +703,7 @@ def bench_step(args) -> str:
         record("ray_step_over_plain", ratio["ray_local"], "ratio", {
             "ray_worker_over_plain": ratio["ray_worker"], "plain_ms": base * 1000, "per_repeat_ms": {a: [x["step_s"] * 1000 for x in res[a]] for a in arms},
             "data_wait_ms_per_step": waits, "steps": n, "repeats": args.repeats, "batch": probe.distill.batch_size, "threads": probe.resources.torch_threads,
-            "student": probe.student.arch, "teacher": probe.teacher.arch,
+            "student": probe.student.arch, "teacher": resolved_teacher_arch(probe),
         })  # fmt: skip
     return rep.emit()
 
@@ -917,6 +919,8 @@ def in_child(fn, *a):
 
 
 def bench_memory(args) -> str:
+    from dda_ray.checkpoint import resolved_teacher_arch
+
     cfg0 = make_cfg(args)
     base = in_child(_child_imports)
     synth = in_child(_child_synthesis, cfg0.to_dict(), str(cfg0.synthesis.bank_dir))
@@ -939,7 +943,7 @@ def bench_memory(args) -> str:
     sc, a = cfg0.synthesis, cfg0.augment
     rep.add(
         f"Peak resident set (Linux `VmHWM` / `ru_maxrss`) of the process that runs each stage, one torch thread; "
-        f"synthesis round: {sc.init_batch_size} images x {sc.init_g_steps} generator steps with {cfg0.teacher.arch}; "
+        f"synthesis round: {sc.init_batch_size} images x {sc.init_g_steps} generator steps with {resolved_teacher_arch(cfg0)}; "
         f"pipeline: `run_ray` in dda mode over the {sc.init_rounds}x{sc.init_batch_size}-image bank (augment batch {a.batch_size}, "
         f"{a.num_variations} variations, filter batch {a.batch_size}, KD batch {cfg0.distill.batch_size}). "
         "The driver's peak is this benchmark process's (it also ran Ray's driver side and Ray Data's executor; "

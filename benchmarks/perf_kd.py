@@ -119,6 +119,7 @@ def bench_kd(args, report_cls, record, load_cfg, median, fmt, fmt_list) -> str:
 
     import torch
 
+    from dda_ray.checkpoint import resolved_teacher_arch
     from dda_ray.runtime import set_threads
 
     cfg = load_cfg(args)
@@ -150,7 +151,7 @@ def bench_kd(args, report_cls, record, load_cfg, median, fmt, fmt_list) -> str:
     rep = report_cls(args, "KD step vs its roofline (the bare arithmetic of the step)")
     rot = _distiller(cfg).rotation_every
     rep.add(
-        f"{cfg.student.arch} student, {cfg.teacher.arch} teacher, batch {cfg.distill.batch_size}, fea {cfg.distill.fea}, mode {cfg.run.mode} "
+        f"{cfg.student.arch} student, {resolved_teacher_arch(cfg)} teacher, batch {cfg.distill.batch_size}, fea {cfg.distill.fea}, mode {cfg.run.mode} "
         f"(rotation head every {rot or 'no'} step(s), {cfg.synthesis.rotation_views} view(s) per image), {cfg.resources.torch_threads} torch thread(s), "
         f"{n} steps per arm and repeat on the same real images, {args.repeats} repeats, arm order rotates; torch {torch.__version__}.",
         "",
@@ -166,6 +167,6 @@ def bench_kd(args, report_cls, record, load_cfg, median, fmt, fmt_list) -> str:
             "channels_last": cfg.distill.channels_last, "flipped_ms": median(got["flipped"]) * 1000,
             "roofline_other_format_ms": median(got["roofline_nhwc" if roof_arm == "roofline_nchw" else "roofline_nchw"]) * 1000, "steps": n, "repeats": args.repeats, "batch": cfg.distill.batch_size,
             "mode": cfg.run.mode, "rotation_every": rot, "rotation_views": cfg.synthesis.rotation_views, "threads": cfg.resources.torch_threads,
-            "student": cfg.student.arch, "teacher": cfg.teacher.arch, "config": args.config,
+            "student": cfg.student.arch, "teacher": resolved_teacher_arch(cfg), "config": args.config,
         })  # fmt: skip
     return rep.emit()

@@ -272,12 +272,13 @@ def verify_patches(key: str, scratch: Path, ps: list[Patch]) -> None:
 # ------------------------------------------------------------------ budget
 def bench_budget(preset: str) -> dict:
     """The budget of the bench preset, which every reference run is mapped onto."""
+    from dda_ray.checkpoint import resolved_teacher_arch
     from dda_ray.config import load_config
 
     cfg = load_config(str(ROOT / preset) if not Path(preset).is_absolute() else preset, [])
     d, s = cfg.distill, cfg.synthesis
     b = {
-        "teacher": cfg.teacher.arch, "student": cfg.student.arch, "epochs": d.epochs, "kd_steps": d.steps_per_epoch, "batch_size": d.batch_size,
+        "teacher": resolved_teacher_arch(cfg), "student": cfg.student.arch, "epochs": d.epochs, "kd_steps": d.steps_per_epoch, "batch_size": d.batch_size,
         "lr": d.lr, "momentum": d.momentum, "weight_decay": d.weight_decay, "T": d.temperature, "fea": d.fea,
         "init_rounds": s.init_rounds, "init_batch_size": s.init_batch_size, "init_g_steps": s.init_g_steps,
         "batch_size_g": s.batch_size, "g_steps": s.g_steps, "rounds_per_epoch": s.rounds_per_epoch, "rotation_every": s.rotation_every,

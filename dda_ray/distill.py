@@ -407,6 +407,7 @@ def train_loop(
         end_epoch = getattr(source, "end_epoch", None)
         if end_epoch is not None:
             prep = {**prep, **end_epoch(epoch)}
+        log_lines = prep.pop("log_lines", [])
         t_train = time.perf_counter() - t1
         lr = distiller.lr
         distiller.scheduler.step()
@@ -430,6 +431,8 @@ def train_loop(
             **prep,
         }
         log(f"epoch {epoch + 1}/{cfg.epochs}: test_acc {ev['acc']:.2f}  kd {metrics.get('loss_kd', math.nan):.3f}  steps {steps}  ({t_prep:.0f}s prep, {t_train:.0f}s train)")
+        for line in log_lines:  # what the source has to say about this epoch (e.g. the filter's warning), once
+            log(line)
         report(metrics, epoch)
     return metrics
 

@@ -26,7 +26,7 @@ from .data.transforms import Normalize, to_float
 from .runtime import to_device
 from .stages import decode_image_column, stack_vector_column
 
-__all__ = ["AllRejectedError", "AllRejectedWarning", "CosineFilter", "FilterReport"]
+__all__ = ["AllRejectedError", "AllRejectedWarning", "CosineFilter", "FilterReport", "all_rejected_line"]
 
 
 class AllRejectedWarning(UserWarning):
@@ -44,13 +44,20 @@ class FilterReport:
     n_variations: int = 0
     n_kept: int = 0
     score_sum: float = 0.0
+    max_score: float = float("nan")  # the best variation's score (nan without variations)
     hist: np.ndarray = field(default_factory=lambda: np.zeros(10, dtype=np.int64))
     bin_edges: np.ndarray = field(default_factory=lambda: np.linspace(-1.0, 1.0, 11))
 
     @classmethod
     def from_scores(cls, scores: np.ndarray, kept: np.ndarray, bins: int = 10) -> FilterReport:
         hist, edges = np.histogram(np.clip(scores, -1.0, 1.0), bins=bins, range=(-1.0, 1.0))
-        return cls(int(len(scores)), int(np.sum(kept)), float(np.sum(scores)), hist.astype(np.int64), edges)
+        best = float(np.max(scores)) if len(scores) else float("nan")
+        return cls(int(len(scores)), int(np.sum(kept)), float(np.sum(scores)), best, hist.astype(np.int64), edges)
+
+    @property
+    def all_rejected(self) -> bool:
+        """The batch had variations and the filter kept none of them."""
+        return bool(self.n_variations) and self.n_kept == 0
 
     @property
     def kept_fraction(self) -> float:
@@ -71,6 +78,22 @@ class FilterReport:
             "hist": self.hist.tolist(),
             "bin_edges": [round(float(e), 6) for e in self.bin_edges],
         }
+
+
+def all_rejected_line(epoch: int, stats: dict) -> str | None:
+    """The epoch's one warning line when the filter rejected every variation of some batches
+    (``stats``: an epoch's ``filter_batches``, ``all_rejected_batches``, ``all_rejected_max_score``,
+    ``variations``, ``kept``), or None."""
+    bad = int(stats.get("all_rejected_batches") or 0)
+    if not bad:
+        return None
+    best = stats.get("all_rejected_max_score")
+    best_s = f" (best score in them {best:.3f})" if best is not None and best == best else ""
+    return (
+        f"warning: epoch {epoch}: the cosine filter rejected every variation of {bad} of {int(stats.get('filter_batches') or bad)} batches"
+        f"{best_s}; kept {int(stats.get('kept') or 0)} of {int(stats.get('variations') or 0)} variations this epoch. "
+        "Lower filter.threshold or augment.strength"
+    )
 
 
 class CosineFilter:
@@ -142,8 +165,13 @@ class CosineFilter:
             "(variation -1 rows with the same parent_id)"
         )
 
-    def filter(self, batch: dict) -> tuple[dict, FilterReport]:
-        """Add ``score`` (float32) and ``kept`` (bool) to a batch; report over its variations."""
+    def filter(self, batch: dict, warn: bool = True) -> tuple[dict, FilterReport]:
+        """Add ``score`` (float32) and ``kept`` (bool) to a batch; report over its variations.
+
+        A batch whose variations are all rejected raises :class:`AllRejectedError` under
+        ``on_all_rejected: error``; otherwise it warns (:class:`AllRejectedWarning`), unless ``warn``
+        is false: the pipeline's stages count such batches and say it once per epoch
+        (:func:`all_rejected_line`)."""
         images = decode_image_column(batch["image"], self.image_shape)
         n = len(images)
         variation = np.asarray(batch.get("variation", np.zeros(n, np.int64)), dtype=np.int64)
@@ -155,7 +183,7 @@ class CosineFilter:
             score[rows] = self.cosine(self.embed(images[rows]), ref)
         kept = ~is_var | (score >= self.cfg.threshold)
         report = FilterReport.from_scores(score[rows], kept[rows], self.cfg.hist_bins)
-        if report.n_variations and report.n_kept == 0:
+        if report.all_rejected and (warn or self.cfg.on_all_rejected == "error"):
             msg = (
                 f"the cosine filter rejected all {report.n_variations} variations of this batch: filter.threshold = "
                 f"{self.cfg.threshold} is above every score (max {float(score[rows].max()):.3f}); lower filter.threshold or augment.strength"

@@ -25,6 +25,7 @@ from .data.bank import BankBatch, bank_files, check_provenance, from_table, read
 from .data.datasets import ImageArrays
 from .data.pool import ORIGINAL, batched, kept_slots, slot_order, split_slots
 from .distill import Distiller
+from .filter import all_rejected_line
 from .runtime import derive_seed
 from .synthesis import Synthesizer, build_synthesizer
 
@@ -244,9 +245,13 @@ def _timed_rounds(rounds: StudentRounds | None, distiller: Distiller) -> tuple[l
     return made, time.perf_counter() - t0
 
 
-def kept_stats(variations: int, kept: int, cache_hits: int, diffused: int) -> dict:
+def kept_stats(variations: int, kept: int, cache_hits: int, diffused: int, filter_batches: int = 0, all_rejected_batches: int = 0, all_rejected_max_score: float | None = None) -> dict:
     """The epoch's augment/filter totals, under the names and meanings both engines report."""
     return {
+        # batches the filter saw this epoch, those it kept no variation of, and the best score among the latter
+        "filter_batches": filter_batches,
+        "all_rejected_batches": all_rejected_batches,
+        "all_rejected_max_score": all_rejected_max_score,
         "kept_fraction": kept / variations if variations else float("nan"),
         "variations": variations,
         "kept": kept,
@@ -258,6 +263,10 @@ def kept_stats(variations: int, kept: int, cache_hits: int, diffused: int) -> di
     }
 
 
+# the local engine's augment/filter counts between two epoch reports
+AUGMENTED_ZERO = {"cache_hits": 0, "diffused": 0, "filter_batches": 0, "all_rejected_batches": 0, "all_rejected_max_score": None}
+
+
 class BankSource:
     """In-memory epoch pool: bank rows, their variations and the filter's verdicts; new rounds with
     the student join it every epoch. Batches follow :mod:`dda_ray.data.pool`'s slot order, the
@@ -267,7 +276,7 @@ class BankSource:
         self.cfg, self.augment = cfg, augment
         self.k = cfg.augment.num_variations if augment is not None else 0
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]] = []
-        self.augmented = {"cache_hits": 0, "diffused": 0}  # since the last epoch's report
+        self.augmented = dict(AUGMENTED_ZERO)  # since the last epoch's report
         self._add(bank)
         # Rounds with the student continue the numbering after the initial bank.
         next_round = cfg.synthesis.init_rounds
@@ -280,8 +289,12 @@ class BankSource:
         variations = kept = None
         if self.augment is not None and len(batch):
             variations, kept, stats = self.augment(batch)
-            for key in self.augmented:
+            for key in ("cache_hits", "diffused", "filter_batches", "all_rejected_batches"):
                 self.augmented[key] += int(stats.get(key, 0))
+            best = stats.get("all_rejected_max_score")
+            if best is not None:
+                prev = self.augmented["all_rejected_max_score"]
+                self.augmented["all_rejected_max_score"] = best if prev is None else max(prev, best)
         self.parts.append((batch.images, batch.labels, variations, kept))
         self._images = np.concatenate([p[0] for p in self.parts])
         self._labels = np.concatenate([p[1] for p in self.parts])
@@ -304,8 +317,10 @@ class BankSource:
             self._add(batch)
         stats = {"synthesis_s": synthesis_s, "pool_rows": len(self), "next_round": self.next_round}
         if self.k:  # the whole epoch pool's verdicts (the Ray engine filters the whole pool every epoch)
-            stats.update(kept_stats(int(self._kept.size), int(self._kept.sum()), self.augmented["cache_hits"], self.augmented["diffused"]))
-            self.augmented = dict.fromkeys(self.augmented, 0)
+            stats.update(kept_stats(int(self._kept.size), int(self._kept.sum()), **self.augmented))
+            self.augmented = dict(AUGMENTED_ZERO)
+            if (line := all_rejected_line(epoch + 1, stats)) is not None:
+                stats["log_lines"] = [line]
         return stats
 
     def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -396,11 +411,14 @@ class RaySource:
         from .stages import read_stream_stats
 
         st = read_stream_stats(self.cfg.run_dir, since=self.epoch_started)
-        stats = kept_stats(st["variations"], st["kept"], st["cache_hits"], st["parents"] - st["cache_hits"])
+        stats = kept_stats(
+            st["variations"], st["kept"], st["cache_hits"], st["parents"] - st["cache_hits"], st["filter_batches"], st["all_rejected_batches"], st["all_rejected_max_score"]
+        )
         # the pool's kept variations: exact after one whole pass (steps_per_epoch null), else the stream's kept fraction of them
         k = self.cfg.augment.num_variations
         kept = st["kept"] if st["variations"] == originals * k else round(originals * k * (stats["kept_fraction"] if st["variations"] else 0.0))
-        return {"pool_rows": originals + kept, **stats}
+        line = all_rejected_line(epoch + 1, stats) if self.rank == 0 else None
+        return {"pool_rows": originals + kept, **stats, **({"log_lines": [line]} if line else {})}
 
     def batches(self, epoch: int):
         """This worker's rows in the pool's slot order; with ``steps_per_epoch`` set, passes repeat

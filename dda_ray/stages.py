@@ -297,19 +297,14 @@ class FilterStage:
         self.filter = CosineFilter(self.cfg.filter, teacher, normalize, device=device, image_shape=_image_shape(self.cfg))
         self.log = _stream_log(self.cfg, "filter")
         self.grids_left = self.cfg.filter.grid_batches  # per actor; pools are rebuilt every epoch
+        self.last_report = None  # the last batch's FilterReport (the local engine counts from it)
         mark(self.cfg.run_dir, "filter_ready")
 
     def __call__(self, batch: dict) -> dict:
-        import warnings
-
-        from .filter import AllRejectedWarning
-
         t0 = time.time()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", AllRejectedWarning)
-            out, report = self.filter.filter(batch)
-        for w in caught:  # surfaced in the job log, and counted per epoch
-            print(f"warning: {w.message}", flush=True)
+        # a batch with every variation rejected is counted in the log line, and said once per epoch (filter.all_rejected_line)
+        out, report = self.filter.filter(batch, warn=False)
+        self.last_report = report
         if self.grids_left > 0 and report.n_variations:
             from .grids import save_grid
 
@@ -318,7 +313,16 @@ class FilterStage:
         kept = np.asarray(out["kept"], dtype=bool)
         append_jsonl(
             self.log,
-            {"t0": t0, "t1": time.time(), "variations": report.n_variations, "kept": report.n_kept, "rejected": report.n_variations - report.n_kept, "hist": report.to_dict().get("hist")},
+            {
+                "t0": t0,
+                "t1": time.time(),
+                "variations": report.n_variations,
+                "kept": report.n_kept,
+                "rejected": report.n_variations - report.n_kept,
+                "all_rejected": int(report.all_rejected),
+                "max_score": None if not report.n_variations else report.max_score,
+                "hist": report.to_dict().get("hist"),
+            },
         )
         return {c: np.asarray(out[c])[kept] for c in ("id", "parent_id", "image", "label", "variation", "score", "pass") if c in out}
 
@@ -344,7 +348,8 @@ class FusedStage:
 def read_stream_stats(run_dir: Path, since: float = 0.0) -> dict:
     """Totals of the augment/filter lines written after ``since`` (epoch start)."""
     d = Path(run_dir) / "stream"
-    totals = {"variations": 0, "kept": 0, "rejected": 0, "cache_hits": 0, "parents": 0}
+    totals = {"variations": 0, "kept": 0, "rejected": 0, "cache_hits": 0, "parents": 0, "filter_batches": 0, "all_rejected_batches": 0}
+    worst = []  # the best score of each batch the filter rejected whole
     for path in d.glob("*.jsonl") if d.exists() else []:
         stage = path.name.split("-")[0]
         if stage not in ("augment", "filter"):
@@ -360,10 +365,17 @@ def read_stream_stats(run_dir: Path, since: float = 0.0) -> dict:
                 for key in ("kept", "rejected"):
                     totals[key] += rec[key]
                 totals["variations"] += rec["variations"]
+                if rec["variations"]:
+                    totals["filter_batches"] += 1
+                if rec.get("all_rejected"):
+                    totals["all_rejected_batches"] += 1
+                    if rec.get("max_score") is not None:
+                        worst.append(rec["max_score"])
             else:
                 totals["cache_hits"] += rec["cache_hits"]
                 totals["parents"] += rec["parents"]
     totals["kept_fraction"] = totals["kept"] / totals["variations"] if totals["variations"] else float("nan")
+    totals["all_rejected_max_score"] = max(worst) if worst else None
     return totals
 
 
@@ -383,6 +395,8 @@ def local_augment_fn(cfg: Config, class_names: list[str] | None = None):
         kept = np.zeros((n, k), dtype=bool)
         index = {pid: i for i, pid in enumerate(np.asarray(bank.ids).astype(str))}
         step = cfg.augment.batch_size
+        batches = rejected_whole = 0
+        worst = []
         for s in range(0, n, step):
             rows = {"id": bank.ids[s : s + step], "image": bank.images[s : s + step], "label": bank.labels[s : s + step], "teacher_embedding": bank.teacher_embedding[s : s + step]}
             slots = expand_slots(rows, k)
@@ -392,11 +406,17 @@ def local_augment_fn(cfg: Config, class_names: list[str] | None = None):
             parents = np.array([index[p] for p in out["parent_id"]])
             variations[parents, out["variation"]] = imgs
             passed = filt(out)
+            report = filt.last_report
+            batches += bool(report.n_variations)
+            if report.all_rejected:
+                rejected_whole += 1
+                worst.append(report.max_score)
             kept[np.array([index[p] for p in passed["parent_id"]], dtype=np.int64), np.asarray(passed["variation"], dtype=np.int64)] = True
         stats = {"variations": n * k, "kept": int(kept.sum())}
         stats["kept_fraction"] = stats["kept"] / stats["variations"] if stats["variations"] else float("nan")
         stats["cache_hits"] = augment.totals["cache_hits"] - before["cache_hits"]
         stats["diffused"] = augment.totals["parents"] - before["parents"] - stats["cache_hits"]
+        stats.update(filter_batches=batches, all_rejected_batches=rejected_whole, all_rejected_max_score=max(worst) if worst else None)
         return variations, kept, stats
 
     return fn

@@ -7,6 +7,7 @@ what ``jobs/distill.py`` calls) in-process; one case runs the script in a subpro
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -313,9 +314,14 @@ def test_filter_rejecting_every_variation_errors_or_warns_never_hangs(tmp_path, 
     assert len(err) == 1 and err[0].startswith("error: the cosine filter rejected all"), err
     assert "lower filter.threshold or augment.strength" in err[0]
 
-    argv = base_args(tmp_path, assets, cifar10_decoded) + [*TINY_RUN, "filter.threshold=1.0", "run.name=warned"]
-    final = run_job(distill, argv=argv, preflight=preflight)
-    out = capsys.readouterr().out
-    assert "warning: the cosine filter rejected all" in out
-    assert final["epoch"] == 1 and final["kept_fraction"] == 0.0
+    # warn: said once per epoch with the counts, not once per filtered batch (4 batches of 2 parents per epoch here)
+    more = ["filter.threshold=1.0", "run.name=warned", "augment.batch_size=2", "distill.epochs=2", "synthesis.rounds_per_epoch=1"]
+    final = run_job(distill, argv=base_args(tmp_path, assets, cifar10_decoded) + [*TINY_RUN, *more], preflight=preflight)
+    captured = capsys.readouterr()
+    said = [line for line in (captured.out + captured.err).splitlines() if "rejected every variation" in line]
+    assert [line.split(":")[0:2] for line in said] == [["warning", " epoch 1"], ["warning", " epoch 2"]], said
+    counts = [re.search(r"every variation of (\d+) of (\d+) batches", line).groups() for line in said]
+    assert all(a == b and int(a) > 1 for a, b in counts), said  # several batches, one line
+    assert all("kept 0 of" in line and "Lower filter.threshold or augment.strength" in line for line in said), said
+    assert final["epoch"] == 2 and final["kept_fraction"] == 0.0 and final["all_rejected_batches"] == int(counts[1][0])
     assert (tmp_path / "warned" / "student" / "model.safetensors").exists()

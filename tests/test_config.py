@@ -11,7 +11,8 @@ import yaml
 from dda_ray.config import Config, ConfigError, config_from_dict, load_config, parse_override, to_raw
 from dda_ray.runtime import RunDirExistsError, prepare_run_dir
 
-CONFIG_FILES = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_FILES = sorted((ROOT / "configs").rglob("*.yaml"))
 
 
 def test_defaults_validate():
@@ -242,6 +243,24 @@ def test_config_presets_load_and_validate(path):
             continue
         for key, value in (values or {}).items():
             assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.name for p in CONFIG_FILES])
+def test_every_preset_tracks_and_takes_the_teacher_arch_from_its_checkpoint(path):
+    """README: every job logs to MLflow. A preset whose teacher is a project checkpoint (with its
+    meta.json) leaves the architecture to it, so pointing teacher.checkpoint at another project
+    checkpoint needs no other change; a teacher trained by the preset, or a community checkpoint
+    (no meta.json), names it."""
+    from dda_ray.checkpoint import read_meta, resolved_teacher_arch
+
+    cfg = load_config(path)
+    assert cfg.tracking.enabled
+    ckpt = cfg.teacher.checkpoint
+    if ckpt and (ROOT / ckpt).is_dir() and read_meta(ROOT / ckpt):
+        assert cfg.teacher.arch is None, f"{path.name}: teacher.arch pinned although {ckpt}/meta.json names it"
+        assert resolved_teacher_arch(load_config(path, [f"teacher.checkpoint={ROOT / ckpt}"])) == read_meta(ROOT / ckpt)["arch"]
+    elif ckpt is None:
+        assert cfg.teacher.arch, f"{path.name} trains a teacher: it must name the architecture"
 
 
 PAPER_PRESETS = [p for p in CONFIG_FILES if p.parent.name == "paper"]

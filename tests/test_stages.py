@@ -196,3 +196,23 @@ def test_stages_built_outside_ray_keep_the_cpu_on_this_machine(tmp_path, tiny_as
     cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
     assert AugmentStage(cfg.to_dict()).augmenter.device.type == "cpu"
     assert next(FilterStage(cfg.to_dict()).filter.teacher.parameters()).device.type == "cpu"
+
+
+def test_a_batch_rejected_whole_is_counted_in_the_stream_log_not_printed_per_batch(tmp_path, assets, capsys):
+    """The filter stage says nothing per batch; its log lines mark the batches it kept no variation
+    of (with their best score), and the epoch's stream totals count them for the one epoch line."""
+    from dda_ray.filter import all_rejected_line
+    from dda_ray.stages import read_stream_stats
+
+    cfg = stage_cfg(tmp_path, assets, **{"filter.threshold": 1.0})
+    augment, filt = AugmentStage(cfg.to_dict()), FilterStage(cfg.to_dict())
+    for i in range(3):
+        filt(augment(bank_batch([f"a{i}", f"b{i}"], seed=i)))
+    assert "rejected" not in capsys.readouterr().out
+    st = read_stream_stats(cfg.run_dir)
+    assert (st["filter_batches"], st["all_rejected_batches"], st["variations"], st["kept"]) == (3, 3, 12, 0)
+    assert -1.0 <= st["all_rejected_max_score"] < 1.0
+    line = all_rejected_line(4, st)
+    assert line.startswith("warning: epoch 4: the cosine filter rejected every variation of 3 of 3 batches")
+    assert "kept 0 of 12 variations" in line
+    assert all_rejected_line(4, {**st, "all_rejected_batches": 0}) is None
