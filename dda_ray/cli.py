@@ -15,11 +15,13 @@ into place, and a resumed run first drops what the interrupted epoch left (``run
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from .config import Config, ConfigError, config_reference, load_config
+from .progress import set_mode as set_progress_mode
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -188,6 +190,8 @@ def run_job(
         if args.print_config:
             print(cfg.to_yaml(), end="", flush=True)
             return None
+        # bars on a terminal, plain lines in a job's log (run.progress); the resolved mode is what child processes get
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, progress=set_progress_mode(cfg.run.progress)))
         if preflight is not None:
             preflight(cfg)
         if prepare_dir:

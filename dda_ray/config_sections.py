@@ -56,9 +56,12 @@ class RunConfig:
     # Ray's own INFO logs (driver, actors, Train controller), Ray Data's progress bars and the Ray
     # backend's warnings; false (the default, or no --verbose): Ray prints warnings and errors only
     verbose: bool = False
+    # progress: bars (tqdm) on a terminal, plain lines elsewhere (a job's log: one per 10 % / 30 s at most); or force bars | lines
+    progress: str = "auto"
 
     def validate(self, p: str) -> None:
         _check(self.mode in MODES, f"{p}.mode", self.mode, f"one of {MODES}")
+        _check(self.progress in ("auto", "bars", "lines"), f"{p}.progress", self.progress, "auto, bars or lines")
         _check(self.engine in ("ray", "local"), f"{p}.engine", self.engine, "ray or local")
         _check(bool(self.name) and "/" not in self.name, f"{p}.name", self.name, "a non-empty name without '/'")
 

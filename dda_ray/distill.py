@@ -34,11 +34,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from .config import DistillConfig
 from .data.transforms import Normalize, TrainTransform, to_float
 from .models import AlignHead, Classifier, RotationHead, rotate_batch
+from .progress import bar as progress_bar
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -376,7 +376,7 @@ def train_loop(
         if callable(progress):
             bar = progress(total=cfg.steps_per_epoch, desc=desc)
         else:
-            bar = tqdm(total=cfg.steps_per_epoch, desc=desc, disable=not progress, leave=False, mininterval=2)
+            bar = progress_bar(total=cfg.steps_per_epoch, desc=desc, disable=not progress, leave=False, mininterval=2)
         wait, first = 0.0, None  # seconds blocked on the source: for the first batch (the stream's start-up, actor start), for the others
         batches = iter(it)
         with distiller.epoch_context():

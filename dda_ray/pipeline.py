@@ -33,6 +33,7 @@ shard ends first join DDP's uneven-input handling (``torch.distributed.algorithm
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -47,6 +48,7 @@ from .config import Config, config_from_dict
 from .data.bank import decode_images
 from .data.pool_source import bank_pool, make_pool_datasource, real_pool
 from .driver import Engine
+from .progress import set_mode as set_progress_mode
 
 # ----------------------------------------------------------------- the graph
 # A dead augment/filter actor (crash, preemption, OOM kill) is restarted and its unfinished
@@ -222,6 +224,10 @@ def kd_progress(cfg: Config, rank: int):
         return False
     if cfg.resources.num_workers == 0:
         return True
+    from . import progress
+
+    if progress.mode() == "lines":  # the driver's output is no terminal: a few plain lines, forwarded to its log
+        return lambda total, desc: progress.LineProgress(total=total, desc=desc, leave=False)
     from ray.experimental.tqdm_ray import tqdm as tqdm_ray
 
     return lambda total, desc: tqdm_ray(total=total, desc=desc, flush_interval_s=2.0)
@@ -234,6 +240,15 @@ def train_worker(config: dict) -> None:
     from .tracking import Tracker
 
     cfg = config_from_dict(config["cfg"])
+    set_progress_mode(cfg.run.progress)  # the driver's, resolved: this process's stderr is never a terminal
+    if not cfg.run.verbose:
+        import logging
+
+        # Ray Train configures this worker's root logger at INFO, and its "Reporting training result N:
+        # TrainingReport(<every metric>)" line per epoch goes through a logger named after its file (under
+        # the root, not ray.train): warnings and errors only, as everywhere else without --verbose
+        for name in ("", "ray.train"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     engine = RayTrainEngine(config.get("bank_s"))
     mark(cfg.run_dir, "worker_start", rank=engine.rank)
     tracker = Tracker(**config["mlflow"]) if engine.rank == 0 and config.get("mlflow") else None
@@ -297,7 +312,11 @@ def init_ray(cfg: Config | None) -> None:
 
         DataContext.get_current().enable_progress_bars = False  # the KD bar (rank 0) shows progress
         quiet_ray_data_console()
-        quiet["runtime_env"] = {"worker_process_setup_hook": "dda_ray.runtime.quiet_ray_data_console"}
+        quiet["runtime_env"] = {
+            "worker_process_setup_hook": "dda_ray.runtime.quiet_ray_data_console",
+            # Ray Train sends a worker's print() through its logger too, and the job log got each epoch line twice
+            "env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"},
+        }
     # ray.init replaces the driver's SIGTERM handler with a bare sys.exit; keep the job's own
     # (cli.run_job's: a clear message and a consistent run directory) when one is installed.
     sigterm = signal.getsignal(signal.SIGTERM)
@@ -341,6 +360,8 @@ def run_ray(cfg: Config, tracker=None, callbacks: list | None = None) -> dict:
     from .sources import run_synthesizer
 
     cfg = cfg.with_absolute_paths()
+    # bars or lines, decided here where the user's output goes; the Train workers and trials get the answer
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, progress=set_progress_mode(cfg.run.progress)))
     if cfg.run.mode != "real_kd":
         # Read the data once here, before Ray starts: an unreadable data.path is a user error
         # (one line, exit 2) rather than a worker failure retried max_failures times, and the

@@ -32,12 +32,12 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DModel
 from diffusers.optimization import get_constant_schedule_with_warmup
 from diffusers.training_utils import EMAModel
-from tqdm import tqdm
 
 from .config import AugmentConfig, ConfigError
 from .data.transforms import to_float
 from .diffusion import ClassConditionalImg2ImgPipeline
 from .prior_data import PriorSource, bank_source
+from .progress import bar as progress_bar
 from .runtime import append_jsonl, atomic_write, resolve_device
 
 __all__ = ["build_prior_unet", "build_prior_scheduler", "build_prior_pipeline", "train_prior"]
@@ -201,7 +201,7 @@ def train_prior(
 
     first_loss = last_loss = float("nan")
     running, count, t_log, t0 = 0.0, 0, time.perf_counter(), time.perf_counter()
-    bar = tqdm(range(cfg.prior_steps), desc="prior", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(range(cfg.prior_steps), desc="prior", disable=not progress, dynamic_ncols=True)
     for step in bar:
         images, y = source.sample(bs, gen)
         x0 = to_float(images).mul_(2).sub_(1)  # (bs, 3, H, W) in [-1, 1]

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
 
 from .checkpoint import fingerprint
 from .config import Config
@@ -26,6 +25,7 @@ from .data.datasets import ImageArrays
 from .data.pool import ORIGINAL, batched, kept_slots, slot_order, split_slots
 from .distill import Distiller
 from .filter import all_rejected_line
+from .progress import bar as progress_bar
 from .runtime import derive_seed
 from .synthesis import Synthesizer, build_synthesizer
 
@@ -102,7 +102,7 @@ def build_initial_bank(cfg: Config, synthesizer: Synthesizer, progress: bool = T
     if todo and cfg.resources.synthesis_tasks > 0 and _ray_running():
         _build_with_ray_tasks(cfg, bank_dir, todo, provenance, progress)
         return bank_dir
-    for r in tqdm(todo, desc="initial bank", unit="round", disable=not progress or not todo):
+    for r in progress_bar(todo, desc="initial bank", unit="round", disable=not progress or not todo):
         res = synthesizer.run_round(r, derive_seed(cfg.run.seed, "bank", r), sc.init_batch_size, sc.init_g_steps, adv=0.0)
         write_round(bank_dir, res.batch, r, provenance)
     return bank_dir
@@ -146,7 +146,7 @@ def _build_chain(cfg: Config, synthesizer: Synthesizer, bank_dir: Path, todo: li
         raise RuntimeError(f"{bank_dir} holds rounds but no {SYNTHESIS_STATE}: it was not made with synthesis.method={sc.method}")
     if todo and todo != list(range(synthesizer.rounds_done, sc.init_rounds)):
         raise RuntimeError(f"{sc.method} bank {bank_dir}: rounds {todo} are missing but its chain stopped after round {synthesizer.rounds_done - 1}")
-    for r in tqdm(todo, desc=f"initial bank ({sc.method} chain)", unit="round", disable=not progress or not todo):
+    for r in progress_bar(todo, desc=f"initial bank ({sc.method} chain)", unit="round", disable=not progress or not todo):
         res = synthesizer.run_round(r, derive_seed(cfg.run.seed, "bank", r), sc.init_batch_size, sc.init_g_steps, adv=0.0)
         write_round(bank_dir, res.batch, r, provenance)
         _save_synthesis_state(bank_dir, synthesizer)
@@ -196,7 +196,7 @@ def _build_with_ray_tasks(cfg: Config, bank_dir: Path, todo: list[int], provenan
     cfg_dict = cfg.to_dict()
     pending = [task.remote(cfg_dict, str(bank_dir), chunk, provenance) for chunk in chunks]
     wanted = set(todo)
-    with tqdm(total=len(todo), desc=f"initial bank ({n} Ray tasks)", unit="round", disable=not progress) as bar:
+    with progress_bar(total=len(todo), desc=f"initial bank ({n} Ray tasks)", unit="round", disable=not progress) as bar:
         while pending:
             ready, pending = ray.wait(pending, num_returns=len(pending), timeout=2.0)
             ray.get(ready)  # a task that failed (after its retries) raises here

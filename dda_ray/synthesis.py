@@ -53,13 +53,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from .config import SYNTHESIS_METHODS, Config, SynthesisConfig
 from .data.bank import BankBatch, make_ids
 from .data.transforms import Normalize, random_crop, random_flip, random_resized_crop, to_uint8
 from .models import Classifier, Generator, MLPHead, RotationHead, rotate_batch
 from .models.heads import init_dcgan
+from .progress import bar as progress_bar
 from .runtime import derive_seed
 
 CHAINED_METHODS = ("cmi", "fast")  # methods whose rounds continue a state (Synthesizer.state_dict)
@@ -307,7 +307,7 @@ class Synthesizer:
             for p, _ in frozen:
                 p.requires_grad_(False)
         losses: list[float] = []
-        bar = tqdm(range(g_steps), desc=f"synthesis round {round_idx}", disable=not progress, leave=False, mininterval=2)
+        bar = progress_bar(range(g_steps), desc=f"synthesis round {round_idx}", disable=not progress, leave=False, mininterval=2)
         # only while synthesising: distillation shares this teacher
         if fast:
             hooks = bn_hooks(self.teacher, cfg.bn_momentum, self.bn_momentum_stats)

@@ -8,13 +8,13 @@ import time
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from .checkpoint import load_classifier, save_classifier
 from .config import Config, ConfigError
 from .data import NORMALIZATION, Normalize, TrainTransform, channel_stats, load_data, to_float
 from .evaluation import evaluate
 from .models import build_model
+from .progress import bar as progress_bar
 from .runtime import append_jsonl, atomic_write, read_jsonl, seed_everything, set_threads
 
 
@@ -72,7 +72,7 @@ def train_teacher(cfg: Config, progress: bool = True, tracker=None) -> dict:
         model.train()
         t0 = time.perf_counter()
         perm = torch.randperm(len(train), generator=gen).numpy()
-        bar = tqdm(range(steps_per_epoch), desc=f"teacher epoch {epoch + 1}/{tc.epochs}", disable=not progress, mininterval=5)
+        bar = progress_bar(range(steps_per_epoch), desc=f"teacher epoch {epoch + 1}/{tc.epochs}", disable=not progress, mininterval=5)
         loss_sum, correct, seen = 0.0, 0, 0
         for b in bar:
             idx = np.sort(perm[b * tc.batch_size : (b + 1) * tc.batch_size])

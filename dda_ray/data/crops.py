@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..config import Config, ConfigError
+from ..progress import bar as progress_bar
 from .bank import BankBatch, bank_files, check_provenance, read_bank, read_provenance, round_of, write_round
 
 CHUNK = 4096  # crops per file
@@ -71,7 +71,7 @@ def write_crop_bank(cfg: Config, out_dir: str | Path, num_images: int, seed: int
         images = load_folder_images(aug.prior_folder, MAX_SIDE_FACTOR * size).images
     else:
         images = load_packaged_photos(MAX_SIDE_FACTOR * size).images
-    for c in tqdm(todo, desc="crop bank", unit="file", disable=not progress):
+    for c in progress_bar(todo, desc="crop bank", unit="file", disable=not progress):
         n = min(CHUNK, num_images - c * CHUNK)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + c)  # each file its own stream: a resumed bank equals one made in one go
         crops = random_resized_crops(

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..progress import bar as progress_bar
 from ..runtime import atomic_write
 
 CIFAR_URLS = {
@@ -208,7 +209,6 @@ def _split_files(files: Iterator[tuple[str, bytes]], splits: tuple[str, ...]) ->
 
 def load_image_folder(path: str | Path, image_size: int | None = None, progress: bool = True, skip_corrupt: bool = False) -> SplitDataset:
     """``train/<class>/*`` and ``test/<class>/*`` (or ``val``) from a folder or ``.tar.gz``."""
-    from tqdm import tqdm
 
     path = Path(path)
     if not path.exists():
@@ -217,7 +217,7 @@ def load_image_folder(path: str | Path, image_size: int | None = None, progress:
             "(train/<class>/*.jpg, test/<class>/*.jpg) or a .tar.gz of one"
         )
     files = _iter_tar(path) if path.is_file() else _iter_dir(path)
-    groups = _split_files(tqdm(files, desc=f"reading {path.name}", unit="img", disable=not progress, mininterval=2), ("train", "test", "val"))
+    groups = _split_files(progress_bar(files, desc=f"reading {path.name}", unit="img", disable=not progress, mininterval=2), ("train", "test", "val"))
     test_key = "test" if groups["test"] else "val"
     if not groups["train"] or not groups[test_key]:
         raise DatasetError(f"{path} has no train/<class>/ and test/<class>/ (or val/<class>/) image folders")
@@ -313,7 +313,6 @@ def load_cifar(name: str, root: str | Path, download: bool = True) -> SplitDatas
 
 # --------------------------------------------------------------- Tiny-ImageNet
 def load_tiny_imagenet(root: str | Path, progress: bool = True, skip_corrupt: bool = False) -> SplitDataset:
-    from tqdm import tqdm
 
     root = Path(root)
     if (root / "tiny-imagenet-200").exists():
@@ -325,7 +324,7 @@ def load_tiny_imagenet(root: str | Path, progress: bool = True, skip_corrupt: bo
     index = {c: i for i, c in enumerate(classes)}
     decode = _Decoder(root, skip_corrupt)
     xs, ys = [], []
-    for c in tqdm(classes, desc="tiny-imagenet train", disable=not progress):
+    for c in progress_bar(classes, desc="tiny-imagenet train", disable=not progress):
         for p in sorted((root / "train" / c / "images").glob("*")):
             if (image := decode(p.read_bytes(), 64, p.relative_to(root).as_posix())) is not None:
                 xs.append(image)
