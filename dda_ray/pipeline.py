@@ -46,9 +46,10 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from .config import Config, config_from_dict
 from .data.bank import decode_images
-from .data.pool_source import bank_pool, make_pool_datasource, real_pool
+from .data.pool_source import bank_pool, make_pool_datasource, real_pool, start_epoch_order
 from .driver import Engine
 from .progress import set_mode as set_progress_mode
+from .shared_disk import check_shared_paths, shared_paths
 
 # ----------------------------------------------------------------- the graph
 # A dead augment/filter actor (crash, preemption, OOM kill) is restarted and its unfinished
@@ -87,6 +88,7 @@ def build_dataset(cfg: Config, class_names: list[str] | None = None):
         load = partial(real_pool, cfg.to_dict())
     else:
         load = partial(bank_pool, [str(initial_bank_dir(cfg)), *cfg.distill.extra_banks, str(cfg.run_dir / "rounds")])
+    start_epoch_order(cfg.run_dir)  # the stream's order: set by the trainer each epoch, read by the read task
     ds = ray.data.read_datasource(make_pool_datasource(load, str(cfg.run_dir), cfg.run.seed, k), num_cpus=res.filter_cpus or 0.25, memory=stage_memory(cfg, "read"))
     if cfg.run.mode == "dda":
         from .stages import AugmentStage, FilterStage, FusedStage
@@ -371,6 +373,9 @@ def run_ray(cfg: Config, tracker=None, callbacks: list | None = None) -> dict:
         load_data(cfg.data, progress=True)
         mark(cfg.run_dir, "data_checked")
     init_ray(cfg)
+    # several nodes: the stages exchange files, so each must see what this node writes (stops here otherwise)
+    check_shared_paths(shared_paths(cfg))
+    mark(cfg.run_dir, "shared_paths_checked")
     res = cfg.resources
     run_dir = cfg.run_dir
     class_names, bank_s = None, None

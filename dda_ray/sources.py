@@ -390,12 +390,12 @@ class RaySource:
             torch.distributed.barrier()
 
     def prepare_epoch(self, epoch: int, distiller: Distiller) -> dict:
-        from .data.pool_source import write_epoch_order
+        from .data.pool_source import set_epoch_order
 
         self.epoch_started = time.time()
         _, synthesis_s = _timed_rounds(self.rounds, distiller)
         if self.rank == 0:
-            write_epoch_order(self.cfg.run_dir, epoch, 0, self._passes(self.cfg.distill.steps_per_epoch))
+            set_epoch_order(self.cfg.run_dir, epoch, 0, self._passes(self.cfg.distill.steps_per_epoch))
         self._barrier()  # every rank's stream starts after the round is on disk and the order is set
         return {"synthesis_s": synthesis_s, **({"next_round": self.rounds.next_round} if self.rounds is not None else {})}
 
@@ -427,7 +427,7 @@ class RaySource:
         need at the last whole pass's size (one while that is unknown); batches end with each pass
         all the same (:func:`~dda_ray.data.pool_source.per_pass`). With several workers an execution
         after the first may start before rank 0 has set its order; it then repeats the previous one's."""
-        from .data.pool_source import per_pass, write_epoch_order
+        from .data.pool_source import per_pass, set_epoch_order
         from .pipeline import BankCollate
         from .runtime import append_jsonl
 
@@ -436,7 +436,7 @@ class RaySource:
         first, done = 0, 0
         while True:
             if first and self.rank == 0:  # the first execution's order was set in prepare_epoch
-                write_epoch_order(self.cfg.run_dir, epoch, first, self._passes(None if steps is None else steps - done))
+                set_epoch_order(self.cfg.run_dir, epoch, first, self._passes(None if steps is None else steps - done))
             counts: dict[int, int] = {}  # batches per pass of this execution
             for batch in per_pass(self.shard.iter_batches(batch_size=size, batch_format="numpy", prefetch_batches=1), size):
                 p = int(batch["pass"][0])

@@ -102,9 +102,14 @@ def augment_cache_key(cfg: Config) -> str:
     return hashlib.sha1(json.dumps(fields).encode()).hexdigest()[:16]
 
 
-def augment_cache_dir(cfg: Config) -> Path:
+def augment_cache_root(cfg: Config) -> Path:
+    """``augment.cache_dir``, or ``<output_dir>/cache/augment``: the folder of every setting's cache."""
     root = Path(cfg.augment.cache_dir) if cfg.augment.cache_dir else Path(cfg.run.output_dir) / "cache" / "augment"
-    return root.expanduser().resolve() / augment_cache_key(cfg)
+    return root.expanduser().resolve()
+
+
+def augment_cache_dir(cfg: Config) -> Path:
+    return augment_cache_root(cfg) / augment_cache_key(cfg)
 
 
 def _stream_log(cfg: Config, stage: str) -> Path:

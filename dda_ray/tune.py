@@ -91,6 +91,7 @@ def tune_search(cfg: Config) -> dict:
 
     from .pipeline import init_ray
     from .runtime import check_ray_address, mark, prepare_run_dir
+    from .shared_disk import check_shared_paths, shared_paths
     from .tracking import Tracker, check_reachable, tracking_uri
 
     spec = cfg.validate().tune  # a config changed in code is checked again here
@@ -110,6 +111,7 @@ def tune_search(cfg: Config) -> dict:
         bank_s = build_shared_bank(base)
         print(f"initial bank: {base.synthesis.bank_dir} ({bank_s:.1f} s, shared by every trial)", flush=True)
         init_ray(base)
+        check_shared_paths(shared_paths(base))  # several nodes: trials on each must see the bank, cache and outputs
         import ray
 
         cluster = ray.cluster_resources()

@@ -371,3 +371,29 @@ def test_actor_pools_restart_dead_actors_by_default():
 
     args = ActorPoolMapOperator._apply_default_remote_args({}, DataContext())
     assert args["max_restarts"] == -1 and args["max_task_retries"] == -1
+
+
+def test_a_path_another_node_cannot_see_stops_a_multi_node_run_before_work(ray_cluster, tmp_path, monkeypatch):
+    """The shared-disk check (dda_ray/shared_disk.py): a probe written here is read back by a task
+    on each other node. Here the one node is named explicitly, so its task is another process: a
+    real path passes (the probe is gone after), and /proc/self/cwd/out -- one path that names
+    another folder in every process, as a node-local disk mounted at the same path on each node
+    does -- stops with one error naming the field, the path and the node."""
+    import ray
+
+    from dda_ray.shared_disk import SharedDiskError, check_shared_paths
+
+    me = [n for n in ray.nodes() if n["NodeID"] == ray.get_runtime_context().get_node_id()]
+    shared = tmp_path / "out"
+    assert check_shared_paths({"run.output_dir": shared}, nodes=me) == [me[0]["NodeManagerAddress"]]
+    assert list(shared.iterdir()) == []  # the probe is removed
+    assert check_shared_paths({"run.output_dir": shared}) == []  # a cluster of one node: nothing to check
+    private = tmp_path / "driver-cwd"
+    private.mkdir()
+    monkeypatch.chdir(private)  # the Ray workers started in another directory
+    with pytest.raises(SharedDiskError) as e:
+        check_shared_paths({"run.output_dir": Path("/proc/self/cwd/out")}, nodes=me)
+    msg = str(e.value)
+    assert msg.startswith("run.output_dir = /proc/self/cwd/out written on the driver's node is not visible from node " + me[0]["NodeManagerAddress"])
+    assert "shared file system" in msg and "\n" not in msg
+    assert list((private / "out").iterdir()) == []

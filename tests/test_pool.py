@@ -65,13 +65,14 @@ def test_one_execution_of_several_passes_streams_what_one_execution_per_pass_wou
     so the batches are those of one execution per pass, whatever the sizes of the batches Ray hands over."""
     import pyarrow as pa
 
-    from dda_ray.data.pool_source import per_pass, pool_blocks, write_epoch_order
+    from dda_ray.data.pool_source import EpochOrder, per_pass, pool_blocks
 
     table = pa.table({"id": [f"r{i}" for i in range(7)], "image": [bytes([i]) * 3 for i in range(7)], "label": list(range(7))})
+    order = EpochOrder()  # the actor's class, in this process
 
     def stream(first, passes):
-        write_epoch_order(tmp_path, epoch=3, pass_=first, passes=passes)
-        return pa.concat_tables(list(pool_blocks(lambda: (table, (1, 1, 3)), str(tmp_path), 0, 2, block_rows=5))).to_pydict()
+        order.set(epoch=3, pass_=first, passes=passes)
+        return pa.concat_tables(list(pool_blocks(lambda: (table, (1, 1, 3)), order.get, 0, 2, block_rows=5))).to_pydict()
 
     single = [stream(p, 1) for p in range(3)]
     multi = stream(0, 3)

@@ -2,8 +2,10 @@
 
 Each execution of the stream re-lists the bank's round files, or reads the real subset, and yields
 the pool's rows in the slot order :mod:`dda_ray.data.pool` defines for (seed, epoch, pass): the
-order the local engine trains in too. The trainer writes which (epoch, pass) comes next, and how
-many passes the execution streams back to back (:func:`write_epoch_order`), before it iterates;
+order the local engine trains in too. Which (epoch, pass) comes next, and how many passes the
+execution streams back to back, travels with the stream: the trainer sets it on the run's
+:class:`EpochOrder` actor (:func:`set_epoch_order`) before it iterates, and the read task asks that
+actor (wherever on the cluster either runs: no file on a disk the nodes may not share);
 every row carries its ``pass``, and :func:`per_pass` cuts the trainer's batches at each pass's end,
 so an execution of several passes gives the batches one execution per pass would. (Each execution
 starts the stream's actor pools anew: an epoch of ``distill.steps_per_epoch`` steps that takes more
@@ -12,7 +14,8 @@ than one pass over the pool is, from its second execution on, one execution.)
 
 from __future__ import annotations
 
-import json
+import hashlib
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -20,27 +23,62 @@ import numpy as np
 import pyarrow as pa
 
 from ..config import config_from_dict
-from ..runtime import write_text_atomic
 from .bank import bank_files, read_table
 from .pool import ORIGINAL, batched, slot_order, split_slots
 
-ORDER_FILE = "epoch_order.json"
+Order = tuple[int, int, int]  # (epoch, first pass, number of passes) of the stream's next execution
 
 
-def write_epoch_order(run_dir: str | Path, epoch: int, pass_: int, passes: int = 1) -> None:
-    """Which (epoch, pass) the next execution of the stream starts with, and how many passes it
-    streams (``pass_``, ``pass_ + 1``, ...): the trainer writes it before it iterates, the datasource
-    reads it to seed each pass's order (see :mod:`dda_ray.data.pool`)."""
-    write_text_atomic(Path(run_dir) / ORDER_FILE, json.dumps({"epoch": epoch, "pass": pass_, "passes": max(1, int(passes))}))
+class EpochOrder:
+    """The run's stream order, held by one Ray actor (:func:`start_epoch_order`): which (epoch,
+    pass) the next execution of the stream starts with and how many passes it streams (``pass``,
+    ``pass + 1``, ...). The trainer sets it before it iterates; the datasource's read task gets it
+    to seed each pass's order (see :mod:`dda_ray.data.pool`)."""
+
+    def __init__(self) -> None:
+        self.order: Order = (0, 0, 1)
+
+    def set(self, epoch: int, pass_: int, passes: int = 1) -> Order:
+        self.order = (int(epoch), int(pass_), max(1, int(passes)))
+        return self.order
+
+    def get(self) -> Order:
+        return self.order
 
 
-def read_epoch_order(run_dir: str | Path) -> tuple[int, int, int]:
-    """(epoch, first pass, number of passes) of the next execution."""
-    path = Path(run_dir) / ORDER_FILE
-    if not path.exists():
-        return 0, 0, 1
-    state = json.loads(path.read_text())
-    return int(state["epoch"]), int(state["pass"]), int(state.get("passes", 1))
+def epoch_order_name(run_dir: str | Path) -> str:
+    """The run's EpochOrder actor name (in the job's namespace): one per run directory."""
+    return "dda_epoch_order_" + hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+
+
+_KEEPERS: dict = {}  # actor name -> the handle that keeps the run's EpochOrder alive (the driver's)
+
+
+def start_epoch_order(run_dir: str | Path):
+    """Start (or find) the run's EpochOrder actor on this process's node (the driver's, which
+    outlives the workers); restarted if that node goes, and set again by the trainer every epoch."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    name = epoch_order_name(run_dir)
+    actor = ray.remote(EpochOrder).options(name=name, get_if_exists=True, num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy=here)
+    _KEEPERS[name] = actor.remote()  # a named actor lives while a handle does: this process keeps one
+    return _KEEPERS[name]
+
+
+def set_epoch_order(run_dir: str | Path, epoch: int, pass_: int, passes: int = 1) -> Order:
+    """Set the next execution's order on the run's EpochOrder actor (the trainer, before it iterates)."""
+    import ray
+
+    return ray.get(ray.get_actor(epoch_order_name(run_dir)).set.remote(epoch, pass_, passes))
+
+
+def read_epoch_order(run_dir: str | Path) -> Order:
+    """The next execution's order, from the run's EpochOrder actor (the read task, on any node)."""
+    import ray
+
+    return tuple(ray.get(ray.get_actor(epoch_order_name(run_dir)).get.remote()))
 
 
 def per_pass(batches, size: int):
@@ -96,13 +134,14 @@ def real_pool(cfg_dict: dict) -> tuple[pa.Table, tuple[int, int, int]]:
     return table, tuple(data.images.shape[1:])
 
 
-def pool_blocks(load, run_dir: str, seed: int, num_variations: int, block_rows: int):
-    """The read task's body: the pool in the slot order of each pass of this execution, in blocks of slots.
+def pool_blocks(load, order: Callable[[], Order], seed: int, num_variations: int, block_rows: int):
+    """The read task's body: the pool in the slot order of each pass of this execution (``order()``:
+    its (epoch, first pass, passes)), in blocks of slots.
 
     A slot row carries its parent's columns plus ``parent_id``, ``variation`` (-1: the
     original; k: the augment stage makes the k-th variation of the parent) and ``pass``."""
     table, shape = load()
-    epoch, first, passes = read_epoch_order(run_dir)
+    epoch, first, passes = order()
     meta = {"image_shape": ",".join(map(str, shape))}
     for pass_ in range(first, first + passes):
         order = slot_order(table.num_rows, num_variations, seed, epoch, pass_)
@@ -125,7 +164,8 @@ def pool_blocks(load, run_dir: str, seed: int, num_variations: int, block_rows: 
 def make_pool_datasource(load, run_dir: str, seed: int, num_variations: int, block_rows: int = 256):
     """A Ray Data datasource over the epoch pool, read anew at every execution of the plan (each
     epoch and each pass): the bank is re-listed, so rounds made during training join, and the slot
-    order is this (epoch, pass)'s. One read task streams the blocks in order."""
+    order is this (epoch, pass)'s, asked of the run's EpochOrder actor (:func:`start_epoch_order`
+    must have started it). One read task streams the blocks in order."""
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
@@ -138,7 +178,7 @@ def make_pool_datasource(load, run_dir: str, seed: int, num_variations: int, blo
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None, **_):
             meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
-            read = partial(pool_blocks, load, str(run_dir), seed, num_variations, block_rows)
+            read = partial(pool_blocks, load, partial(read_epoch_order, str(run_dir)), seed, num_variations, block_rows)
             return [ReadTask(read, meta, per_task_row_limit=per_task_row_limit)]
 
     return EpochPoolDatasource()
