@@ -1,8 +1,9 @@
 """The cluster flow for real, on this machine: ``ray start --head`` + ``ray job submit --working-dir``.
 
 What it pins down (DESIGN.md's pitfalls): the job runs the project's venv python (venv bin
-first on PATH for ``ray start``), auth is set the same way for head and submit and leaves no
-token file in the home directory, the uploaded working dir excludes the venv and outputs,
+first on PATH for ``ray start``), the head runs with cluster/gpu.yaml's token auth and dashboard
+binding (a client without the token is refused; with it, accepted) and no token file is left in
+the home directory, the uploaded working dir excludes the venv and outputs,
 ``jobs/distill.py`` attaches to the cluster through ``RAY_ADDRESS`` and streams Ray Data into
 training, and the head is stopped through its own process group (never a bare ``ray stop``,
 which would stop every Ray on the machine). ``DDA_KEEP_RAY_TEMP=1`` keeps the head's temp dir
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -48,25 +50,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ray_env() -> dict:
-    """Environment for both ``ray start`` and ``ray job submit``: venv first, auth off, no usage stats."""
+def cluster_auth_env() -> dict[str, str]:
+    """The auth variables cluster/gpu.yaml's head exports before ``ray start`` (``export A=x B=y;``)."""
+    import yaml
+
+    (cmd,) = [c for c in yaml.safe_load((REPO_ROOT / "cluster" / "gpu.yaml").read_text())["head_start_ray_commands"] if "ray start" in c]
+    exported = re.search(r"export ([^;]+);", cmd)
+    assert exported, f"cluster/gpu.yaml's head exports no auth settings before ray start: {cmd}"
+    return dict(a.split("=", 1) for a in exported.group(1).split())
+
+
+# The test cluster's token: a file of its own, as cluster/token.sh makes (never the home directory's).
+TOKEN_FILE = Path(tempfile.mkdtemp(prefix="ddatok-")) / "dda-ray-gpu.token"
+
+
+def ray_env(auth: bool = True) -> dict:
+    """Environment for both ``ray start`` and ``ray job submit``: venv first, no usage stats, and the
+    cluster's token auth (``auth=False``: a client without the token)."""
     env = dict(os.environ)
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["RAY_AUTH_MODE"] = "disabled"  # the same for head and client: no token, so none is written to ~/.ray
+    env.pop("RAY_AUTH_TOKEN", None)
     env.pop("RAY_AUTH_TOKEN_PATH", None)
+    if auth:
+        cluster = cluster_auth_env()
+        env["RAY_AUTH_MODE"] = cluster["RAY_AUTH_MODE"]
+        env["RAY_AUTH_TOKEN_PATH"] = str(TOKEN_FILE)  # the cluster's $HOME/.ray/dda-ray-gpu.token, here in a temp dir
+    else:
+        env["RAY_AUTH_MODE"] = "disabled"  # sends no token, and writes none to ~/.ray
     env.pop("RAY_ADDRESS", None)  # the CLI gets --address explicitly
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
-def ray_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([str(VENV_BIN / "ray"), *args], env=ray_env(), capture_output=True, text=True, timeout=timeout)
+def ray_cli(*args: str, timeout: float = 60, auth: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VENV_BIN / "ray"), *args], env=ray_env(auth), capture_output=True, text=True, timeout=timeout)
 
 
-def http_json(url: str, timeout: float = 5) -> dict | list | None:
+def http_json(url: str, timeout: float = 5, auth: bool = True) -> dict | list | None:
+    headers = {"Authorization": f"Bearer {TOKEN_FILE.read_text().strip()}"} if auth and TOKEN_FILE.exists() else {}
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as r:
             return json.loads(r.read().decode())
     except (OSError, ValueError):
         return None
@@ -125,6 +149,14 @@ class RayHead:
             self.proc.wait(timeout=10)
 
 
+def cluster_dashboard_host() -> str:
+    """cluster/gpu.yaml's ``--dashboard-host`` for the head."""
+    import yaml
+
+    (cmd,) = [c for c in yaml.safe_load((REPO_ROOT / "cluster" / "gpu.yaml").read_text())["head_start_ray_commands"] if "ray start" in c]
+    return re.search(r"--dashboard-host=(\S+)", cmd).group(1)
+
+
 def start_head(timeout_s: float = 150) -> tuple[RayHead | None, str]:
     """``ray start --head --block`` in a new session; returns (head, "") once the node and the job
     API are up, or (None, log tail) after stopping a head that failed to start."""
@@ -136,7 +168,7 @@ def start_head(timeout_s: float = 150) -> tuple[RayHead | None, str]:
         str(VENV_BIN / "ray"), "start", "--head", "--block",
         "--num-cpus=2",
         f"--port={free_port()}",
-        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+        "--include-dashboard=true", f"--dashboard-host={cluster_dashboard_host()}", f"--dashboard-port={dashboard_port}",
         f"--ray-client-server-port={free_port()}",
         # Every port chosen here: Ray's fixed defaults (6379, 8265, 10001, 52365) would collide
         # with any other Ray on this machine.
@@ -168,6 +200,10 @@ def start_head(timeout_s: float = 150) -> tuple[RayHead | None, str]:
 
 @pytest.fixture(scope="module")
 def ray_head():
+    TOKEN_FILE.parent.mkdir(parents=True, exist_ok=True)
+    # cluster/token.sh, with the token in the test's own file
+    subprocess.run(["sh", str(REPO_ROOT / "cluster" / "token.sh")], env={**os.environ, "DDA_RAY_TOKEN": str(TOKEN_FILE)}, check=True, capture_output=True)
+    assert TOKEN_FILE.stat().st_mode & 0o077 == 0, "the token file is readable by others"
     home_before = home_ray_files()
     t0 = time.time()
     failures = []
@@ -187,6 +223,7 @@ def ray_head():
         start_log = head.log.read_text() if head.log.exists() else ""
         if not os.environ.get("DDA_KEEP_RAY_TEMP"):
             shutil.rmtree(head.temp_dir, ignore_errors=True)
+        shutil.rmtree(TOKEN_FILE.parent, ignore_errors=True)
     assert not left, f"processes of the test head survived: {left}"
     assert "Generated new authentication token" not in start_log
     assert home_ray_files() == home_before, "the test cluster left files in ~/.ray"
@@ -223,6 +260,22 @@ def readme_submit_entrypoint() -> list[str]:
     (line,) = [ln for ln in (REPO_ROOT / "README.md").read_text().splitlines() if ln.startswith("`ray job submit --working-dir . -- ")]
     words = shlex.split(line.strip("`").replace("$PWD", str(REPO_ROOT)))
     return words[words.index("--") + 1 :]
+
+
+def test_the_clusters_head_refuses_a_client_without_its_token(ray_head):
+    """cluster/gpu.yaml's settings on loopback: the job API answers nothing to a caller without the
+    token (HTTP and the CLI alike), and no job is created; with the token it lists the jobs."""
+    assert cluster_auth_env()["RAY_AUTH_MODE"] == "token" and cluster_dashboard_host() == "127.0.0.1"
+    assert http_json(f"{ray_head.address}/api/jobs/", auth=False) is None
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"{ray_head.address}/api/jobs/", timeout=10)
+    assert e.value.code in (401, 403)
+    job_id = f"dda-refused-{uuid.uuid4().hex[:8]}"
+    r = ray_cli("job", "submit", "--address", ray_head.address, "--submission-id", job_id, "--no-wait", "--", "python", "-c", "print(1)", timeout=120, auth=False)
+    assert r.returncode != 0, f"a submission without the token was accepted:\n{r.stdout}\n{r.stderr}"
+    assert re.search(r"401|403|[Uu]nauthori[sz]ed|[Aa]uthentication", r.stdout + r.stderr), r.stdout + r.stderr
+    jobs = http_json(f"{ray_head.address}/api/jobs/")
+    assert isinstance(jobs, list) and job_id not in {j.get("submission_id") for j in jobs}
 
 
 def test_ray_job_submit_runs_the_distillation_job(ray_head, tiny_assets, cifar10_decoded, tmp_path):
