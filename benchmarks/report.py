@@ -1,6 +1,7 @@
 """Summarise the accuracy results that benchmarks/accuracy.py appends to its JSONL file.
 
     python benchmarks/report.py [--results benchmarks/results/accuracy.jsonl] [--preset configs/cifar10_cpu_demo.yaml]
+        [--since 2026-12-07T04:00] [--arms real_kd synth_dda ...]
         [--pair dda_self synth_dda]... [--plot accuracy.png]
 
 Prints, for one preset (default: the preset with the most lines):
@@ -16,6 +17,7 @@ An arm run more than once for a seed (``accuracy.py --rerun``) counts with its l
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
 import json
 import math
@@ -210,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", default=None, help="config path as given to accuracy.py (default: the preset with the most lines)")
     parser.add_argument("--pair", nargs=2, action="append", metavar=("A", "B"), help="paired difference A - B (repeatable; default: every pair of arms)")
     parser.add_argument("--plot", default=None, metavar="PNG", help="write test top-1 per epoch to this PNG")
+    parser.add_argument("--since", default=None, metavar="DATE", help="only lines dated at or after DATE (ISO 8601, e.g. 2026-12-07T04:00): the runs of a given code")
+    parser.add_argument("--arms", nargs="+", default=None, metavar="ARM", help="only these arms, in this order")
     return parser
 
 
@@ -218,6 +222,11 @@ def main(argv: list[str] | None = None) -> None:
     if not Path(args.results).exists():
         raise SystemExit(f"error: {args.results} does not exist; run benchmarks/accuracy.py first")
     every = read_rows(args.results)
+    if args.since is not None:
+        since = datetime.datetime.fromisoformat(args.since).replace(tzinfo=datetime.UTC) if "+" not in args.since else datetime.datetime.fromisoformat(args.since)
+        every = [r for r in every if r.get("date") and datetime.datetime.fromisoformat(r["date"]) >= since]
+    if args.arms is not None:
+        every = sorted((r for r in every if r.get("arm") in args.arms), key=lambda r: args.arms.index(r["arm"]))
     preset, rows = choose_preset(every, args.preset)
     if not rows:
         raise SystemExit(f"error: no results for preset {preset!r} in {args.results}")

@@ -205,3 +205,22 @@ def test_resume_skips_done_arms_and_only_appends(accuracy, tmp_path, monkeypatch
     runs.clear()
     accuracy.main()  # other overrides: another experiment, nothing skipped
     assert len(runs) == 8 and len(res.read_bytes().decode().splitlines()) == len(lines) + 1 + 8
+
+
+def test_since_keeps_the_runs_of_a_given_code_and_arms_picks_and_orders(report, tmp_path, capsys):
+    """--since: only lines dated at or after it (an arm rerun on fixed code, its older lines left out
+    even where the new code has no line for that seed); --arms: these arms, in this order."""
+    path = tmp_path / "acc.jsonl"
+    path.write_text(
+        _line("real_kd", 0, 80.0, date="2026-12-01T04:00:00+00:00")
+        + _line("real_kd", 1, 81.0, date="2026-12-01T04:10:00+00:00")
+        + _line("inv", 0, 20.0, date="2026-12-01T04:20:00+00:00")
+        + _line("real_kd", 0, 70.0, date="2026-12-07T05:00:00+00:00")
+        + _line("inv", 0, 30.0, date="2026-12-07T06:00:00+00:00")
+        + _line("inv", 1, 32.0, date="2026-12-07T06:30:00+00:00")
+    )
+    report.main(["--results", str(path), "--since", "2026-12-07T04:00", "--arms", "inv", "real_kd"])
+    out = capsys.readouterr().out
+    assert "| inv | 2 | 31.00 |" in out and "| real_kd | 1 | 70.00 |" in out  # real_kd seed 1 (old code) left out
+    assert out.index("| inv |") < out.index("| real_kd |")
+    assert "| inv - real_kd | 1 | -40.00 |" in out
