@@ -111,6 +111,18 @@ def test_header_shows_the_launch_flow():
     header = "".join(line for line in CLUSTER_YAML.read_text().splitlines(keepends=True) if line.startswith("#"))
     for cmd in ("ray up cluster/gpu.yaml", "ray job submit", "--working-dir .", "python jobs/distill.py --config configs/", "ray down cluster/gpu.yaml"):
         assert cmd in header
+    # token auth: the token made before `ray up`, the CLI told to send it
+    assert header.index("cluster/token.sh") < header.index("ray up cluster/gpu.yaml") < header.index("RAY_AUTH_MODE=token") < header.index("ray job submit")
+
+
+def test_every_node_starts_ray_with_token_auth_from_the_mounted_token(raw):
+    mounted = {remote for remote, local in raw["file_mounts"].items() if local.endswith("dda-ray-gpu.token")}
+    assert mounted == {"~/.ray/dda-ray-gpu.token"}
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (cmd,) = [c for c in raw[key] if "ray start" in c]
+        assert "export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$HOME/.ray/dda-ray-gpu.token;" in cmd, cmd
+    assert "--dashboard-host=127.0.0.1" in next(c for c in raw["head_start_ray_commands"] if "ray start" in c)
+    assert not any(p.name.endswith(".token") for p in REPO_ROOT.rglob("*.token"))  # no token in the repository
 
 
 @pytest.mark.parametrize(
