@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .progress import MODES as PROGRESS_MODES
+
 MODES = ("dda", "inversion", "real_kd")
 DATASETS = ("cifar10", "cifar100", "imagefolder", "tiny_imagenet")
 AUGMENT_BACKENDS = ("local_prior", "sd_img2img", "sd_image_variations")
@@ -61,7 +63,7 @@ class RunConfig:
 
     def validate(self, p: str) -> None:
         _check(self.mode in MODES, f"{p}.mode", self.mode, f"one of {MODES}")
-        _check(self.progress in ("auto", "bars", "lines"), f"{p}.progress", self.progress, "auto, bars or lines")
+        _check(self.progress in PROGRESS_MODES, f"{p}.progress", self.progress, f"one of {PROGRESS_MODES}")
         _check(self.engine in ("ray", "local"), f"{p}.engine", self.engine, "ray or local")
         _check(bool(self.name) and "/" not in self.name, f"{p}.name", self.name, "a non-empty name without '/'")
 

@@ -186,7 +186,7 @@ class CosineFilter:
         if report.all_rejected and (warn or self.cfg.on_all_rejected == "error"):
             msg = (
                 f"the cosine filter rejected all {report.n_variations} variations of this batch: filter.threshold = "
-                f"{self.cfg.threshold} is above every score (max {float(score[rows].max()):.3f}); lower filter.threshold or augment.strength"
+                f"{self.cfg.threshold} is above every score (max {report.max_score:.3f}); lower filter.threshold or augment.strength"
             )
             if self.cfg.on_all_rejected == "error":
                 raise AllRejectedError(msg)

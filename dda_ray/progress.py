@@ -102,12 +102,6 @@ class LineProgress:
         items = {**(ordered_dict or {}), **kwargs}
         self.postfix = " ".join(f"{k}={v}" for k, v in items.items())
 
-    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
-        self.postfix = s
-
-    def refresh(self) -> None:
-        pass
-
     def close(self) -> None:
         if self.closed:
             return

@@ -50,11 +50,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cluster_auth_env() -> dict[str, str]:
-    """The auth variables cluster/gpu.yaml's head exports before ``ray start`` (``export A=x B=y;``)."""
+def cluster_head_command() -> str:
+    """cluster/gpu.yaml's ``ray start --head`` command."""
     import yaml
 
     (cmd,) = [c for c in yaml.safe_load((REPO_ROOT / "cluster" / "gpu.yaml").read_text())["head_start_ray_commands"] if "ray start" in c]
+    return cmd
+
+
+def cluster_auth_env() -> dict[str, str]:
+    """The auth variables cluster/gpu.yaml's head exports before ``ray start`` (``export A=x B=y;``)."""
+    cmd = cluster_head_command()
     exported = re.search(r"export ([^;]+);", cmd)
     assert exported, f"cluster/gpu.yaml's head exports no auth settings before ray start: {cmd}"
     return dict(a.split("=", 1) for a in exported.group(1).split())
@@ -151,10 +157,7 @@ class RayHead:
 
 def cluster_dashboard_host() -> str:
     """cluster/gpu.yaml's ``--dashboard-host`` for the head."""
-    import yaml
-
-    (cmd,) = [c for c in yaml.safe_load((REPO_ROOT / "cluster" / "gpu.yaml").read_text())["head_start_ray_commands"] if "ray start" in c]
-    return re.search(r"--dashboard-host=(\S+)", cmd).group(1)
+    return re.search(r"--dashboard-host=(\S+)", cluster_head_command()).group(1)
 
 
 def start_head(timeout_s: float = 150) -> tuple[RayHead | None, str]:
