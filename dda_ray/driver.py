@@ -6,7 +6,8 @@
       threads, seed (run.seed + rank), device          engine.device()
       teacher, data, student, Distiller                engine.wrap() (DDP with several Ray Train workers)
       resume: engine.restored() (Ray Train's checkpoint after a worker failure), else <run_dir>/state.pt
-              with run.resume=true; rewind_run drops what the cut epoch left (metrics lines, rounds)
+              with run.resume=true or on a Ray Train restart; rewind_run drops what the cut epoch left
+              (metrics lines, rounds)
       rank 0: the Synthesizer, the initial bank made    sources.run_synthesizer
       the rows                                         engine.source(): BankSource / RealSource (local),
                                                        RaySource (a Ray Train worker's shard)
@@ -65,6 +66,11 @@ class Engine:
     world_size = 1
     progress = True
     bank_s: float | None = None  # the initial bank was made before drive (the Ray driver process): its time
+    # True: an attempt that finds no checkpoint of the engine's own resumes from <run_dir>/state.pt even
+    # without run.resume (Ray Train restarting its workers: the directory is this run's, see
+    # runtime.prepare_run_dir, and state.pt is written before each Ray checkpoint, so a worker lost
+    # between the two would otherwise start the run again from epoch 0)
+    resumes_run_dir = False
 
     def device(self, cfg: Config) -> torch.device:
         from .runtime import resolve_device
@@ -124,14 +130,14 @@ def drive(cfg: Config, engine: Engine, tracker=None) -> dict:
     restored = engine.restored(lambda path: load_training_state(path, distiller, gen))
     if restored is not None:
         start_epoch, extra = restored
-    elif cfg.run.resume and state_file.exists():
+    elif (cfg.run.resume or engine.resumes_run_dir) and state_file.exists():
         start_epoch, extra = load_training_state(state_file, distiller, gen)
     synthetic = cfg.run.mode != "real_kd"
     next_round = int(extra["next_round"]) if start_epoch and "next_round" in extra else None
+    if lead:  # what an attempt cut after its last checkpoint left (cut before any: all it wrote); a fresh run: nothing
+        rewind_run(cfg.run_dir, start_epoch, (next_round if start_epoch else cfg.synthesis.init_rounds) if synthetic else None)
     if start_epoch:
         rng = (global_rng_state(), gen.get_state())
-        if lead:
-            rewind_run(cfg.run_dir, start_epoch, next_round if synthetic else None)
         print(f"[rank {engine.rank}] resuming after epoch {start_epoch}", flush=True)
 
     timings: dict[str, float] = {}

@@ -162,9 +162,11 @@ class RayTrainEngine(Engine):
 
         return ray.train.torch.prepare_model if self.world_size > 1 else None
 
+    resumes_run_dir = True  # a restart that finds no Ray checkpoint resumes from the run directory's state.pt
+
     def restored(self, load):
-        """Ray Train's checkpoint after a worker failure (with ``run.resume=true`` and none, the
-        driver reads the run directory's state.pt: local mode, num_workers=0, keeps no Ray checkpoints)."""
+        """Ray Train's checkpoint after a worker failure (none: the driver reads the run directory's
+        state.pt if there is one, :attr:`Engine.resumes_run_dir`)."""
         import ray.train
 
         ckpt = ray.train.get_checkpoint()

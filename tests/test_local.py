@@ -116,6 +116,46 @@ def test_resume_continues_after_the_last_epoch_and_extends_the_schedule(tmp_path
     assert len(bank_files(first.run_dir / "rounds")) == 2  # the round of epoch 1 is reused, one new
 
 
+class _Cut(Exception):
+    pass
+
+
+@pytest.mark.parametrize("state_left", [True, False], ids=["after-its-checkpoint", "before-any-checkpoint"])
+def test_an_attempt_restarted_by_its_engine_resumes_from_the_run_directory_and_repeats_the_uninterrupted_run(tmp_path, tiny_teacher, cifar10_decoded, state_left):
+    """Ray Train restarts a lost worker with its own checkpoint, which the driver reports *after*
+    writing state.pt: a worker lost between the two finds no Ray checkpoint. An engine that
+    ``resumes_run_dir`` then resumes from state.pt without run.resume (cut before any state.pt: it
+    starts again, the cut attempt's metrics lines and rounds dropped): each epoch once, as uninterrupted."""
+    from dda_ray.driver import drive
+    from dda_ray.local import LocalEngine
+
+    whole = tiny_config(tmp_path / "whole", tiny_teacher, cifar10_decoded)
+    run_local(whole, progress=False)
+
+    class CutAfterFirstEpoch(LocalEngine):
+        def report(self, metrics, epoch, save_state):
+            raise _Cut  # the worker is lost after the driver wrote the epoch (line, rounds, state.pt)
+
+    class Restarted(LocalEngine):
+        resumes_run_dir = True
+
+    cut = tiny_config(tmp_path / "cut", tiny_teacher, cifar10_decoded)
+    with pytest.raises(_Cut):
+        drive(cut, CutAfterFirstEpoch(progress=False))
+    assert [m["epoch"] for m in read_jsonl(cut.run_dir / "metrics.jsonl")] == [1]
+    if not state_left:
+        (cut.run_dir / "state.pt").unlink()
+    assert not cut.run.resume
+    drive(cut, Restarted(progress=False))
+    a, b = read_jsonl(whole.run_dir / "metrics.jsonl"), read_jsonl(cut.run_dir / "metrics.jsonl")
+    assert [m["epoch"] for m in b] == [1, 2]
+    for k in ("test_acc", "loss_kd", "rows"):
+        assert [m[k] for m in a] == [m[k] for m in b], k
+    assert (read_bank(whole.run_dir / "rounds").images == read_bank(cut.run_dir / "rounds").images).all()
+    sa, sb = load_classifier(whole.run_dir / "student", "wrn16_1", 10)[0], load_classifier(cut.run_dir / "student", "wrn16_1", 10)[0]
+    assert all((x == y).all() for x, y in zip(sa.state_dict().values(), sb.state_dict().values(), strict=True))
+
+
 def _overrides(cfg) -> dict:
     return {k: ("null" if v is None else v) for k, v in cfg.flat().items() if not isinstance(v, (list, dict))}
 

@@ -56,11 +56,14 @@ _KEEPERS: dict = {}  # actor name -> the handle that keeps the run's EpochOrder 
 
 def start_epoch_order(run_dir: str | Path):
     """Start (or find) the run's EpochOrder actor on this process's node (the driver's, which
-    outlives the workers); restarted if that node goes, and set again by the trainer every epoch."""
+    outlives the workers: a run loses its driver's node only with the driver). The affinity is hard:
+    a soft one lets Ray place the actor on any node while this one is busy starting workers, and a
+    run whose order lives on an augment or train node hangs when that node is lost (seen on a
+    three-node cluster). Restarted if its process dies; set again by the trainer every epoch."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     name = epoch_order_name(run_dir)
     actor = ray.remote(EpochOrder).options(name=name, get_if_exists=True, num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy=here)
     _KEEPERS[name] = actor.remote()  # a named actor lives while a handle does: this process keeps one
