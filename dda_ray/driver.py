@@ -135,7 +135,8 @@ def drive(cfg: Config, engine: Engine, tracker=None) -> dict:
     synthetic = cfg.run.mode != "real_kd"
     next_round = int(extra["next_round"]) if start_epoch and "next_round" in extra else None
     if lead:  # what an attempt cut after its last checkpoint left (cut before any: all it wrote); a fresh run: nothing
-        rewind_run(cfg.run_dir, start_epoch, (next_round if start_epoch else cfg.synthesis.init_rounds) if synthetic else None)
+        rounds_from = (next_round if start_epoch else cfg.synthesis.init_rounds) if synthetic else None
+        rewind_run(cfg.run_dir, start_epoch, rounds_from)
     if start_epoch:
         rng = (global_rng_state(), gen.get_state())
         print(f"[rank {engine.rank}] resuming after epoch {start_epoch}", flush=True)

@@ -145,6 +145,7 @@ class RayTrainEngine(Engine):
     save are the driver's, as on the local engine.)"""
 
     progress = False
+    resumes_run_dir = True  # a restart that finds no Ray checkpoint resumes from the run directory's state.pt
 
     def __init__(self, bank_s: float | None = None):
         import ray.train
@@ -161,8 +162,6 @@ class RayTrainEngine(Engine):
         import ray.train.torch
 
         return ray.train.torch.prepare_model if self.world_size > 1 else None
-
-    resumes_run_dir = True  # a restart that finds no Ray checkpoint resumes from the run directory's state.pt
 
     def restored(self, load):
         """Ray Train's checkpoint after a worker failure (none: the driver reads the run directory's
