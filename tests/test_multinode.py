@@ -170,10 +170,15 @@ def state_api(address: str, what: str) -> list[dict]:
 
 
 def actors_by_class(cluster: Cluster) -> dict[str, set[str]]:
-    """Class name -> node ids it has run on (alive or dead), from Ray's state API."""
+    """Class name -> node ids it has run on (alive or dead), from Ray's state API.
+
+    An actor not placed yet (``PENDING_CREATION``: e.g. the next epoch's pool actor waiting for the augment
+    unit its predecessor still holds) has no node and is left out: placement is asserted on placed actors.
+    """
     out: dict[str, set[str]] = {}
     for a in state_api(cluster.address, "actors"):
-        out.setdefault(a.get("class_name", ""), set()).add(a.get("node_id"))
+        if a.get("node_id"):
+            out.setdefault(a.get("class_name", ""), set()).add(a["node_id"])
     return out
 
 
