@@ -7,7 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dda_ray.data.transforms import Normalize, TrainTransform, random_crop, random_flip, to_float, to_uint8
+from dda_ray.data.transforms import (
+    Normalize,
+    TrainTransform,
+    random_crop,
+    random_flip,
+    random_resized_crop,
+    resized_crop_boxes,
+    to_float,
+    to_uint8,
+)
 
 
 def _uint8(n=4, h=8, w=8, seed=0) -> np.ndarray:
@@ -123,6 +132,58 @@ def test_random_flip_flips_exactly_the_chosen_images():
         expected = x[i].flip(2) if chosen[i] else x[i]
         assert torch.equal(out[i], expected), i
     assert torch.equal(random_flip(x, torch.Generator().manual_seed(7)), out)
+
+
+def _resized_crop_law(size: int = 32, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3), steps: int = 3000) -> tuple[float, float]:
+    """Mean area fraction and mean |log(w / h)| of torchvision's RandomResizedCrop boxes, by integrating
+    the draw numerically: area uniform, log-ratio uniform, sides rounded, kept only if the box fits
+    (the whole-image fallback after 10 misses has probability ~1e-9 here)."""
+    a = np.linspace(*scale, steps + 1)
+    lr = np.linspace(np.log(ratio[0]), np.log(ratio[1]), steps + 1)
+    a, lr = np.meshgrid((a[1:] + a[:-1]) / 2, (lr[1:] + lr[:-1]) / 2)
+    w = np.round(np.sqrt(a * np.exp(lr)) * size)
+    h = np.round(np.sqrt(a / np.exp(lr)) * size)
+    fits = (w <= size) & (h <= size)
+    return float((w * h)[fits].mean() / size**2), float(np.abs(np.log(w / h))[fits].mean())
+
+
+def test_resized_crop_boxes_follow_the_redraw_law_and_stay_inside():
+    n = 40000
+    box = resized_crop_boxes(n, (32, 32), generator=torch.Generator().manual_seed(0))
+    assert box.dtype == torch.long and box.shape == (n, 4)
+    x0, y0, w, h = box.unbind(1)
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (w >= 1).all() and (h >= 1).all()
+    assert (x0 + w <= 32).all() and (y0 + h <= 32).all()
+    area = (w * h).double() / 32**2
+    log_r = (w.double() / h.double()).log()
+    want_area, want_log_r = _resized_crop_law()
+    # a box too wide or tall is redrawn (torchvision, kornia), not clipped: clipping gives a mean area of ~0.619
+    assert abs(area.mean().item() - want_area) < 4 * area.std().item() / n**0.5, (area.mean().item(), want_area)
+    assert abs(log_r.abs().mean().item() - want_log_r) < 4 * log_r.abs().std().item() / n**0.5
+    assert area.min() >= 0.25 - 2 / 32 and log_r.abs().max() <= np.log(4 / 3) + 2 / 8
+    # the corner is uniform over the positions that keep the box inside: mean offset = (32 - w) / 2
+    slack = (32 - w).double()
+    assert abs((x0.double() - slack / 2).mean().item()) < 4 * (slack / 12**0.5).mean().item() / n**0.5 + 0.02
+
+
+def test_resized_crop_boxes_fall_back_to_the_whole_image_when_no_draw_fits():
+    box = resized_crop_boxes(8, (16, 16), scale=(1.5, 2.0), generator=torch.Generator().manual_seed(0))
+    assert box.tolist() == [[0, 0, 16, 16]] * 8
+    x = _float(n=8, h=16, w=16)
+    out = random_resized_crop(x, scale=(1.5, 2.0), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, x)
+
+
+def test_random_resized_crop_is_the_box_resized_with_corners_aligned_and_is_differentiable():
+    x = _float(n=12, h=16, w=16).requires_grad_(True)
+    out = random_resized_crop(x, generator=torch.Generator().manual_seed(5))
+    box = resized_crop_boxes(12, (16, 16), generator=torch.Generator().manual_seed(5))
+    assert out.shape == x.shape
+    for i, (x0, y0, w, h) in enumerate(box.tolist()):
+        want = F.interpolate(x[i : i + 1, :, y0 : y0 + h, x0 : x0 + w], size=(16, 16), mode="bilinear", align_corners=True)
+        torch.testing.assert_close(out[i : i + 1], want, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 def test_train_transform_output():

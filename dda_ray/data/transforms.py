@@ -75,26 +75,52 @@ def random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> to
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
+def resized_crop_boxes(
+    n: int, size: tuple[int, int], scale: tuple[float, float] = (0.25, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    generator: torch.Generator | None = None, attempts: int = 10,
+) -> torch.Tensor:
+    """Integer crop boxes ``(x0, y0, w, h)`` (shape ``(n, 4)``) for a random resized crop of an image of
+    ``size = (h, w)``, drawn as torchvision's and kornia's ``RandomResizedCrop`` draw them: ``attempts``
+    candidates of area ``scale`` (uniform fraction of the image) and aspect ``ratio`` (width / height,
+    log-uniform), sides rounded to pixels; the first candidate that fits in the image is taken, the
+    whole image if none does; the corner is uniform over the integer positions that keep the box inside."""
+    H, W = size
+    u = torch.rand(n, attempts, generator=generator)
+    log_r = torch.empty(n, attempts).uniform_(float(np.log(ratio[0])), float(np.log(ratio[1])), generator=generator)
+    area = (scale[0] + u * (scale[1] - scale[0])) * (H * W)
+    r = log_r.exp()
+    w = (area * r).sqrt().round()
+    h = (area / r).sqrt().round()
+    fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    first = (fits.int().cumsum(1) == 1) & fits  # the first candidate that fits, per image
+    found = first.any(1)
+    pick = first.int().argmax(1)
+    rows = torch.arange(n)
+    bw = torch.where(found, w[rows, pick], torch.full((n,), float(W))).long()
+    bh = torch.where(found, h[rows, pick], torch.full((n,), float(H))).long()
+    x0 = (torch.rand(n, generator=generator) * (W - bw + 1)).floor().long().clamp(max=W - bw)
+    y0 = (torch.rand(n, generator=generator) * (H - bh + 1)).floor().long().clamp(max=H - bh)
+    return torch.stack([x0, y0, bw, bh], dim=1)
+
+
 def random_resized_crop(
     x: torch.Tensor, scale: tuple[float, float] = (0.25, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3), generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Per-image random crop of area ``scale`` (fractions of the image) and aspect ``ratio``
-    (log-uniform), resized back to the input size by bilinear sampling (NCHW); differentiable in
-    ``x``, so a generator can be optimised through it (CMI's local view). A box wider or taller
-    than the image is clipped to it."""
-    n, _, h, w = x.shape
-    area = torch.empty(n).uniform_(scale[0], scale[1], generator=generator)
-    log_r = torch.empty(n).uniform_(float(np.log(ratio[0])), float(np.log(ratio[1])), generator=generator)
-    r = log_r.exp()
-    bw = (area * r).sqrt().clamp(max=1.0)  # box width / image width
-    bh = (area / r).sqrt().clamp(max=1.0)
-    cx = bw / 2 + torch.rand(n, generator=generator) * (1 - bw)  # box centre, in [0, 1]
-    cy = bh / 2 + torch.rand(n, generator=generator) * (1 - bh)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2] = bw, 2 * cx - 1
-    theta[:, 1, 1], theta[:, 1, 2] = bh, 2 * cy - 1
-    grid = F.affine_grid(theta.to(x.device, x.dtype), [n, x.shape[1], h, w], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    """Per-image random resized crop (NCHW): a box from :func:`resized_crop_boxes`, resized back to the
+    input size by bilinear interpolation with ``align_corners=True`` (kornia's ``RandomResizedCrop``
+    default: the box's corner pixels land on the output's corner pixels). Differentiable in ``x``, so a
+    generator can be optimised through it (CMI's local view)."""
+    n, c, h, w = x.shape
+    box = resized_crop_boxes(n, (h, w), scale, ratio, generator).to(torch.float64)
+    x0, y0, bw, bh = box.unbind(1)
+    # one affine map per image: output pixel j samples input pixel x0 + j (bw - 1) / (w - 1), in the
+    # normalised coordinates of grid_sample with align_corners=True
+    sx, sy = (bw - 1) / max(w - 1, 1), (bh - 1) / max(h - 1, 1)
+    theta = torch.zeros(n, 2, 3, dtype=torch.float64)
+    theta[:, 0, 0], theta[:, 0, 2] = sx, 2 * x0 / max(w - 1, 1) - 1 + sx
+    theta[:, 1, 1], theta[:, 1, 2] = sy, 2 * y0 / max(h - 1, 1) - 1 + sy
+    grid = F.affine_grid(theta.to(x.device, x.dtype), [n, c, h, w], align_corners=True)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
 class TrainTransform:
