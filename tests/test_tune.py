@@ -4,6 +4,7 @@ tracked by a real MLflow server (one parent run, one child run per trial)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -347,7 +348,9 @@ def test_a_trial_trains_in_its_own_process_as_it_would_in_a_torch_trainer(tmp_pa
     point = {"augment.strength": {"choice": [0.4]}, "augment.guidance": {"choice": [3.0]}, "filter.threshold": {"choice": [0.5]}}
     runs = {}
     for where in ("trial", "ray_train"):
-        cfg = tune_config(tmp_path / where, tiny_assets, cifar10_decoded, None, **{"tracking.enabled": False})
+        # lr 0.001: a run that stays finite (at the suite's 0.1 this tiny run diverged, test_loss ~1e6 by epoch 2,
+        # where float noise under load decided an equality)
+        cfg = tune_config(tmp_path / where, tiny_assets, cifar10_decoded, None, **{"tracking.enabled": False, "distill.lr": 0.001})
         cfg.tune.train_in, cfg.tune.num_samples, cfg.tune.searcher, cfg.tune.scheduler = where, 1, "random", "fifo"
         cfg.tune.space = config_from_dict({"teacher": {"checkpoint": None}, "tune": {"space": point}}).tune.space
         summary = tune_search(cfg.validate())
@@ -361,5 +364,11 @@ def test_a_trial_trains_in_its_own_process_as_it_would_in_a_torch_trainer(tmp_pa
     assert not (trial_dir / "ray").exists()  # no Ray Train run storage: nothing of Train was started
     assert {"teacher_loaded", "source_ready", "epoch_reported", "trial_end"} <= trial_events
     # what trained is identical; the stages' totals also count the rows the stream ran ahead of the loop (timing)
-    trained = ("epoch", "test_acc", "test_loss", "steps", "rows", "lr", "next_round", "loss_loss", "loss_kd", "loss_ce", "loss_fea", "loss_rot")
+    # (the rows and steps exactly; what they trained to, to float noise: the two paths run in different processes)
+    trained = ("epoch", "steps", "rows", "lr", "next_round")
     assert [{k: m.get(k) for k in trained} for m in in_trial] == [{k: m.get(k) for k in trained} for m in trainer]
+    learned = ("test_acc", "test_loss", "loss_loss", "loss_kd", "loss_ce", "loss_fea", "loss_rot")
+    for a, b in zip(in_trial, trainer, strict=True):
+        got, want = ({k: m[k] for k in learned if m.get(k) is not None} for m in (a, b))
+        assert got.keys() == want.keys() and all(math.isfinite(v) for v in got.values()), (a, b)
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-6), (a, b)
