@@ -169,7 +169,7 @@ def synthesis_method(cfg) -> str:
 def build_bank(cfg) -> float:
     """Synthesise the shared initial bank (skipped when already complete); returns seconds."""
     from dda_ray.runtime import resolve_device
-    from dda_ray.sources import run_synthesizer
+    from dda_ray.initial_bank import run_synthesizer
 
     cfg = cfg.with_absolute_paths()
     if cfg.run.engine == "ray" and cfg.resources.synthesis_tasks > 0:

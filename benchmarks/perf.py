@@ -241,7 +241,7 @@ def start_ray(args) -> None:
 
 def ensure_bank(args) -> Path:
     """The shared initial bank (``build_initial_bank``: skips rounds already on disk)."""
-    from dda_ray.sources import initial_bank_dir, run_synthesizer
+    from dda_ray.initial_bank import initial_bank_dir, run_synthesizer
 
     cfg = make_cfg(args)
     t0 = time.perf_counter()
@@ -714,7 +714,7 @@ def bench_augment(args) -> str:
     from dda_ray.checkpoint import load_teacher
     from dda_ray.data.bank import read_bank
     from dda_ray.runtime import set_threads
-    from dda_ray.sources import initial_bank_dir
+    from dda_ray.initial_bank import initial_bank_dir
 
     cfg = make_cfg(args, "run.mode=dda")
     set_threads(cfg.resources.torch_threads)
@@ -970,7 +970,7 @@ def bench_synthesis(args) -> str:
     (``resources.synthesis_tasks=0``) and over Ray tasks (dda: ``--synthesis-tasks`` concurrent tasks of
     ``synthesis_cpus`` 1; cmi and fast: one chain, so one task). Each arm of each repeat writes a fresh bank.
     (``synthesis_img_per_s_cmi`` lines before 2026-12-07 measured the DDA synthesizer, then named cmi.)"""
-    from dda_ray.sources import run_synthesizer
+    from dda_ray.initial_bank import run_synthesizer
 
     rounds = 1 if args.quick else args.synthesis_rounds
     rep = Report(args, "Synthesis throughput: initial bank, images/s")

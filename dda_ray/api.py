@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .config import Config
-from .tracking import Tracker, log_run_files
+from .tracking import Tracker, last_epoch, log_run_artifacts
 
 
 def preflight(cfg: Config) -> None:
@@ -57,30 +57,9 @@ def preflight(cfg: Config) -> None:
         for path in bank_files(cfg.synthesis.bank_dir):
             read_table(path)  # BankError for corrupt or foreign files
     if cfg.run.engine == "ray":
-        from .runtime import check_ray_address
+        from ._ray_compat import check_ray_address
 
         check_ray_address()  # an unreachable RAY_ADDRESS: seconds, not minutes of ray.init retries
-
-
-def last_epoch(run_dir) -> int:
-    """The last epoch ``<run_dir>/metrics.jsonl`` records (0 if none): the step a logged model's metrics are read at."""
-    from .runtime import read_jsonl
-
-    lines = read_jsonl(run_dir / "metrics.jsonl")
-    return int(lines[-1].get("epoch", 0)) if lines else 0
-
-
-def log_run_artifacts(tracker: Tracker, cfg: Config, register: bool = True, model: bool = True) -> None:
-    """What every distillation run leaves in MLflow: config, metrics, curve, grids, the student's
-    checkpoint files, and (``model``) the student as the MLflow Model ``model`` (registered as
-    ``tracking.register_as`` when set and ``register``; a tune trial leaves that to the search)."""
-    run_dir = cfg.run_dir
-    log_run_files(tracker, run_dir)
-    tracker.log_artifact(run_dir / "student", "student")
-    if not model:
-        return
-    register_as = cfg.tracking.register_as if register else None
-    tracker.log_model(run_dir / "student", cfg.data.image_size, register_as=register_as, step=last_epoch(run_dir))
 
 
 def distill(cfg: Config, tracker: Tracker | None = None) -> dict:

@@ -21,6 +21,7 @@ import yaml
 
 from .config_sections import (
     ADV_TERMS,
+    ARCHITECTURE_NAMES,
     AUGMENT_BACKENDS,
     DATASETS,
     DTYPES,
@@ -42,13 +43,13 @@ from .config_sections import (
     TeacherTrainingConfig,
     TrackingConfig,
 )
-from .tune_space import Domain, TuneConfig
+from .tune_space import TUNABLE_SECTIONS, Domain, TuneConfig
 
 __all__ = [  # the sections are defined in config_sections.py / tune_space.py and re-exported here
-    "ADV_TERMS", "AUGMENT_BACKENDS", "DATASETS", "DTYPES", "MIX_MODES", "MODES", "PRIOR_LABELS", "PRIOR_SOURCES", "SYNTHESIS_METHODS",
+    "ADV_TERMS", "ARCHITECTURE_NAMES", "AUGMENT_BACKENDS", "DATASETS", "DTYPES", "MIX_MODES", "MODES", "PRIOR_LABELS", "PRIOR_SOURCES", "SYNTHESIS_METHODS",
     "AugmentConfig", "Config", "ConfigError", "DataConfig", "DistillConfig", "Domain", "FilterConfig", "ModelConfig",
     "ResourcesConfig", "RunConfig", "SynthesisConfig", "TeacherConfig", "TeacherTrainingConfig", "TrackingConfig", "TuneConfig",
-    "apply_overrides", "apply_values", "config_from_dict", "config_reference", "load_config", "parse_override", "to_raw",
+    "apply_overrides", "apply_values", "check_tune_space", "config_from_dict", "config_reference", "load_config", "parse_override", "to_raw",
 ]  # fmt: skip
 
 
@@ -90,7 +91,7 @@ class Config:
                 f"{self.resources.num_workers}; set tune.train_in=ray_train (or auto) for a TorchTrainer with that many workers per trial"
             )
         if check_space:
-            self.tune.check_space(self)
+            check_tune_space(self)
         return self
 
     @property
@@ -164,6 +165,26 @@ def apply_values(cfg: Config, values: dict[str, Any], check_space: bool = True, 
         raw[section][name] = plain_value(v)
     raw["run"].update(run)
     return config_from_dict(raw).validate(check_space=check_space)
+
+
+def check_tune_space(cfg: Config, p: str = "tune") -> None:
+    """Each key of ``cfg.tune.space`` is a field of a tunable section; every value a trial may get passes the
+    config's validation."""
+    flat = cfg.flat()
+    for key, domain in cfg.tune.space.items():
+        name = f"{p}.space.{key}"
+        section = key.split(".", 1)[0]
+        if key not in flat:
+            examples = "e.g. augment.strength, augment.guidance, filter.threshold"
+            raise ConfigError(f"{name}: unknown config field {key!r}; expected a 'section.field' of the config, {examples}")
+        if section not in TUNABLE_SECTIONS:
+            tunable = ", ".join(TUNABLE_SECTIONS)
+            raise ConfigError(f"{name}: section {section!r} cannot be tuned (trials share it with the search); tunable sections: {tunable}")
+        for v in domain.extremes():
+            try:
+                apply_values(cfg, {key: v}, check_space=False)
+            except ConfigError as e:
+                raise ConfigError(f"{name}: {domain.describe()} can produce {v!r}, which the config refuses: {e}") from None
 
 
 # ----------------------------------------------------------------- reference

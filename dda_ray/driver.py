@@ -8,7 +8,7 @@
       resume: engine.restored() (Ray Train's checkpoint after a worker failure), else <run_dir>/state.pt
               with run.resume=true or on a Ray Train restart; rewind_run drops what the cut epoch left
               (metrics lines, rounds)
-      rank 0: the Synthesizer, the initial bank made    sources.run_synthesizer
+      rank 0: the Synthesizer, the initial bank made    initial_bank.run_synthesizer
       the rows                                         engine.source(): BankSource / RealSource (local),
                                                        RaySource (a Ray Train worker's shard)
       distill.train_loop; after each epoch: metrics.jsonl, MLflow, state.pt (rank 0), then engine.report()
@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from .config import Config
+from .data.bank import round_of
 from .distill import (
     Distiller,
     TrainSource,
@@ -41,6 +42,7 @@ from .distill import (
     set_global_rng_state,
     train_loop,
 )
+from .runtime import write_text_atomic
 
 
 @dataclass
@@ -105,9 +107,10 @@ def drive(cfg: Config, engine: Engine, tracker=None) -> dict:
     from .checkpoint import load_teacher, save_classifier
     from .data import load_data
     from .evaluation import evaluate
+    from .initial_bank import run_synthesizer
     from .models import build_model
-    from .runtime import append_jsonl, mark, rewind_run, seed_everything, set_threads, write_text_atomic
-    from .sources import resume_extra, run_synthesizer
+    from .runtime import append_jsonl, mark, seed_everything, set_threads, write_text_atomic
+    from .sources import resume_extra
 
     lead, progress = engine.rank == 0, engine.progress
     log = (lambda s: print(s, flush=True)) if lead else (lambda s: None)
@@ -178,4 +181,31 @@ def drive(cfg: Config, engine: Engine, tracker=None) -> dict:
     return final
 
 
-__all__ = ["Engine", "RunParts", "drive"]
+def rewind_run(run_dir: str | Path, epochs_done: int, next_round: int | None) -> None:
+    """Bring a run directory back to its last checkpoint before resuming from it.
+
+    An interrupted or failed epoch may have appended its ``metrics.jsonl`` line or written its
+    synthesis round before the checkpoint was saved. Lines of epochs after ``epochs_done`` (and
+    a torn last line) are dropped, and rounds numbered ``>= next_round`` are removed: the resumed
+    epoch re-synthesises them from the restored student with the same seeds, so the run continues
+    exactly as if it had never stopped.
+    """
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        keep = []
+        for line in metrics.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by the interruption
+            if int(rec.get("epoch", 0)) <= epochs_done:
+                keep.append(line)
+        write_text_atomic(metrics, "".join(f"{line}\n" for line in keep))
+    if next_round is not None:
+        for path in sorted((run_dir / "rounds").glob("round-*.parquet")):
+            if round_of(path) >= next_round:
+                path.unlink()
+
+
+__all__ = ["Engine", "RunParts", "drive", "rewind_run"]

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import FilterConfig
+from .data.columns import decode_image_column, stack_vector_column
 from .data.pool import ORIGINAL
 from .data.transforms import Normalize, to_float
 from .runtime import to_device
-from .stages import decode_image_column, stack_vector_column
 
 __all__ = ["AllRejectedError", "AllRejectedWarning", "CosineFilter", "FilterReport", "all_rejected_line"]
 

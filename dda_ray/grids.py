@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .data.columns import decode_image_column
 from .data.pool import ORIGINAL
-from .stages import decode_image_column
 
 __all__ = ["KEPT_COLOR", "REJECTED_COLOR", "ORIGINAL_COLOR", "grid_size", "make_grid", "grid_from_batch", "save_grid"]
 

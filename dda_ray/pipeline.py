@@ -40,15 +40,13 @@ import time
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
-from ray.data.collate_fn import NumpyBatchCollateFn
 
 from .config import Config, config_from_dict
-from .data.bank import decode_images
 from .data.pool_source import bank_pool, make_pool_datasource, real_pool, start_epoch_order
 from .driver import Engine
 from .progress import set_mode as set_progress_mode
+from .ray_source import RaySource
 from .shared_disk import check_shared_paths, shared_paths
 
 # ----------------------------------------------------------------- the graph
@@ -80,7 +78,7 @@ def build_dataset(cfg: Config, class_names: list[str] | None = None):
     import ray
     from ray.data import ActorPoolStrategy
 
-    from .sources import initial_bank_dir
+    from .initial_bank import initial_bank_dir
 
     res = cfg.resources
     k = cfg.augment.num_variations if cfg.run.mode == "dda" else 0
@@ -140,7 +138,7 @@ def in_order(ds):
 # ------------------------------------------------------------ train workers
 class RayTrainEngine(Engine):
     """The Ray Train engine for :func:`dda_ray.driver.drive`: rows from this worker's shard
-    (:class:`~dda_ray.sources.RaySource`), reports to Ray Train with a checkpoint (rank 0's), and
+    (:class:`~dda_ray.ray_source.RaySource`), reports to Ray Train with a checkpoint (rank 0's), and
     restores Ray Train's checkpoint after a worker failure. (Set-up, resume, epochs and the final
     save are the driver's, as on the local engine.)"""
 
@@ -178,8 +176,6 @@ class RayTrainEngine(Engine):
         return kd_progress(cfg, self.rank)
 
     def source(self, run):
-        from .sources import RaySource
-
         cfg = run.cfg
         n = len(run.data.train)  # real_kd: the pool is data.train_subset rows of it (the stream reads them itself)
         real_rows = (n if cfg.data.train_subset is None else min(n, cfg.data.train_subset)) if cfg.run.mode == "real_kd" else None
@@ -200,23 +196,6 @@ class RayTrainEngine(Engine):
                 save_state(Path(d) / "state.pt")
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, checkpoint=checkpoint)
-
-
-class BankCollate(NumpyBatchCollateFn):
-    """Ray Data numpy batch -> uint8 NHWC image tensor, int64 labels, and the row ids."""
-
-    def __init__(self, shape: tuple[int, int, int]):
-        self.shape = shape
-
-    def __call__(self, batch: dict) -> dict:
-        images = batch["image"]
-        if images.dtype == object:  # raw bytes from the bank
-            images = decode_images(images, self.shape)
-        return {
-            "image": torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)),  # Ray's arrays are read-only
-            "label": torch.from_numpy(np.asarray(batch["label"], dtype=np.int64).copy()),
-            "ids": [str(i) for i in batch["id"]],
-        }
 
 
 def kd_progress(cfg: Config, rank: int):
@@ -325,7 +304,7 @@ def init_ray(cfg: Config | None) -> None:
     sigterm = signal.getsignal(signal.SIGTERM)
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        from .runtime import check_ray_address
+        from ._ray_compat import check_ray_address
 
         check_ray_address(address)  # preflight checked already; library callers get the same fast error
         ray.init(address=address, **quiet)
@@ -359,8 +338,8 @@ def run_ray(cfg: Config, tracker=None, callbacks: list | None = None) -> dict:
     from ray.train.torch import TorchTrainer
 
     from .checkpoint import read_meta
+    from .initial_bank import run_synthesizer
     from .runtime import mark
-    from .sources import run_synthesizer
 
     cfg = cfg.with_absolute_paths()
     # bars or lines, decided here where the user's output goes; the Train workers and trials get the answer

@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .config import Config, ConfigError
+from .runtime import read_jsonl
 
 
 class TrackingError(ConfigError):
@@ -376,6 +377,25 @@ def log_run_files(tracker, run_dir: Path) -> None:
     if curve is not None:
         tracker.log_artifact(curve)
     tracker.log_artifact(run_dir / "grids", "grids")
+
+
+def last_epoch(run_dir) -> int:
+    """The last epoch ``<run_dir>/metrics.jsonl`` records (0 if none): the step a logged model's metrics are read at."""
+    lines = read_jsonl(run_dir / "metrics.jsonl")
+    return int(lines[-1].get("epoch", 0)) if lines else 0
+
+
+def log_run_artifacts(tracker: Tracker, cfg: Config, register: bool = True, model: bool = True) -> None:
+    """What every distillation run leaves in MLflow: config, metrics, curve, grids, the student's
+    checkpoint files, and (``model``) the student as the MLflow Model ``model`` (registered as
+    ``tracking.register_as`` when set and ``register``; a tune trial leaves that to the search)."""
+    run_dir = cfg.run_dir
+    log_run_files(tracker, run_dir)
+    tracker.log_artifact(run_dir / "student", "student")
+    if not model:
+        return
+    register_as = cfg.tracking.register_as if register else None
+    tracker.log_model(run_dir / "student", cfg.data.image_size, register_as=register_as, step=last_epoch(run_dir))
 
 
 def accuracy_curve(metrics_file: str | Path, out_png: str | Path, key: str = "test_acc") -> Path | None:

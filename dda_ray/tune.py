@@ -78,7 +78,7 @@ def build_shared_bank(cfg: Config) -> float:
     """Synthesise the initial bank once, before any trial (rounds already on disk are skipped)."""
     if cfg.run.mode == "real_kd":
         return 0.0
-    from .sources import run_synthesizer
+    from .initial_bank import run_synthesizer
 
     t0 = time.perf_counter()
     run_synthesizer(cfg, progress=False)
@@ -89,8 +89,9 @@ def tune_search(cfg: Config) -> dict:
     """Run the search described by ``cfg.tune``; returns the best trial's row (values, metric, paths)."""
     from ray import tune
 
+    from ._ray_compat import check_ray_address
     from .pipeline import init_ray
-    from .runtime import check_ray_address, mark, prepare_run_dir
+    from .runtime import mark, prepare_run_dir
     from .shared_disk import check_shared_paths, shared_paths
     from .tracking import Tracker, check_reachable, tracking_uri
 

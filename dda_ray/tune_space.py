@@ -10,7 +10,7 @@ space maps dotted config fields to one distribution each::
         augment.guidance: {choice: [1.0, 2.0, 3.0]}
         filter.threshold: {uniform: [0.5, 0.95]}
 
-Beyond its own shape, the space is checked against the rest of the config (:meth:`TuneConfig.check_space`,
+Beyond its own shape, the space is checked against the rest of the config (``check_tune_space`` in the config tree,
 run by ``Config.validate``): each key is a field of a tunable section, and every value a trial may get
 passes that field's own validation.
 """
@@ -150,26 +150,6 @@ class TuneConfig:
     def trains_in_trial(self, cfg: Config) -> bool:
         """Whether a trial runs its KD loop in its own process (``train_in``, resolved against ``resources.num_workers``)."""
         return self.train_in == "trial" or (self.train_in == "auto" and cfg.resources.num_workers <= 1)
-
-    def check_space(self, cfg: Config, p: str = "tune") -> None:
-        """Each key is a field of a tunable section; every value a trial may get passes the config's validation."""
-        from .config import apply_values
-
-        flat = cfg.flat()
-        for key, domain in self.space.items():
-            name = f"{p}.space.{key}"
-            section = key.split(".", 1)[0]
-            if key not in flat:
-                examples = "e.g. augment.strength, augment.guidance, filter.threshold"
-                raise ConfigError(f"{name}: unknown config field {key!r}; expected a 'section.field' of the config, {examples}")
-            if section not in TUNABLE_SECTIONS:
-                tunable = ", ".join(TUNABLE_SECTIONS)
-                raise ConfigError(f"{name}: section {section!r} cannot be tuned (trials share it with the search); tunable sections: {tunable}")
-            for v in domain.extremes():
-                try:
-                    apply_values(cfg, {key: v}, check_space=False)
-                except ConfigError as e:
-                    raise ConfigError(f"{name}: {domain.describe()} can produce {v!r}, which the config refuses: {e}") from None
 
     @property
     def keys(self) -> list[str]:

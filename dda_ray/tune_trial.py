@@ -117,10 +117,9 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .api import log_run_artifacts
     from .pipeline import run_ray
     from .runtime import mark, prepare_run_dir
-    from .tracking import Tracker
+    from .tracking import Tracker, log_run_artifacts
 
     entered = time.time()
     trial_id = tune.get_context().get_trial_id()

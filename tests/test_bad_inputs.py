@@ -184,7 +184,7 @@ def test_unreachable_ray_address_fails_fast_in_a_real_process(tmp_path, assets, 
 def test_ray_address_check_names_the_problem(address, expected):
     import time
 
-    from dda_ray.runtime import RayAddressError, check_ray_address
+    from dda_ray._ray_compat import RayAddressError, check_ray_address
 
     t0 = time.monotonic()
     with pytest.raises(RayAddressError) as exc:
@@ -202,7 +202,7 @@ def test_ray_address_check_asks_for_a_gcs_not_just_a_listening_port():
 
     import grpc
 
-    from dda_ray.runtime import _GCS_PROBE, RayAddressError, check_ray_address
+    from dda_ray._ray_compat import _GCS_PROBE, RayAddressError, check_ray_address
 
     service, method = _GCS_PROBE.strip("/").split("/")
     handler = grpc.method_handlers_generic_handler(service, {method: grpc.unary_unary_rpc_method_handler(lambda request, context: b"")})

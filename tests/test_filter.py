@@ -14,7 +14,7 @@ from dda_ray.config import AugmentConfig, FilterConfig
 from dda_ray.data.datasets import NORMALIZATION
 from dda_ray.filter import AllRejectedError, AllRejectedWarning, CosineFilter, FilterReport
 from dda_ray.models import build_model
-from dda_ray.stages import encode_image_column
+from dda_ray.data.columns import encode_image_column
 
 from ._tiny_pipelines import (
     build_tiny_prior,

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from dda_ray.grids import KEPT_COLOR, ORIGINAL_COLOR, REJECTED_COLOR, cell_origin, grid_from_batch, grid_size, make_grid, save_grid
-from dda_ray.stages import encode_image_column
+from dda_ray.data.columns import encode_image_column
 
 from ._tiny_pipelines import random_images
 

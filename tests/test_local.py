@@ -193,7 +193,7 @@ CMI = {"synthesis.method": "cmi", "synthesis.cr": 0.8, "synthesis.cmi_negatives"
 def test_chained_bank_is_one_chain_that_resumes_exactly_and_records_its_method(tmp_path, tiny_teacher, cifar10_decoded, chain):
     from dda_ray.checkpoint import load_teacher
     from dda_ray.data.bank import read_provenance
-    from dda_ray.sources import SYNTHESIS_STATE, build_initial_bank
+    from dda_ray.initial_bank import SYNTHESIS_STATE, build_initial_bank
     from dda_ray.synthesis import build_synthesizer
 
     def bank(name, rounds_in_steps):

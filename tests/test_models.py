@@ -12,7 +12,10 @@ EXPECTED_ARCHS = {"resnet18", "resnet34", "wrn16_1", "wrn16_2", "wrn40_1", "wrn4
 
 
 def test_registry_lists_the_documented_architectures():
+    from dda_ray.config import ARCHITECTURE_NAMES
+
     assert set(ARCHITECTURES) == EXPECTED_ARCHS
+    assert sorted(ARCHITECTURE_NAMES) == sorted(ARCHITECTURES)  # the config accepts exactly the registered names
 
 
 @pytest.mark.parametrize("num_classes", [10, 100])

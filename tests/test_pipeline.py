@@ -130,7 +130,7 @@ def test_initial_bank_from_ray_tasks_matches_the_driver_built_one(tmp_path, tiny
 
     from dda_ray.checkpoint import load_teacher
     from dda_ray.data.bank import bank_files, read_bank, read_provenance
-    from dda_ray.sources import build_initial_bank
+    from dda_ray.initial_bank import build_initial_bank
     from dda_ray.synthesis import Synthesizer, build_synthesizer
 
     banks, chains = {}, {}

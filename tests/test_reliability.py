@@ -224,7 +224,8 @@ def test_damaged_variation_cache_entries_are_recomputed_not_trusted(tmp_path, ti
     import numpy as np
 
     from dda_ray.config import load_config
-    from dda_ray.stages import AugmentStage, augment_cache_dir, encode_image_column
+    from dda_ray.data.columns import encode_image_column
+    from dda_ray.stages import AugmentStage, augment_cache_dir
 
     overrides = {
         "run.output_dir": tmp_path,

@@ -9,14 +9,13 @@ import pytest
 
 from dda_ray.checkpoint import save_classifier
 from dda_ray.config import load_config
+from dda_ray.data.columns import decode_image_column, encode_image_column
 from dda_ray.stages import (
     AugmentStage,
     FilterStage,
     FusedStage,
     augment_cache_dir,
     augment_cache_key,
-    decode_image_column,
-    encode_image_column,
 )
 
 from ._tiny_pipelines import build_tiny_prior
@@ -109,7 +108,7 @@ def test_a_stage_whose_parents_are_all_cached_never_loads_the_prior(tmp_path, as
 
     # In a fresh process: serving hits imports no diffusers at all (seconds per actor start).
     code = (
-        "import json, sys; import numpy as np; from dda_ray.stages import AugmentStage, encode_image_column; "
+        "import json, sys; import numpy as np; from dda_ray.stages import AugmentStage; from dda_ray.data.columns import encode_image_column; "
         "cfg, ids = json.loads(sys.argv[1]), ['a', 'b']; "
         "images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8); "
         "stage = AugmentStage(cfg); stage({'id': np.array(ids), 'image': encode_image_column(images), 'label': np.arange(2)}); "

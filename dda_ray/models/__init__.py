@@ -7,6 +7,7 @@ import importlib
 import torch
 from torch import nn
 
+from ..config_sections import is_import_path
 from .classifiers import ARCHITECTURES, Classifier, ModelOutput
 from .generator import Generator
 from .heads import AlignHead, MLPHead, RotationHead, rotate_batch
@@ -24,10 +25,6 @@ __all__ = [
     "is_import_path",
     "rotate_batch",
 ]
-
-
-def is_import_path(arch: str) -> bool:
-    return ":" in arch
 
 
 class ImportedClassifier(Classifier):
