@@ -125,7 +125,7 @@ def crop_overrides(prior: Path = ROOT / PHOTO_PRIOR) -> list[str]:
 
 def build_crops(cfg, out_dir: Path, n: int, seed: int) -> tuple[Path, float]:
     """The crop bank of an arm (skipped when complete); returns (directory, seconds)."""
-    from dda_ray.data.crops import write_crop_bank
+    from dda_ray.augment.crops import write_crop_bank
     from dda_ray.runtime import set_threads
 
     set_threads(cfg.resources.torch_threads)
@@ -169,11 +169,11 @@ def synthesis_method(cfg) -> str:
 def build_bank(cfg) -> float:
     """Synthesise the shared initial bank (skipped when already complete); returns seconds."""
     from dda_ray.runtime import resolve_device
-    from dda_ray.initial_bank import run_synthesizer
+    from dda_ray.synthesis.initial_bank import run_synthesizer
 
     cfg = cfg.with_absolute_paths()
     if cfg.run.engine == "ray" and cfg.resources.synthesis_tasks > 0:
-        from dda_ray.pipeline import init_ray
+        from dda_ray.engines.ray_train import init_ray
 
         init_ray(cfg)  # rounds as concurrent Ray tasks, as jobs/distill.py does (same bank); the arms reuse this Ray
     t0 = time.perf_counter()

@@ -278,7 +278,7 @@ def augment_section(device, sizes: Sizes, work: Path, peak: float | None, result
     import torch
     from sd_full_size import build_sd_pipelines
 
-    from dda_ray.augment import Augmenter
+    from dda_ray.augment.augmenter import Augmenter
     from dda_ray.config import AugmentConfig
 
     cuda = device.type == "cuda"
@@ -364,9 +364,9 @@ def _augment_sweep(aug, cfg, device, sizes: Sizes, data, flops: dict[int, int], 
 def filter_section(device, sizes: Sizes, results: Results) -> None:
     import numpy as np
 
+    from dda_ray.augment.filter import CosineFilter
     from dda_ray.config import FilterConfig
     from dda_ray.data.datasets import NORMALIZATION
-    from dda_ray.filter import CosineFilter
     from dda_ray.models import build_model
 
     teacher = build_model("wrn40_2", 10)
@@ -397,7 +397,7 @@ def synthesis_section(device, sizes: Sizes, results: Results, clock: Clock) -> N
     from dda_ray.data.datasets import NORMALIZATION
     from dda_ray.data.transforms import Normalize
     from dda_ray.models import RotationHead, build_model
-    from dda_ray.synthesis import Synthesizer
+    from dda_ray.synthesis.synthesizer import Synthesizer
 
     torch.manual_seed(0)
     teacher, student = build_model("wrn40_2", 10).to(device).eval(), build_model("wrn16_1", 10).to(device)
@@ -478,7 +478,7 @@ def _kd_arm(cfg, dc, arm: str, device, sizes: Sizes, batches, fp32: float | None
 
     from dda_ray.data.datasets import NORMALIZATION
     from dda_ray.data.transforms import Normalize
-    from dda_ray.distill import Distiller, rotation_every
+    from dda_ray.distill.kd import Distiller, rotation_every
     from dda_ray.models import build_model
 
     torch.manual_seed(0)

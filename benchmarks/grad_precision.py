@@ -15,11 +15,11 @@ import statistics
 
 import torch
 
-from dda_ray.checkpoint import load_teacher
 from dda_ray.config import load_config
 from dda_ray.data import load_data
-from dda_ray.distill import Distiller
+from dda_ray.distill.kd import Distiller
 from dda_ray.models import build_model
+from dda_ray.models.checkpoint import load_teacher
 
 
 def grads(cfg, images, labels, channels_last: bool, double: bool) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ no tracking, one epoch, no synthesis rounds during training) and one shared synt
 change of load on a shared machine hits all arms alike; tables give medians over the repeats and the
 per-repeat values.
 
-  streaming  ``dda_ray.pipeline.run_ray`` three times per repeat on the same bank, one pass over the
+  streaming  ``dda_ray.engines.ray_train.run_ray`` three times per repeat on the same bank, one pass over the
              stream (``distill.steps_per_epoch=null``: every original and every kept variation once):
              as shipped (augment and filter actor pools stream into the trainer); with
              ``build_dataset`` wrapped to ``.materialize()`` the same Ray Data graph first
@@ -232,7 +232,7 @@ def start_ray(args) -> None:
                 print(f"ray.init failed ({type(e).__name__}: {str(e)[:120]}); retrying without the dashboard", flush=True)
                 ray.shutdown()
                 dashboard = False
-        RAY_NOTE = "embedded local Ray, dashboard " + ("on (as dda_ray.pipeline.init_ray)" if dashboard else "off") + f", Ray worker niceness {args.ray_worker_niceness}"
+        RAY_NOTE = "embedded local Ray, dashboard " + ("on (as dda_ray.engines.ray_train.init_ray)" if dashboard else "off") + f", Ray worker niceness {args.ray_worker_niceness}"
         if args.partitioned:
             pin_process({args.cores[0]})  # the driver's threads (Ray's own included) onto the trainer's core
             RAY_NOTE += f"; Ray's processes on core {args.cores[1]}, this process (the trainer) on core {args.cores[0]}"
@@ -241,7 +241,7 @@ def start_ray(args) -> None:
 
 def ensure_bank(args) -> Path:
     """The shared initial bank (``build_initial_bank``: skips rounds already on disk)."""
-    from dda_ray.initial_bank import initial_bank_dir, run_synthesizer
+    from dda_ray.synthesis.initial_bank import initial_bank_dir, run_synthesizer
 
     cfg = make_cfg(args)
     t0 = time.perf_counter()
@@ -252,8 +252,8 @@ def ensure_bank(args) -> Path:
 
 
 def run_ray_timed(cfg, materialize: bool = False) -> dict:
-    """``dda_ray.pipeline.run_ray`` on ``cfg``; ``materialize``: execute the whole Ray Data graph before training."""
-    from dda_ray import pipeline
+    """``dda_ray.engines.ray_train.run_ray`` on ``cfg``; ``materialize``: execute the whole Ray Data graph before training."""
+    from dda_ray.engines import ray_train as pipeline
     from dda_ray.runtime import prepare_run_dir
 
     prepare_run_dir(cfg)
@@ -448,7 +448,7 @@ def cpu_seconds(pid: int | str = "self") -> float:
 def timed_kd_steps():
     """Seconds of every ``Distiller.train_step`` in this process (Ray Train local mode runs the loop here):
     the train loop's compute, as against its waiting for the next batch."""
-    from dda_ray.distill import Distiller
+    from dda_ray.distill.kd import Distiller
 
     times: list[float] = []
     original = Distiller.train_step
@@ -619,10 +619,10 @@ def plain_steps(cfg, n_steps: int, skip: int = 2) -> list[float]:
     """``Distiller.train_step`` over the same rows Ray reads (``real_pool``: the same subset)."""
     import torch
 
-    from dda_ray.checkpoint import load_teacher
     from dda_ray.data import load_data
-    from dda_ray.distill import Distiller, rotation_every
+    from dda_ray.distill.kd import Distiller, rotation_every
     from dda_ray.models import build_model
+    from dda_ray.models.checkpoint import load_teacher
     from dda_ray.runtime import seed_everything, set_threads
 
     set_threads(cfg.resources.torch_threads)
@@ -645,7 +645,7 @@ def plain_steps(cfg, n_steps: int, skip: int = 2) -> list[float]:
 
 
 def bench_step(args) -> str:
-    from dda_ray.checkpoint import resolved_teacher_arch
+    from dda_ray.models.checkpoint import resolved_teacher_arch
 
     start_ray(args)
     probe = make_cfg(args)
@@ -710,11 +710,11 @@ def bench_step(args) -> str:
 
 # ---------------------------------------------------------------- (6) augmentation throughput
 def bench_augment(args) -> str:
-    from dda_ray.augment import Augmenter
-    from dda_ray.checkpoint import load_teacher
+    from dda_ray.augment.augmenter import Augmenter
     from dda_ray.data.bank import read_bank
+    from dda_ray.models.checkpoint import load_teacher
     from dda_ray.runtime import set_threads
-    from dda_ray.initial_bank import initial_bank_dir
+    from dda_ray.synthesis.initial_bank import initial_bank_dir
 
     cfg = make_cfg(args, "run.mode=dda")
     set_threads(cfg.resources.torch_threads)
@@ -745,8 +745,8 @@ def bench_augment(args) -> str:
         import ray
         from ray.data import ActorPoolStrategy
 
-        from dda_ray.data.pool_source import bank_pool
-        from dda_ray.stages import AugmentStage
+        from dda_ray.engines.pool_source import bank_pool
+        from dda_ray.engines.stages import AugmentStage
 
         start_ray(args)
         sizes = args.pool_sizes
@@ -758,7 +758,7 @@ def bench_augment(args) -> str:
                 res = pcfg.resources
                 t0 = time.perf_counter()
                 ds = ray.data.from_arrow(bank_pool([str(initial_bank_dir(pcfg))])[0])  # bank rows: each is expanded to all its variations
-                ds = ds.map_batches(  # as dda_ray.pipeline.build_dataset maps it
+                ds = ds.map_batches(  # as dda_ray.engines.ray_train.build_dataset maps it
                     AugmentStage,
                     fn_constructor_kwargs={"cfg_dict": pcfg.to_dict(), "class_names": meta.get("classes")},
                     compute=ActorPoolStrategy(size=size),
@@ -868,10 +868,10 @@ class PeakSampler(threading.Thread):
 
 def _child_synthesis(cfg_dict: dict, bank_dir: str) -> dict:
     """In a fresh process: load the teacher, run one initial-bank synthesis round; peak RSS."""
-    from dda_ray.checkpoint import load_teacher
     from dda_ray.config import config_from_dict
+    from dda_ray.models.checkpoint import load_teacher
     from dda_ray.runtime import seed_everything, set_threads
-    from dda_ray.synthesis import Synthesizer
+    from dda_ray.synthesis.synthesizer import Synthesizer
 
     cfg = config_from_dict(cfg_dict)
     set_threads(cfg.resources.torch_threads)
@@ -888,7 +888,7 @@ def _child_imports() -> dict:
     import ray  # noqa: F401
     import torch  # noqa: F401
 
-    import dda_ray.pipeline  # noqa: F401
+    import dda_ray.engines.ray_train  # noqa: F401
 
     return {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -919,7 +919,7 @@ def in_child(fn, *a):
 
 
 def bench_memory(args) -> str:
-    from dda_ray.checkpoint import resolved_teacher_arch
+    from dda_ray.models.checkpoint import resolved_teacher_arch
 
     cfg0 = make_cfg(args)
     base = in_child(_child_imports)
@@ -951,7 +951,7 @@ def bench_memory(args) -> str:
         "",
     )
     rows = [
-        ["bare process: `import torch, ray, dda_ray.pipeline`", fmt(base["peak_mb"], 0), "child process"],
+        ["bare process: `import torch, ray, dda_ray.engines.ray_train`", fmt(base["peak_mb"], 0), "child process"],
         [f"synthesis round ({sc.init_batch_size} images, {sc.init_g_steps} steps; {synth['seconds']:.1f}s)", fmt(synth["peak_mb"], 0), "child process"],
     ]
     for workers, peaks, driver, wall in runs:
@@ -970,7 +970,7 @@ def bench_synthesis(args) -> str:
     (``resources.synthesis_tasks=0``) and over Ray tasks (dda: ``--synthesis-tasks`` concurrent tasks of
     ``synthesis_cpus`` 1; cmi and fast: one chain, so one task). Each arm of each repeat writes a fresh bank.
     (``synthesis_img_per_s_cmi`` lines before 2026-12-07 measured the DDA synthesizer, then named cmi.)"""
-    from dda_ray.initial_bank import run_synthesizer
+    from dda_ray.synthesis.initial_bank import run_synthesizer
 
     rounds = 1 if args.quick else args.synthesis_rounds
     rep = Report(args, "Synthesis throughput: initial bank, images/s")

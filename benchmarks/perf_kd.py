@@ -40,9 +40,9 @@ def _batches(cfg, n: int):
 
 
 def _distiller(cfg):
-    from dda_ray.checkpoint import load_teacher
-    from dda_ray.distill import Distiller, rotation_every
+    from dda_ray.distill.kd import Distiller, rotation_every
     from dda_ray.models import build_model
+    from dda_ray.models.checkpoint import load_teacher
 
     teacher, normalize, _ = load_teacher(cfg)
     student = build_model(cfg.student.arch, cfg.data.num_classes)
@@ -54,7 +54,7 @@ def project_arm(cfg, batches) -> Callable[[], None]:
     """The project's step over the batches, losses read as ``train_loop`` reads them."""
     import torch
 
-    from dda_ray.distill import SYNC_EVERY
+    from dda_ray.distill.kd import SYNC_EVERY
 
     d = _distiller(cfg)
     gen = torch.Generator().manual_seed(0)
@@ -80,7 +80,7 @@ def roofline_arm(cfg, batches, channels_last: bool) -> Callable[[], None]:
     import torch.nn.functional as F
 
     from dda_ray.data.transforms import to_float
-    from dda_ray.distill import kd_loss
+    from dda_ray.distill.kd import kd_loss
 
     cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, channels_last=channels_last))
     d = _distiller(cfg)
@@ -119,7 +119,7 @@ def bench_kd(args, report_cls, record, load_cfg, median, fmt, fmt_list) -> str:
 
     import torch
 
-    from dda_ray.checkpoint import resolved_teacher_arch
+    from dda_ray.models.checkpoint import resolved_teacher_arch
     from dda_ray.runtime import set_threads
 
     cfg = load_cfg(args)

@@ -272,8 +272,8 @@ def verify_patches(key: str, scratch: Path, ps: list[Patch]) -> None:
 # ------------------------------------------------------------------ budget
 def bench_budget(preset: str) -> dict:
     """The budget of the bench preset, which every reference run is mapped onto."""
-    from dda_ray.checkpoint import resolved_teacher_arch
     from dda_ray.config import load_config
+    from dda_ray.models.checkpoint import resolved_teacher_arch
 
     cfg = load_config(str(ROOT / preset) if not Path(preset).is_absolute() else preset, [])
     d, s = cfg.distill, cfg.synthesis

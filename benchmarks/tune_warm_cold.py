@@ -43,9 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from perf import record  # noqa: E402 - benchmarks/perf.py: one line per figure in benchmarks/results/perf.jsonl
 
 from dda_ray.config import Domain, load_config  # noqa: E402
+from dda_ray.engines.stages import read_stream_stats  # noqa: E402
 from dda_ray.runtime import read_jsonl  # noqa: E402
-from dda_ray.stages import read_stream_stats  # noqa: E402
-from dda_ray.tune import tune_search  # noqa: E402
+from dda_ray.tune.search import tune_search  # noqa: E402
 
 # A few minutes on 2 shared cores: a smaller bank and budget than the preset, the same components.
 SMALL = [

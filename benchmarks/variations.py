@@ -29,14 +29,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from accuracy import append_result, git_commit  # noqa: E402
 
-from dda_ray.augment import Augmenter  # noqa: E402
-from dda_ray.checkpoint import load_teacher  # noqa: E402
+from dda_ray.augment.augmenter import Augmenter  # noqa: E402
+from dda_ray.augment.filter import CosineFilter  # noqa: E402
+from dda_ray.augment.grids import make_grid  # noqa: E402
 from dda_ray.config import load_config  # noqa: E402
 from dda_ray.data.bank import read_bank  # noqa: E402
-from dda_ray.filter import CosineFilter  # noqa: E402
-from dda_ray.grids import make_grid  # noqa: E402
+from dda_ray.models.checkpoint import load_teacher  # noqa: E402
 from dda_ray.runtime import set_threads  # noqa: E402
-from dda_ray.synthesis import teacher_outputs  # noqa: E402
+from dda_ray.synthesis.synthesizer import teacher_outputs  # noqa: E402
 
 
 def main() -> None:

@@ -16,9 +16,9 @@ def preflight(cfg: Config) -> None:
     """
     from pathlib import Path
 
-    from .checkpoint import load_teacher
     from .data import data_source
     from .data.datasets import CIFAR_URLS, DatasetError
+    from .models.checkpoint import load_teacher
 
     kind, path = data_source(cfg.data)
     data_path = Path(path).expanduser()
@@ -31,12 +31,12 @@ def preflight(cfg: Config) -> None:
         raise DatasetError(f"data.path = {cfg.data.path} does not exist{where}; point it at the {kind} data (a folder or .tar.gz) or set data.fallback")
     teacher, _, _ = load_teacher(cfg)  # every mode distils from the teacher
     if cfg.distill.extra_banks:
-        from .checkpoint import fingerprint
-        from .data.crops import check_extra_banks
+        from .augment.crops import check_extra_banks
+        from .models.checkpoint import fingerprint
 
         check_extra_banks(cfg.distill.extra_banks, fingerprint(teacher))
     if cfg.run.mode == "dda":
-        from .diffusion.backends import AugmentError, check_pipeline_dir
+        from .augment.backends import AugmentError, check_pipeline_dir
 
         model = Path(cfg.augment.model).expanduser()
         if model.exists():
@@ -57,7 +57,7 @@ def preflight(cfg: Config) -> None:
         for path in bank_files(cfg.synthesis.bank_dir):
             read_table(path)  # BankError for corrupt or foreign files
     if cfg.run.engine == "ray":
-        from ._ray_compat import check_ray_address
+        from .engines.ray_compat import check_ray_address
 
         check_ray_address()  # an unreachable RAY_ADDRESS: seconds, not minutes of ray.init retries
 
@@ -68,11 +68,11 @@ def distill(cfg: Config, tracker: Tracker | None = None) -> dict:
     tracker = Tracker.start(cfg, "distill") if own else tracker
     try:
         if cfg.run.engine == "local":
-            from .local import run_local
+            from .engines.local import run_local
 
             final = run_local(cfg, tracker=tracker)
         else:
-            from .pipeline import run_ray
+            from .engines.ray_train import run_ray
 
             final = run_ray(cfg, tracker=tracker)
         log_run_artifacts(tracker, cfg)
@@ -86,7 +86,7 @@ def distill(cfg: Config, tracker: Tracker | None = None) -> dict:
 
 
 def train_teacher(cfg: Config) -> dict:
-    from .teacher import train_teacher as _train
+    from .models.teacher import train_teacher as _train
 
     tracker = Tracker.start(cfg, "train_teacher")
     try:

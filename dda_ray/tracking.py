@@ -223,7 +223,7 @@ class Tracker:
             return cls.disabled()
         from mlflow import MlflowClient
 
-        from .checkpoint import resolved_teacher_arch
+        from .models.checkpoint import resolved_teacher_arch
 
         client = MlflowClient(uri)
         earlier = _earlier_run(cfg, client, uri, job)
@@ -305,7 +305,7 @@ class Tracker:
     def log_model(self, checkpoint: str | Path, image_size: int, register_as: str | None = None, step: int = 0) -> str | None:
         """Log the project checkpoint ``checkpoint`` as the MLflow Model ``model`` of this run; returns its URI.
 
-        The model is a :class:`~dda_ray.checkpoint.NormalizedClassifier`: float32 NCHW RGB in [0, 1]
+        The model is a :class:`~dda_ray.models.checkpoint.NormalizedClassifier`: float32 NCHW RGB in [0, 1]
         -> logits, any batch size (signature and a 4-image input example of ``image_size``). Metrics
         logged at ``step`` (the final epoch) are linked to it. ``register_as`` creates a new version of
         that registered model. A failure to export or upload is a loud warning, not an error: the run's
@@ -327,7 +327,7 @@ class Tracker:
         import torch
         from mlflow.models import infer_signature
 
-        from .checkpoint import load_normalized_classifier
+        from .models.checkpoint import load_normalized_classifier
 
         model, meta = load_normalized_classifier(checkpoint)
         example = torch.rand(4, len(meta["mean"]), image_size, image_size, generator=torch.Generator().manual_seed(0))

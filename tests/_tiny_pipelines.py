@@ -153,7 +153,7 @@ def build_tiny_sd_image_variations(out_dir: Path, sample_size: int = 16) -> Path
 
 def build_tiny_prior(out_dir: Path, num_classes: int = 4, image_size: int = 16) -> Path:
     """An untrained class-conditional local prior (UNet2DModel (8,16), no attention) + DDIM."""
-    from dda_ray.prior import build_prior_pipeline
+    from dda_ray.augment.prior import build_prior_pipeline
 
     torch.manual_seed(0)
     pipe = build_prior_pipeline(num_classes=num_classes, image_size=image_size, channels=(8, 16), layers_per_block=1, attention=False)

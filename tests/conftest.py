@@ -114,7 +114,7 @@ def start_test_ray(tmp_path_factory, **kwargs) -> None:
 def tiny_assets(tmp_path_factory) -> Path:
     """A random tiny teacher (wrn16_1 with real BatchNorm statistics) and a tiny local diffusion
     prior, saved once per session in the formats a run loads (``teacher/``, ``prior/``)."""
-    from dda_ray.checkpoint import save_classifier
+    from dda_ray.models.checkpoint import save_classifier
 
     from ._tiny_pipelines import build_tiny_prior
     from .test_synthesis import teacher_with_stats

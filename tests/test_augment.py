@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from dda_ray.augment import Augmenter, AugmentError
+from dda_ray.augment.augmenter import Augmenter, AugmentError
+from dda_ray.augment.pipeline_class_img2img import ClassConditionalImg2ImgPipeline
+from dda_ray.augment.sampling import resize, sdedit_timesteps, variation_seed
 from dda_ray.config import AugmentConfig, ConfigError
 from dda_ray.data.transforms import to_float, to_uint8
-from dda_ray.diffusion import ClassConditionalImg2ImgPipeline
-from dda_ray.diffusion.sampling import resize, sdedit_timesteps, variation_seed
 
 from ._tiny_pipelines import (
     build_backend_pipelines,

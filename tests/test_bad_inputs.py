@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from dda_ray.api import distill, preflight
-from dda_ray.checkpoint import save_classifier
-from dda_ray.cli import run_job
+from dda_ray.jobs.cli import run_job
+from dda_ray.models.checkpoint import save_classifier
 
 from ._tiny_pipelines import build_tiny_prior
 from .test_synthesis import teacher_with_stats
@@ -184,7 +184,7 @@ def test_unreachable_ray_address_fails_fast_in_a_real_process(tmp_path, assets, 
 def test_ray_address_check_names_the_problem(address, expected):
     import time
 
-    from dda_ray._ray_compat import RayAddressError, check_ray_address
+    from dda_ray.engines.ray_compat import RayAddressError, check_ray_address
 
     t0 = time.monotonic()
     with pytest.raises(RayAddressError) as exc:
@@ -202,7 +202,7 @@ def test_ray_address_check_asks_for_a_gcs_not_just_a_listening_port():
 
     import grpc
 
-    from dda_ray._ray_compat import _GCS_PROBE, RayAddressError, check_ray_address
+    from dda_ray.engines.ray_compat import _GCS_PROBE, RayAddressError, check_ray_address
 
     service, method = _GCS_PROBE.strip("/").split("/")
     handler = grpc.method_handlers_generic_handler(service, {method: grpc.unary_unary_rpc_method_handler(lambda request, context: b"")})

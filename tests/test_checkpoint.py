@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from dda_ray.checkpoint import META, WEIGHTS, CheckpointError, load_classifier, load_state_dict, read_meta, save_classifier
 from dda_ray.models import build_model
+from dda_ray.models.checkpoint import META, WEIGHTS, CheckpointError, load_classifier, load_state_dict, read_meta, save_classifier
 
 ARCH, NUM_CLASSES = "wrn16_1", 10
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)

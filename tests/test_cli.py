@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dda_ray.cli import parse_args, run_job
 from dda_ray.config import Config, config_from_dict, load_config
+from dda_ray.jobs.cli import parse_args, run_job
 
 
 def _never_called(cfg):
@@ -98,9 +98,9 @@ def test_existing_run_dir_exits_2(capsys, tmp_path):
 
 
 def test_user_errors_raised_by_the_job_exit_2(capsys, tmp_path):
-    from dda_ray.checkpoint import CheckpointError
     from dda_ray.data.bank import BankError
     from dda_ray.data.datasets import DatasetError
+    from dda_ray.models.checkpoint import CheckpointError
 
     for err in (CheckpointError("bad checkpoint x"), DatasetError("bad dataset y"), BankError("bad bank z")):
 
@@ -151,7 +151,7 @@ def _field_line(text: str, key: str) -> str:
 
 @pytest.mark.parametrize("main", sorted(CONSOLE_SCRIPTS.values()))
 def test_help_lists_every_config_field_with_its_default(capsys, main):
-    from dda_ray import entrypoints
+    from dda_ray.jobs import entrypoints
 
     text = _help_text(capsys, getattr(entrypoints, main))
     assert "--print-config" in text and "--config" in text
@@ -175,7 +175,7 @@ def test_help_lists_every_config_field_with_its_default(capsys, main):
 
 
 def test_help_of_train_prior_lists_its_own_flags(capsys):
-    from dda_ray.entrypoints import train_prior_main
+    from dda_ray.jobs.entrypoints import train_prior_main
 
     text = _help_text(capsys, train_prior_main)
     for flag in ("--bank DIR", "--folder DIR", "--overwrite"):
@@ -204,7 +204,7 @@ def test_print_config_of_a_bad_config_is_the_usual_error(capsys, tmp_path):
 
 
 def test_train_prior_print_config_applies_its_flags(capsys):
-    from dda_ray.entrypoints import train_prior_main
+    from dda_ray.jobs.entrypoints import train_prior_main
 
     assert train_prior_main(["--folder", "imgs", "--print-config", "augment.prior_steps=5"]) is None
     cfg = config_from_dict(yaml.safe_load(capsys.readouterr().out))
@@ -216,7 +216,7 @@ def test_console_scripts_resolve_to_the_job_entry_points():
     assert set(scripts) == set(CONSOLE_SCRIPTS)
     for name, target in scripts.items():
         module, _, attr = target.partition(":")
-        assert module == "dda_ray.entrypoints" and attr == CONSOLE_SCRIPTS[name], name
+        assert module == "dda_ray.jobs.entrypoints" and attr == CONSOLE_SCRIPTS[name], name
         fn = getattr(importlib.import_module(module), attr)
         assert callable(fn)
         assert list(inspect.signature(fn).parameters) == ["argv"], name  # console scripts call it without arguments
@@ -225,7 +225,7 @@ def test_console_scripts_resolve_to_the_job_entry_points():
 @pytest.mark.parametrize("job", ["distill", "tune", "train_teacher", "train_prior"])
 def test_job_scripts_are_thin_wrappers_of_the_entry_points(job):
     source = (REPO / "jobs" / f"{job}.py").read_text()
-    assert f"from dda_ray.entrypoints import {job}_main" in source.replace("source_overrides, ", "")
+    assert f"from dda_ray.jobs.entrypoints import {job}_main" in source.replace("source_overrides, ", "")
     assert f"    {job}_main()" in source
 
 
@@ -243,7 +243,7 @@ def test_job_script_print_config_in_a_real_process(tmp_path):
 
 # ------------------------------------------------------------- the summary block
 def test_summary_block_names_result_outputs_mlflow_run_and_wall_time(tmp_path):
-    from dda_ray.cli import summary_block
+    from dda_ray.jobs.cli import summary_block
 
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=s", "augment.model=priors/p"])
     (tmp_path / "s" / "student").mkdir(parents=True)

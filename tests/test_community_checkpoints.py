@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dda_ray.checkpoint import CheckpointError, load_classifier, load_teacher
 from dda_ray.config import load_config
 from dda_ray.data.datasets import NORMALIZATION
 from dda_ray.models import build_model
+from dda_ray.models.checkpoint import CheckpointError, load_classifier, load_teacher
 from dda_ray.models.community import COMMUNITY_NORMALIZATION, LAYOUT, family, to_registry_layout
 
 

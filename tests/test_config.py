@@ -251,7 +251,7 @@ def test_every_preset_tracks_and_takes_the_teacher_arch_from_its_checkpoint(path
     meta.json) leaves the architecture to it, so pointing teacher.checkpoint at another project
     checkpoint needs no other change; a teacher trained by the preset, or a community checkpoint
     (no meta.json), names it."""
-    from dda_ray.checkpoint import read_meta, resolved_teacher_arch
+    from dda_ray.models.checkpoint import read_meta, resolved_teacher_arch
 
     cfg = load_config(path)
     assert cfg.tracking.enabled

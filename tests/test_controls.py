@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-import dda_ray.data.crops as crops_module
-from dda_ray.checkpoint import fingerprint, load_teacher
+import dda_ray.augment.crops as crops_module
+from dda_ray.augment.crops import read_extra_banks, write_crop_bank
 from dda_ray.config import ConfigError
 from dda_ray.data.bank import bank_files, read_bank, read_provenance
-from dda_ray.data.crops import read_extra_banks, write_crop_bank
 from dda_ray.data.transforms import to_float
-from dda_ray.distill import mix_batch
-from dda_ray.local import run_local
+from dda_ray.distill.kd import mix_batch
+from dda_ray.engines.local import run_local
+from dda_ray.models.checkpoint import fingerprint, load_teacher
 
 from ._tiny_pipelines import offline_single_thread  # noqa: F401  (fixture)
 from .test_local import tiny_config, tiny_teacher  # noqa: F401  (fixture)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from dda_ray.config import DistillConfig
 from dda_ray.data import to_float
-from dda_ray.distill import Distiller, feature_loss, kd_loss, load_training_state, save_training_state
+from dda_ray.distill.kd import Distiller, feature_loss, kd_loss, load_training_state, save_training_state
 from dda_ray.models import build_model
 
 from .test_synthesis import NORM, small_cfg, teacher_with_stats
@@ -29,7 +29,7 @@ def test_feature_loss_is_mse():
 
 
 def _synthetic_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from dda_ray.synthesis import Synthesizer
+    from dda_ray.synthesis.synthesizer import Synthesizer
 
     syn = Synthesizer(teacher_with_stats(), NORM, 10, small_cfg(batch_size=n, g_steps=4))
     b = syn.run_round(0, seed=seed).batch
@@ -116,7 +116,7 @@ def test_rotation_step_leaves_the_students_batchnorm_statistics_alone():
 
 def test_rotation_head_trains_every_kth_step_and_never_when_no_round_uses_it():
     from dda_ray.config import load_config
-    from dda_ray.distill import rotation_every
+    from dda_ray.distill.kd import rotation_every
 
     x, y = _synthetic_images(8, seed=6)
     d = Distiller(build_model("wrn16_1", 10), teacher_with_stats(), NORM, 10, DistillConfig(epochs=1), rotation_every=2)
@@ -136,7 +136,7 @@ def test_rotation_head_trains_every_kth_step_and_never_when_no_round_uses_it():
 
 
 def test_rotate_views_draws_distinct_rotations_per_image_with_joint_labels():
-    from dda_ray.distill import rotate_views
+    from dda_ray.distill.kd import rotate_views
     from dda_ray.models import rotate_batch
 
     x = torch.randn(6, 3, 8, 8)
@@ -216,7 +216,7 @@ def test_fewer_rotation_views_train_the_head_on_that_many_rotations():
 
 
 def test_epoch_loop_reads_losses_in_blocks_and_stops_a_diverged_run_at_its_step():
-    from dda_ray.distill import SYNC_EVERY, train_loop
+    from dda_ray.distill.kd import SYNC_EVERY, train_loop
 
     x, y = _synthetic_images(8, seed=10)
     d = Distiller(build_model("wrn16_1", 10), teacher_with_stats(), NORM, 10, DistillConfig(epochs=1, steps_per_epoch=SYNC_EVERY + 5, lr=0.01))

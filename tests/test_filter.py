@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from dda_ray.augment import Augmenter
-from dda_ray.checkpoint import load_classifier
+from dda_ray.augment.augmenter import Augmenter
+from dda_ray.augment.filter import AllRejectedError, AllRejectedWarning, CosineFilter, FilterReport
 from dda_ray.config import AugmentConfig, FilterConfig
-from dda_ray.data.datasets import NORMALIZATION
-from dda_ray.filter import AllRejectedError, AllRejectedWarning, CosineFilter, FilterReport
-from dda_ray.models import build_model
 from dda_ray.data.columns import encode_image_column
+from dda_ray.data.datasets import NORMALIZATION
+from dda_ray.models import build_model
+from dda_ray.models.checkpoint import load_classifier
 
 from ._tiny_pipelines import (
     build_tiny_prior,

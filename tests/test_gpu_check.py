@@ -57,7 +57,7 @@ def test_torch_parts_import_without_ray_and_mlflow():
         "    else:\n"
         "        raise SystemExit(f'{name} imported: the block does not work')\n"
         "    assert importlib.util.find_spec(name.split('.')[0]) is None\n"
-        "import dda_ray.synthesis, dda_ray.distill, dda_ray.diffusion.backends, dda_ray.filter, dda_ray.augment\n"
+        "import dda_ray.synthesis.synthesizer, dda_ray.distill.kd, dda_ray.augment.backends, dda_ray.augment.filter, dda_ray.augment.augmenter\n"
         f"spec = importlib.util.spec_from_file_location('gpu_check', {str(GPU_CHECK)!r})\n"
         "mod = importlib.util.module_from_spec(spec)\n"
         "spec.loader.exec_module(mod)\n"

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from dda_ray.checkpoint import load_classifier
+from dda_ray.models.checkpoint import load_classifier
 
 from .conftest import tiny_run_args
 

@@ -5,10 +5,10 @@ import math
 
 import pytest
 
-from dda_ray.checkpoint import load_classifier, save_classifier
 from dda_ray.config import load_config
 from dda_ray.data.bank import bank_files, read_bank
-from dda_ray.local import run_local
+from dda_ray.engines.local import run_local
+from dda_ray.models.checkpoint import load_classifier, save_classifier
 from dda_ray.runtime import prepare_run_dir, read_jsonl
 
 from .test_synthesis import teacher_with_stats
@@ -126,8 +126,8 @@ def test_an_attempt_restarted_by_its_engine_resumes_from_the_run_directory_and_r
     writing state.pt: a worker lost between the two finds no Ray checkpoint. An engine that
     ``resumes_run_dir`` then resumes from state.pt without run.resume (cut before any state.pt: it
     starts again, the cut attempt's metrics lines and rounds dropped): each epoch once, as uninterrupted."""
-    from dda_ray.driver import drive
-    from dda_ray.local import LocalEngine
+    from dda_ray.distill.driver import drive
+    from dda_ray.engines.local import LocalEngine
 
     whole = tiny_config(tmp_path / "whole", tiny_teacher, cifar10_decoded)
     run_local(whole, progress=False)
@@ -191,10 +191,10 @@ CMI = {"synthesis.method": "cmi", "synthesis.cr": 0.8, "synthesis.cmi_negatives"
 
 @pytest.mark.parametrize("chain", [FAST, CMI], ids=["fast", "cmi"])
 def test_chained_bank_is_one_chain_that_resumes_exactly_and_records_its_method(tmp_path, tiny_teacher, cifar10_decoded, chain):
-    from dda_ray.checkpoint import load_teacher
     from dda_ray.data.bank import read_provenance
-    from dda_ray.initial_bank import SYNTHESIS_STATE, build_initial_bank
-    from dda_ray.synthesis import build_synthesizer
+    from dda_ray.models.checkpoint import load_teacher
+    from dda_ray.synthesis.initial_bank import SYNTHESIS_STATE, build_initial_bank
+    from dda_ray.synthesis.synthesizer import build_synthesizer
 
     def bank(name, rounds_in_steps):
         for n in rounds_in_steps:  # a bank built in pieces = an interrupted then resumed bank

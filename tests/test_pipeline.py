@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dda_ray.checkpoint import load_classifier
 from dda_ray.config import load_config
 from dda_ray.data.bank import read_bank
 from dda_ray.data.pool import slot_order, split_slots
+from dda_ray.models.checkpoint import load_classifier
 from dda_ray.runtime import prepare_run_dir, read_jsonl
 
 from .conftest import start_test_ray, tiny_run_args
@@ -57,7 +57,7 @@ def stream_records(run_dir: Path, stage: str) -> list[dict]:
 
 
 def test_dda_streams_augmentation_into_training_with_exact_row_accounting(tmp_path, tiny_assets, cifar10_decoded, ray_cluster):
-    from dda_ray.pipeline import run_ray
+    from dda_ray.engines.ray_train import run_ray
 
     cfg = ray_config(tmp_path, tiny_assets, cifar10_decoded)
     final = run_ray(cfg)
@@ -104,7 +104,7 @@ def test_dda_streams_augmentation_into_training_with_exact_row_accounting(tmp_pa
 
 
 def test_two_ddp_workers_split_the_stream_without_losing_rows(tmp_path, tiny_assets, cifar10_decoded, ray_cluster):
-    from dda_ray.pipeline import run_ray
+    from dda_ray.engines.ray_train import run_ray
 
     cfg = ray_config(tmp_path, tiny_assets, cifar10_decoded, **{"resources.num_workers": 2, "distill.epochs": 1, "synthesis.init_batch_size": 15})
     run_ray(cfg)
@@ -128,10 +128,10 @@ def test_initial_bank_from_ray_tasks_matches_the_driver_built_one(tmp_path, tiny
     import numpy as np
     import torch
 
-    from dda_ray.checkpoint import load_teacher
     from dda_ray.data.bank import bank_files, read_bank, read_provenance
-    from dda_ray.initial_bank import build_initial_bank
-    from dda_ray.synthesis import Synthesizer, build_synthesizer
+    from dda_ray.models.checkpoint import load_teacher
+    from dda_ray.synthesis.initial_bank import build_initial_bank
+    from dda_ray.synthesis.synthesizer import Synthesizer, build_synthesizer
 
     banks, chains = {}, {}
     for tasks in (0, 2):
@@ -157,7 +157,7 @@ def test_initial_bank_from_ray_tasks_matches_the_driver_built_one(tmp_path, tiny
 
 def test_real_kd_stream_mixes_classes_in_every_batch(tmp_path, tiny_assets, cifar10_decoded, ray_cluster):
     from dda_ray.data import load_data
-    from dda_ray.pipeline import run_ray
+    from dda_ray.engines.ray_train import run_ray
 
     cfg = ray_config(tmp_path, tiny_assets, cifar10_decoded, **{"run.mode": "real_kd", "data.train_subset": 400, "distill.epochs": 1, "distill.steps_per_epoch": 6, "distill.batch_size": 32})
     run_ray(cfg)
@@ -181,7 +181,7 @@ def test_embedded_ray_uses_token_auth_without_writing_a_token_file(tmp_path):
     script = (
         "import os, ray\n"
         "from dda_ray.config import load_config\n"
-        "from dda_ray.pipeline import init_ray\n"
+        "from dda_ray.engines.ray_train import init_ray\n"
         "init_ray(load_config(None, ['run.verbose=true']))\n"
         "print(ray.data.range(4).map_batches(lambda b: b).count())\n"
         "print(ray.get(ray.remote(num_cpus=0.1)(lambda: os.environ.get('RAY_AUTH_MODE')).remote()))\n"
@@ -198,7 +198,7 @@ def test_embedded_ray_uses_token_auth_without_writing_a_token_file(tmp_path):
 
 
 def test_custom_resources_pin_each_stage_to_its_node_type(tmp_path, ray_cluster):
-    from dda_ray.pipeline import build_dataset, scaling_config
+    from dda_ray.engines.ray_train import build_dataset, scaling_config
 
     def remote_args(ds) -> list[dict]:
         out, op = [], ds._logical_plan.dag
@@ -231,7 +231,7 @@ def test_custom_resources_pin_each_stage_to_its_node_type(tmp_path, ray_cluster)
 def test_the_filter_takes_one_augment_batch_per_call(tmp_path, ray_cluster):
     """The augment stage hands on one row per slot it got; a filter batch of one augment batch lets the
     stream's first rows (and every later block) through as soon as one augment batch is done."""
-    from dda_ray.pipeline import build_dataset
+    from dda_ray.engines.ray_train import build_dataset
 
     cfg = load_config("configs/cifar10_cpu_smoke.yaml", [f"run.output_dir={tmp_path}", "augment.batch_size=24"])
     op, sizes = build_dataset(cfg)._logical_plan.dag, []
@@ -249,8 +249,8 @@ def test_both_engines_train_on_the_same_batches_and_adversarial_rounds_let_the_s
     loss falls from the first epoch to the second (on the landed code before this test the Ray engine's stayed flat).
     ``fast``: the Ray worker continues the meta-generator chain from the bank the driver made, as the
     local engine continues its own."""
-    from dda_ray.local import run_local
-    from dda_ray.pipeline import run_ray
+    from dda_ray.engines.local import run_local
+    from dda_ray.engines.ray_train import run_ray
 
     teacher = Path(__file__).resolve().parents[1] / "checkpoints" / "cifar10_wrn16_2"
     overrides = {
@@ -289,9 +289,9 @@ def test_extra_banks_and_batch_mixing_give_the_same_run_on_both_engines(tmp_path
     """The control arms' pieces on Ray: photo-crop rows (distill.extra_banks) stream beside the bank
     and CutMix draws from the run's generator, so the Ray engine trains on the same batches as the
     local engine; the crops are in the stream."""
-    from dda_ray.data.crops import write_crop_bank
-    from dda_ray.local import run_local
-    from dda_ray.pipeline import run_ray
+    from dda_ray.augment.crops import write_crop_bank
+    from dda_ray.engines.local import run_local
+    from dda_ray.engines.ray_train import run_ray
 
     base = {"run.mode": "inversion", "augment.prior_source": "photos", "synthesis.rounds_per_epoch": 0, "distill.epochs": 1, "distill.steps_per_epoch": 4}
     crops = write_crop_bank(load_config(None, tiny_run_args(tmp_path / "c", tiny_assets, cifar10_decoded, base)), tmp_path / "crops", 24, seed=0, progress=False)
@@ -314,8 +314,8 @@ def test_dda_metrics_have_the_same_names_and_values_on_both_engines(tmp_path, ti
     """One run driver: in dda mode both engines report the epoch pool's augment/filter totals (the
     local engine's in-memory pool, the Ray engine's stream) under the same names, with the same
     values for the same seed, and train on the same batches."""
-    from dda_ray.local import run_local
-    from dda_ray.pipeline import run_ray
+    from dda_ray.engines.local import run_local
+    from dda_ray.engines.ray_train import run_ray
 
     metrics = {}
     for engine in ("ray", "local"):
@@ -364,7 +364,7 @@ def test_ray_data_calls_use_only_named_parameters():
 
 
 def test_actor_pools_restart_dead_actors_by_default():
-    """What build_dataset relies on without passing it (see dda_ray/pipeline.py): a dead augment or
+    """What build_dataset relies on without passing it (see dda_ray/engines/ray_train.py): a dead augment or
     filter actor is restarted and its unfinished batches retried, without limit."""
     from ray.data import DataContext
     from ray.data._internal.execution.operators.actor_pool_map_operator import ActorPoolMapOperator
@@ -374,14 +374,14 @@ def test_actor_pools_restart_dead_actors_by_default():
 
 
 def test_a_path_another_node_cannot_see_stops_a_multi_node_run_before_work(ray_cluster, tmp_path, monkeypatch):
-    """The shared-disk check (dda_ray/shared_disk.py): a probe written here is read back by a task
+    """The shared-disk check (dda_ray/engines/shared_disk.py): a probe written here is read back by a task
     on each other node. Here the one node is named explicitly, so its task is another process: a
     real path passes (the probe is gone after), and /proc/self/cwd/out -- one path that names
     another folder in every process, as a node-local disk mounted at the same path on each node
     does -- stops with one error naming the field, the path and the node."""
     import ray
 
-    from dda_ray.shared_disk import SharedDiskError, check_shared_paths
+    from dda_ray.engines.shared_disk import SharedDiskError, check_shared_paths
 
     me = [n for n in ray.nodes() if n["NodeID"] == ray.get_runtime_context().get_node_id()]
     shared = tmp_path / "out"

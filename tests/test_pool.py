@@ -60,12 +60,12 @@ def test_batches_mix_rounds_and_parents_like_uniform_sampling(keep_rate):
 
 
 def test_one_execution_of_several_passes_streams_what_one_execution_per_pass_would(tmp_path):
-    """The Ray stream's read task with ``passes`` > 1 (dda_ray.data.pool_source): pass after pass, each in
+    """The Ray stream's read task with ``passes`` > 1 (dda_ray.engines.pool_source): pass after pass, each in
     its own order, each row tagged with its pass; per_pass cuts the trainer's batches at every pass's end,
     so the batches are those of one execution per pass, whatever the sizes of the batches Ray hands over."""
     import pyarrow as pa
 
-    from dda_ray.data.pool_source import EpochOrder, per_pass, pool_blocks
+    from dda_ray.engines.pool_source import EpochOrder, per_pass, pool_blocks
 
     table = pa.table({"id": [f"r{i}" for i in range(7)], "image": [bytes([i]) * 3 for i in range(7)], "label": list(range(7))})
     order = EpochOrder()  # the actor's class, in this process

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dda_ray.augment import Augmenter
+from dda_ray.augment.augmenter import Augmenter
+from dda_ray.augment.pipeline_class_img2img import ClassConditionalImg2ImgPipeline
+from dda_ray.augment.prior import build_prior_unet, train_prior
 from dda_ray.config import AugmentConfig, ConfigError, load_config
 from dda_ray.data.bank import BankBatch, make_ids, write_round
-from dda_ray.diffusion import ClassConditionalImg2ImgPipeline
-from dda_ray.prior import build_prior_unet, train_prior
 from dda_ray.runtime import read_jsonl
 
 from ._tiny_pipelines import offline, random_images, single_thread

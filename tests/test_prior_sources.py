@@ -14,16 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
+import dda_ray.augment.prior
 import dda_ray.data
 import dda_ray.data.datasets
-import dda_ray.prior
-from dda_ray.augment import Augmenter
-from dda_ray.checkpoint import load_teacher, save_classifier
-from dda_ray.config import AugmentConfig, ConfigError, load_config
-from dda_ray.data.transforms import to_float
-from dda_ray.diffusion import ClassConditionalImg2ImgPipeline
-from dda_ray.prior import train_prior
-from dda_ray.prior_data import (
+from dda_ray.augment.augmenter import Augmenter
+from dda_ray.augment.pipeline_class_img2img import ClassConditionalImg2ImgPipeline
+from dda_ray.augment.prior import train_prior
+from dda_ray.augment.prior_sources import (
     PACKAGED_PHOTOS,
     build_prior_source,
     crop_boxes,
@@ -31,6 +28,9 @@ from dda_ray.prior_data import (
     load_packaged_photos,
     random_resized_crops,
 )
+from dda_ray.config import AugmentConfig, ConfigError, load_config
+from dda_ray.data.transforms import to_float
+from dda_ray.models.checkpoint import load_teacher, save_classifier
 from dda_ray.runtime import read_jsonl
 
 from ._tiny_pipelines import (
@@ -201,14 +201,14 @@ def test_none_labels_train_the_null_class_and_make_guidance_inert(assets, tmp_pa
     assert source.label_mode == "none" and source.sample(4, torch.Generator().manual_seed(0))[1] is None
 
     seen = []
-    build = dda_ray.prior.build_prior_pipeline
+    build = dda_ray.augment.prior.build_prior_pipeline
 
     def spying_build(*args, **kwargs):
         pipe = build(*args, **kwargs)
         pipe.unet.register_forward_pre_hook(lambda _m, a, kw: seen.append(kw["class_labels"].clone()), with_kwargs=True)
         return pipe
 
-    monkeypatch.setattr(dda_ray.prior, "build_prior_pipeline", spying_build)
+    monkeypatch.setattr(dda_ray.augment.prior, "build_prior_pipeline", spying_build)
     summary = train_prior(source, tmp_path / "prior", cfg.augment, num_classes=10, progress=False)
     assert summary["labels"] == "none" and len(seen) == 3
     assert all((y == 10).all() for y in seen)  # every crop is the null class

@@ -75,7 +75,7 @@ def checkpoints_registered(run_dir: Path, name: str) -> list[str]:
 
 
 def test_killed_train_worker_restores_from_the_last_checkpoint_and_finishes(tmp_path, tiny_assets, cifar10_decoded, ray_cluster):  # noqa: F811
-    from dda_ray.pipeline import run_ray
+    from dda_ray.engines.ray_train import run_ray
 
     epochs = 3
     cfg = ray_config(
@@ -158,7 +158,7 @@ def stage_pids(run_dir: Path, stage: str) -> set[str]:
 
 
 def test_killed_augment_actor_is_restarted_and_no_variation_is_lost_or_duplicated(tmp_path, tiny_assets, cifar10_decoded, ray_cluster):  # noqa: F811
-    from dda_ray.pipeline import run_ray
+    from dda_ray.engines.ray_train import run_ray
 
     overrides = {"distill.epochs": 1, "synthesis.init_rounds": 1, "augment.batch_size": 2, "augment.steps": 4}
     # The uninterrupted reference runs the fused pool (augment then filter in one actor), the killed
@@ -225,7 +225,7 @@ def test_damaged_variation_cache_entries_are_recomputed_not_trusted(tmp_path, ti
 
     from dda_ray.config import load_config
     from dda_ray.data.columns import encode_image_column
-    from dda_ray.stages import AugmentStage, augment_cache_dir
+    from dda_ray.engines.stages import AugmentStage, augment_cache_dir
 
     overrides = {
         "run.output_dir": tmp_path,
@@ -300,9 +300,9 @@ def assert_consistent_stop(run_dir: Path, err: str, sig: signal.Signals, returnc
 
 def test_interrupted_job_resumes_to_the_same_metrics_as_an_uninterrupted_run(tmp_path, tiny_assets, cifar10_decoded, ray_cluster):  # noqa: F811
     from dda_ray.api import distill
-    from dda_ray.cli import run_job
     from dda_ray.config import load_config
-    from dda_ray.pipeline import run_ray
+    from dda_ray.engines.ray_train import run_ray
+    from dda_ray.jobs.cli import run_job
     from dda_ray.runtime import prepare_run_dir
 
     epochs = 4

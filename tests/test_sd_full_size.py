@@ -22,13 +22,13 @@ import numpy as np
 import pytest
 import torch
 
-from dda_ray.augment import Augmenter
-from dda_ray.checkpoint import load_classifier, read_meta
+from dda_ray.augment.augmenter import Augmenter
+from dda_ray.augment.backends import BACKENDS, VAE_CHUNK
+from dda_ray.augment.filter import CosineFilter
 from dda_ray.config import AugmentConfig, FilterConfig
 from dda_ray.data.pool import ORIGINAL
 from dda_ray.data.transforms import to_float
-from dda_ray.diffusion.backends import BACKENDS, VAE_CHUNK
-from dda_ray.filter import CosineFilter
+from dda_ray.models.checkpoint import load_classifier, read_meta
 
 from ._tiny_pipelines import (
     offline_single_thread,  # noqa: F401  (fixture, used through pytestmark)

@@ -7,16 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dda_ray.checkpoint import save_classifier
 from dda_ray.config import load_config
 from dda_ray.data.columns import decode_image_column, encode_image_column
-from dda_ray.stages import (
-    AugmentStage,
-    FilterStage,
-    FusedStage,
-    augment_cache_dir,
-    augment_cache_key,
-)
+from dda_ray.engines.stages import AugmentStage, FilterStage, FusedStage, augment_cache_dir, augment_cache_key
+from dda_ray.models.checkpoint import save_classifier
 
 from ._tiny_pipelines import build_tiny_prior
 from .test_synthesis import teacher_with_stats
@@ -78,7 +72,7 @@ def test_a_stage_whose_parents_are_all_cached_never_loads_the_prior(tmp_path, as
     import subprocess
     import sys
 
-    from dda_ray.augment import AugmentError
+    from dda_ray.augment.augmenter import AugmentError
     from dda_ray.runtime import read_jsonl
 
     prior = tmp_path / "prior"
@@ -108,7 +102,7 @@ def test_a_stage_whose_parents_are_all_cached_never_loads_the_prior(tmp_path, as
 
     # In a fresh process: serving hits imports no diffusers at all (seconds per actor start).
     code = (
-        "import json, sys; import numpy as np; from dda_ray.stages import AugmentStage; from dda_ray.data.columns import encode_image_column; "
+        "import json, sys; import numpy as np; from dda_ray.engines.stages import AugmentStage; from dda_ray.data.columns import encode_image_column; "
         "cfg, ids = json.loads(sys.argv[1]), ['a', 'b']; "
         "images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8); "
         "stage = AugmentStage(cfg); stage({'id': np.array(ids), 'image': encode_image_column(images), 'label': np.arange(2)}); "
@@ -168,7 +162,7 @@ def test_each_stage_runs_on_the_device_its_resources_give_it():
     where GPUs are visible; an explicit device wins; outside Ray, auto means CUDA when present."""
     import torch
 
-    from dda_ray.stages import stage_device
+    from dda_ray.engines.stages import stage_device
 
     assert stage_device("auto", 1.0, [3]) == torch.device("cuda:0")
     assert stage_device("auto", 0.5, ["0"]) == torch.device("cuda:0")
@@ -183,7 +177,7 @@ def test_each_stage_runs_on_the_device_its_resources_give_it():
 def test_stages_built_outside_ray_keep_the_cpu_on_this_machine(tmp_path, tiny_assets):
     """The local engine's stages (no Ray actor): augment and filter models on the CPU here."""
     from dda_ray.config import load_config
-    from dda_ray.stages import AugmentStage, FilterStage
+    from dda_ray.engines.stages import AugmentStage, FilterStage
 
     overrides = {
         "run.output_dir": tmp_path,
@@ -200,8 +194,8 @@ def test_stages_built_outside_ray_keep_the_cpu_on_this_machine(tmp_path, tiny_as
 def test_a_batch_rejected_whole_is_counted_in_the_stream_log_not_printed_per_batch(tmp_path, assets, capsys):
     """The filter stage says nothing per batch; its log lines mark the batches it kept no variation
     of (with their best score), and the epoch's stream totals count them for the one epoch line."""
-    from dda_ray.filter import all_rejected_line
-    from dda_ray.stages import read_stream_stats
+    from dda_ray.augment.filter import all_rejected_line
+    from dda_ray.engines.stages import read_stream_stats
 
     cfg = stage_cfg(tmp_path, assets, **{"filter.threshold": 1.0})
     augment, filt = AugmentStage(cfg.to_dict()), FilterStage(cfg.to_dict())

@@ -7,7 +7,7 @@ from torch import nn
 from dda_ray.config import ConfigError, SynthesisConfig, load_config
 from dda_ray.data import Normalize
 from dda_ray.models import Generator, RotationHead, build_model, rotate_batch
-from dda_ray.synthesis import BNStatsHook, Synthesizer, bn_hooks
+from dda_ray.synthesis.synthesizer import BNStatsHook, Synthesizer, bn_hooks
 
 NORM = Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
@@ -150,7 +150,7 @@ def test_generator_is_reinitialised_every_round_and_rounds_are_reproducible(meth
 @pytest.mark.parametrize("method", ["dda", "cmi", "fast"])
 def test_adversarial_term_uses_student_without_changing_it(method):
     from dda_ray.config import DistillConfig
-    from dda_ray.distill import Distiller
+    from dda_ray.distill.kd import Distiller
 
     teacher = teacher_with_stats()
     # the kl term (cmi, fast) only sees images both classify alike: a student close to the teacher
@@ -330,7 +330,7 @@ def _student_like(teacher: nn.Module, noise: float = 0.05) -> nn.Module:
 def test_the_adversarial_term_is_maximised(term):
     """Only the adversarial term (oh = bn = 0): the kept images make the student *more* wrong than
     the round's first images, measured here from scratch; a flipped sign would make it less."""
-    from dda_ray.synthesis import kl_adv_loss
+    from dda_ray.synthesis.synthesizer import kl_adv_loss
 
     torch.manual_seed(0)
     teacher = teacher_with_stats()
@@ -356,7 +356,7 @@ def test_the_adversarial_term_is_maximised(term):
 
 
 def test_kl_adversarial_term_masks_disagreeing_images():
-    from dda_ray.synthesis import kl_adv_loss
+    from dda_ray.synthesis.synthesizer import kl_adv_loss
 
     t = torch.tensor([[3.0, 0.0], [0.0, 2.0]])
     s = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # agrees on image 0, not on image 1
@@ -400,7 +400,7 @@ def test_fast_meta_gradient_is_the_sum_of_the_inner_steps_and_its_lr_follows_the
 
 
 def test_memory_bank_fills_then_overwrites_the_oldest_rows():
-    from dda_ray.synthesis import MemoryBank
+    from dda_ray.synthesis.synthesizer import MemoryBank
 
     bank = MemoryBank(5, 2)
     assert len(bank) == 0 and bank.sample(3).shape == (0, 2)

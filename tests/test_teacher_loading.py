@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from dda_ray.checkpoint import CheckpointError, load_classifier, load_teacher, resolved_teacher_arch, save_classifier
 from dda_ray.config import Config, ConfigError, load_config
 from dda_ray.data.datasets import NORMALIZATION
 from dda_ray.models import ImportedClassifier, build_model
+from dda_ray.models.checkpoint import CheckpointError, load_classifier, load_teacher, resolved_teacher_arch, save_classifier
 
 USER_NET = f"{__name__}:user_net"
 FC_NET = f"{__name__}:fc_net"
@@ -195,7 +195,7 @@ def test_the_default_teacher_is_the_shipped_checkpoint_named_by_its_meta_json():
 
 
 def test_training_a_teacher_needs_its_arch():
-    from dda_ray.teacher import train_teacher
+    from dda_ray.models.teacher import train_teacher
 
     with pytest.raises(ConfigError, match="teacher.arch is not set"):
         train_teacher(teacher_cfg("teacher.checkpoint=null"), progress=False)

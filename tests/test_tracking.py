@@ -284,7 +284,7 @@ def _normalized_logits(checkpoint: Path, images):
     """What a user would compute from the checkpoint on disk: its classifier on the normalised images."""
     import torch
 
-    from dda_ray.checkpoint import load_classifier, read_meta
+    from dda_ray.models.checkpoint import load_classifier, read_meta
 
     meta = read_meta(checkpoint)
     model, _ = load_classifier(checkpoint, meta["arch"], meta["num_classes"])
@@ -368,7 +368,7 @@ def test_train_teacher_logs_the_teacher_as_an_mlflow_model(mlflow_server_started
 
 
 def test_train_prior_job_logs_params_the_loss_curve_and_the_prior(mlflow_server_started, tmp_path):
-    from dda_ray.entrypoints import train_prior_job
+    from dda_ray.jobs.entrypoints import train_prior_job
     from dda_ray.runtime import prepare_run_dir
 
     from .test_prior import write_bank
@@ -402,8 +402,8 @@ def test_a_model_that_cannot_be_logged_is_a_loud_warning_not_a_failed_run(mlflow
     """Training is over when the model is logged: an export or upload error must not fail the job."""
     import mlflow.pytorch
 
-    from dda_ray.checkpoint import save_classifier
     from dda_ray.models import build_model
+    from dda_ray.models.checkpoint import save_classifier
 
     save_classifier(build_model("wrn16_1", 10), tmp_path / "student", arch="wrn16_1", num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3)
 

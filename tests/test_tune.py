@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from dda_ray.config import ConfigError, TuneConfig, config_from_dict, load_config
-from dda_ray.tune import apply_values, max_concurrent_trials, pick_best, trial_demand
+from dda_ray.tune.search import apply_values, max_concurrent_trials, pick_best, trial_demand
 
 from .conftest import start_test_ray, tiny_run_args
 from .test_tracking import free_port, mlflow_server, mlflow_server_started  # noqa: F401 - the session's real MLflow server
@@ -121,7 +121,7 @@ def test_where_trials_train_is_checked_against_the_workers():
 
 
 def test_a_trial_that_trains_itself_holds_the_workers_resources():
-    from dda_ray.tune_trial import trial_resources
+    from dda_ray.tune.trial import trial_resources
 
     cfg = load_config(None, ["teacher.checkpoint=null", "resources.num_workers=1", "resources.cpus_per_worker=0.5"])
     assert trial_resources(cfg, 0.25) == {"cpu": 0.75}  # the trial function and the loop it runs
@@ -136,7 +136,7 @@ def test_a_retried_trial_resumes_from_its_run_directory(tmp_path):
     """Tune retries a failed trial that trains in its own process (resources.max_failures): the second call finds
     the trial's run directory and resumes from its state.pt; a fresh trial never resumes."""
     from dda_ray.runtime import prepare_run_dir
-    from dda_ray.tune_trial import TrialSetup, trial_config
+    from dda_ray.tune.trial import TrialSetup, trial_config
 
     base = load_config(None, ["teacher.checkpoint=null", f"run.output_dir={tmp_path}", "resources.num_workers=1"])
     setup = TrialSetup(base=base.to_dict(), search_name="s", parent_run_id=None)
@@ -155,7 +155,7 @@ def test_the_concurrency_cap_reaches_every_searcher(name):
     """Tune ignores max_concurrent_trials for a BasicVariantGenerator instance: it must carry the cap."""
     from ray.tune.search import BasicVariantGenerator
 
-    from dda_ray.tune import make_searcher
+    from dda_ray.tune.search import make_searcher
 
     alg, limit = make_searcher(name, seed=0, concurrent=2)
     if name == "random":
@@ -181,7 +181,7 @@ def test_asha_stops_weak_trials_early_but_never_at_their_last_epoch():
     """Tune kills a stopped trial's actor at once: at the last epoch that would lose its artifacts."""
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    from dda_ray.tune import FinalEpochASHA
+    from dda_ray.tune.search import FinalEpochASHA
 
     class Trial:
         def __init__(self, trial_id: str):
@@ -204,7 +204,7 @@ def test_runs_of_trials_killed_by_asha_are_ended_with_what_they_left(tmp_path, m
     from mlflow import MlflowClient
 
     from dda_ray.tracking import Tracker
-    from dda_ray.tune_results import close_unfinished_children
+    from dda_ray.tune.results import close_unfinished_children
 
     cfg = load_config(None, ["teacher.checkpoint=null", f"run.output_dir={tmp_path}", "run.name=s", f"tracking.uri={mlflow_server.uri}", "tracking.experiment=asha_stopped"])
     parent = Tracker.start(cfg, "tune")
@@ -280,7 +280,7 @@ def test_two_trial_search_tracks_a_parent_and_a_child_per_trial(mlflow_server_st
     from mlflow import MlflowClient
 
     from dda_ray.runtime import read_jsonl
-    from dda_ray.tune import tune_search
+    from dda_ray.tune.search import tune_search
 
     server = mlflow_server_started
     server.wait()
@@ -343,7 +343,7 @@ def test_a_trial_trains_in_its_own_process_as_it_would_in_a_torch_trainer(tmp_pa
     """tune.train_in=trial (the default for one worker) starts no Ray Train controller or worker, and trains
     exactly as a TorchTrainer trial does: the same rows in the same order, the same per-epoch metrics."""
     from dda_ray.runtime import read_jsonl
-    from dda_ray.tune import tune_search
+    from dda_ray.tune.search import tune_search
 
     point = {"augment.strength": {"choice": [0.4]}, "augment.guidance": {"choice": [3.0]}, "filter.threshold": {"choice": [0.5]}}
     runs = {}

@@ -1,5 +1,5 @@
 """Natural colour photographs shipped inside installed packages (scikit-image, scikit-learn,
-matplotlib): the ``photos`` source of the local prior (:mod:`dda_ray.prior_data`), read without
+matplotlib): the ``photos`` source of the local prior (:mod:`dda_ray.augment.prior_sources`), read without
 any download.
 """
 

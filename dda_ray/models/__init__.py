@@ -7,7 +7,7 @@ import importlib
 import torch
 from torch import nn
 
-from ..config_sections import is_import_path
+from ..config.sections import is_import_path
 from .classifiers import ARCHITECTURES, Classifier, ModelOutput
 from .generator import Generator
 from .heads import AlignHead, MLPHead, RotationHead, rotate_batch
