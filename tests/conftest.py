@@ -117,7 +117,7 @@ def tiny_assets(tmp_path_factory) -> Path:
     from dda_ray.models.checkpoint import save_classifier
 
     from ._tiny_pipelines import build_tiny_prior
-    from .test_synthesis import teacher_with_stats
+    from .synthesis.test_synthesis import teacher_with_stats
 
     root = tmp_path_factory.mktemp("tiny_assets")
     save_classifier(teacher_with_stats(), root / "teacher", arch="wrn16_1", num_classes=10, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))

@@ -241,7 +241,7 @@ def tiny_overrides(out_dir: Path, assets: Path, cifar) -> list[str]:
         cifar,
         {
             "run.name": "job",
-            "distill.epochs": EPOCHS,  # what epochs 2+ train on (rounds with the student, cache reuse): tests/test_pipeline.py
+            "distill.epochs": EPOCHS,  # what epochs 2+ train on (rounds with the student, cache reuse): tests/engines/test_pipeline.py
             "distill.steps_per_epoch": "null",
             "resources.num_workers": 1,
             "resources.cpus_per_worker": 0.5,
@@ -320,7 +320,7 @@ def test_ray_job_submit_runs_the_distillation_job(ray_head, tiny_assets, cifar10
     # The driver attached to this head (RAY_ADDRESS from the job), not an embedded Ray of its own.
     assert "attached to the Ray cluster at " in logs and "started a local Ray" not in logs
     # Per-epoch lines and the KD-step bar from rank 0; Ray's own INFO logs and Ray Data's progress
-    # bars stay out of a default run (--verbose brings them back: tests/test_pipeline.py).
+    # bars stay out of a default run (--verbose brings them back: tests/engines/test_pipeline.py).
     # A log a person can read: the attach line, each epoch's line once, the summary block, and few
     # lines in all (progress as plain lines off a terminal, no Ray INFO lines, no per-batch warnings).
     lines = logs.splitlines()

@@ -30,7 +30,7 @@ import torch
 from dda_ray.runtime import read_jsonl
 
 from .conftest import tiny_run_args
-from .test_pipeline import ray_cluster, ray_config, stream_records  # noqa: F401 - fixtures
+from .engines.test_pipeline import ray_cluster, ray_config, stream_records  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING_FIELDS = ("prepare_s", "train_s", "train_img_per_s", "first_batch_s", "data_wait_s", "eval_s", "synthesis_s", "bank_s", "distill_s")

@@ -15,7 +15,7 @@ import pytest
 from dda_ray.config import load_config
 from dda_ray.tracking import Tracker, TrackingError, params_of, redact, tracking_uri
 
-from .test_local import tiny_teacher  # noqa: F401 - a fixture
+from .engines.test_local import tiny_teacher  # noqa: F401 - a fixture
 
 
 def free_port() -> int:
@@ -305,7 +305,7 @@ def test_distill_logs_the_student_as_a_loadable_registered_mlflow_model(
     from dda_ray.data.transforms import to_float
     from dda_ray.tracking import fluent_tracking_uri, register_run_model
 
-    from .test_local import tiny_config
+    from .engines.test_local import tiny_config
 
     server = mlflow_server_started
     tracking = {"tracking.enabled": True, "tracking.uri": server.uri, "tracking.experiment": "student_model"}
@@ -371,7 +371,7 @@ def test_train_prior_job_logs_params_the_loss_curve_and_the_prior(mlflow_server_
     from dda_ray.jobs.entrypoints import train_prior_job
     from dda_ray.runtime import prepare_run_dir
 
-    from .test_prior import write_bank
+    from .augment.test_prior import write_bank
 
     server = mlflow_server_started
     bank = write_bank(tmp_path / "bank")

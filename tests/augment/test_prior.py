@@ -16,9 +16,9 @@ from dda_ray.config import AugmentConfig, ConfigError, load_config
 from dda_ray.data.bank import BankBatch, make_ids, write_round
 from dda_ray.runtime import read_jsonl
 
-from ._tiny_pipelines import offline, random_images, single_thread
+from .._tiny_pipelines import offline, random_images, single_thread
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ from PIL import Image
 from dda_ray.augment.grids import KEPT_COLOR, ORIGINAL_COLOR, REJECTED_COLOR, cell_origin, grid_from_batch, grid_size, make_grid, save_grid
 from dda_ray.data.columns import encode_image_column
 
-from ._tiny_pipelines import random_images
+from .._tiny_pipelines import random_images
 
 
 def filtered_batch(n=3, v=2, size=32):

@@ -16,13 +16,9 @@ from dda_ray.data.datasets import NORMALIZATION
 from dda_ray.models import build_model
 from dda_ray.models.checkpoint import load_classifier
 
-from ._tiny_pipelines import (
-    build_tiny_prior,
-    offline_single_thread,  # noqa: F401  (fixture, used through pytestmark)
-    random_images,
-)
+from .._tiny_pipelines import build_tiny_prior, random_images
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TEACHER_CKPT = REPO_ROOT / "checkpoints/cifar10_wrn16_2"
 
 

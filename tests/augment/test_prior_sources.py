@@ -33,13 +33,10 @@ from dda_ray.data.transforms import to_float
 from dda_ray.models.checkpoint import load_teacher, save_classifier
 from dda_ray.runtime import read_jsonl
 
-from ._tiny_pipelines import (
-    offline_single_thread,  # noqa: F401  (fixture, used through pytestmark)
-    random_images,
-)
-from .test_synthesis import teacher_with_stats
+from .._tiny_pipelines import random_images
+from ..synthesis.test_synthesis import teacher_with_stats
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SIZES = [(48, 64), (40, 40), (80, 60), (36, 90)]  # (height, width) of the folder's images
 
 

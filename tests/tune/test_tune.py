@@ -13,8 +13,8 @@ import yaml
 from dda_ray.config import ConfigError, TuneConfig, config_from_dict, load_config
 from dda_ray.tune.search import apply_values, max_concurrent_trials, pick_best, trial_demand
 
-from .conftest import start_test_ray, tiny_run_args
-from .test_tracking import free_port, mlflow_server, mlflow_server_started  # noqa: F401 - the session's real MLflow server
+from ..conftest import start_test_ray, tiny_run_args
+from ..test_tracking import free_port, mlflow_server, mlflow_server_started  # noqa: F401 - the session's real MLflow server
 
 TUNED = ("augment.strength", "augment.guidance", "filter.threshold")
 SPACE = {

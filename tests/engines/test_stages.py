@@ -12,8 +12,8 @@ from dda_ray.data.columns import decode_image_column, encode_image_column
 from dda_ray.engines.stages import AugmentStage, FilterStage, FusedStage, augment_cache_dir, augment_cache_key
 from dda_ray.models.checkpoint import save_classifier
 
-from ._tiny_pipelines import build_tiny_prior
-from .test_synthesis import teacher_with_stats
+from .._tiny_pipelines import build_tiny_prior
+from ..synthesis.test_synthesis import teacher_with_stats
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_a_stage_whose_parents_are_all_cached_never_loads_the_prior(tmp_path, as
         "stage = AugmentStage(cfg); stage({'id': np.array(ids), 'image': encode_image_column(images), 'label': np.arange(2)}); "
         "print(json.dumps({'hits': stage.totals['cache_hits'], 'loaded': stage.loaded, 'diffusers': 'diffusers' in sys.modules}))"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     out = subprocess.run([sys.executable, "-c", code, json.dumps(cfg.to_dict())], capture_output=True, text=True, env=env, timeout=300, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"hits": 2, "loaded": False, "diffusers": False}
 

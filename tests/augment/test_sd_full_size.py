@@ -30,12 +30,9 @@ from dda_ray.data.pool import ORIGINAL
 from dda_ray.data.transforms import to_float
 from dda_ray.models.checkpoint import load_classifier, read_meta
 
-from ._tiny_pipelines import (
-    offline_single_thread,  # noqa: F401  (fixture, used through pytestmark)
-    random_images,
-)
+from .._tiny_pipelines import random_images
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TEACHER = ROOT / "checkpoints/cifar10_wrn16_2"
 CLASSES = ("airplane", "automobile")
 SMALLEST = 64  # VAE factor 8 x three UNet downsamplings

@@ -11,7 +11,7 @@ import yaml
 from dda_ray.config import Config, ConfigError, config_from_dict, load_config, parse_override, to_raw
 from dda_ray.runtime import RunDirExistsError, prepare_run_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG_FILES = sorted((ROOT / "configs").rglob("*.yaml"))
 
 

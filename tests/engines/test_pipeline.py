@@ -13,7 +13,7 @@ from dda_ray.data.pool import slot_order, split_slots
 from dda_ray.models.checkpoint import load_classifier
 from dda_ray.runtime import prepare_run_dir, read_jsonl
 
-from .conftest import start_test_ray, tiny_run_args
+from ..conftest import start_test_ray, tiny_run_args
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +252,7 @@ def test_both_engines_train_on_the_same_batches_and_adversarial_rounds_let_the_s
     from dda_ray.engines.local import run_local
     from dda_ray.engines.ray_train import run_ray
 
-    teacher = Path(__file__).resolve().parents[1] / "checkpoints" / "cifar10_wrn16_2"
+    teacher = Path(__file__).resolve().parents[2] / "checkpoints" / "cifar10_wrn16_2"
     overrides = {
         "run.mode": "inversion",
         "synthesis.method": method,
@@ -350,7 +350,7 @@ def test_ray_data_calls_use_only_named_parameters():
         "map_batches": set(inspect.signature(ray.data.Dataset.map_batches).parameters) - {"self", "ray_remote_args"},
         "read_datasource": set(inspect.signature(ray.data.read_datasource).parameters) - {"ray_remote_args", "read_args"},
     }
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     found = 0
     for path in [*sorted((root / "dda_ray").rglob("*.py")), *sorted((root / "benchmarks").rglob("*.py"))]:
         for node in ast.walk(ast.parse(path.read_text())):

@@ -15,11 +15,7 @@ from dda_ray.augment.sampling import resize, sdedit_timesteps, variation_seed
 from dda_ray.config import AugmentConfig, ConfigError
 from dda_ray.data.transforms import to_float, to_uint8
 
-from ._tiny_pipelines import (
-    build_backend_pipelines,
-    offline_single_thread,  # noqa: F401  (fixture, used through pytestmark)
-    random_images,
-)
+from .._tiny_pipelines import build_backend_pipelines, random_images
 
 CLASSES = ["cat", "dog", "car", "ship"]
 

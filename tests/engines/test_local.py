@@ -11,7 +11,7 @@ from dda_ray.engines.local import run_local
 from dda_ray.models.checkpoint import load_classifier, save_classifier
 from dda_ray.runtime import prepare_run_dir, read_jsonl
 
-from .test_synthesis import teacher_with_stats
+from ..synthesis.test_synthesis import teacher_with_stats
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +246,7 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 @pytest.fixture(scope="module")
 def backend_pipelines(tmp_path_factory):
     """The three augmentation backends' tiny pipelines at the CIFAR size (32 px, 10 classes)."""
-    from ._tiny_pipelines import build_backend_pipelines
+    from .._tiny_pipelines import build_backend_pipelines
 
     return build_backend_pipelines(tmp_path_factory.mktemp("backends"), num_classes=10, image_size=32)
 
@@ -256,7 +256,7 @@ def test_every_augmentation_backend_runs_on_the_local_engine(tmp_path, backend_p
     """The local engine builds the augment stage as the Ray engine does, with the teacher's class
     names (sd_img2img prompts need them), and reports the epoch's augment/filter totals under the
     Ray engine's metric names."""
-    from ._tiny_pipelines import offline, single_thread
+    from .._tiny_pipelines import offline, single_thread
 
     offline(monkeypatch)
     teacher = tmp_path / "teacher"  # a teacher whose meta.json names its classes, as train_teacher writes it

@@ -16,10 +16,10 @@ from dda_ray.distill.kd import mix_batch
 from dda_ray.engines.local import run_local
 from dda_ray.models.checkpoint import fingerprint, load_teacher
 
-from ._tiny_pipelines import offline_single_thread  # noqa: F401  (fixture)
-from .test_local import tiny_config, tiny_teacher  # noqa: F401  (fixture)
-from .test_prior_sources import no_dataset  # noqa: F401  (fixture)
-from .test_synthesis import teacher_with_stats
+from .._tiny_pipelines import offline_single_thread  # noqa: F401  (fixture)
+from ..augment.test_prior_sources import no_dataset  # noqa: F401  (fixture)
+from ..engines.test_local import tiny_config, tiny_teacher  # noqa: F401  (fixture)
+from ..synthesis.test_synthesis import teacher_with_stats
 
 pytestmark = pytest.mark.usefixtures("offline_single_thread")
 
