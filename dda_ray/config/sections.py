@@ -18,7 +18,7 @@ DATASETS = ("cifar10", "cifar100", "imagefolder", "tiny_imagenet")
 AUGMENT_BACKENDS = ("local_prior", "sd_img2img", "sd_image_variations")
 DTYPES = ("float32", "float16", "bfloat16")
 SYNTHESIS_METHODS = ("dda", "cmi", "fast")
-# the classifier architectures models/classifiers.py registers by name (tests/test_models.py keeps the two equal)
+# the classifier architectures models/classifiers.py registers by name (tests/models/test_models.py keeps the two equal)
 ARCHITECTURE_NAMES = ("resnet18", "resnet34", "wrn16_1", "wrn16_2", "wrn40_1", "wrn40_2", "vgg11", "mobilenetv2")
 ADV_TERMS = ("rotation", "kl")  # synthesis.adv_term: what the generator fools in rounds with the student
 # Each method's reference values (its reference code's scripts for CIFAR WRN pairs) for the fields a config

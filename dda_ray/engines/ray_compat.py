@@ -1,7 +1,7 @@
 """The one place this package reaches into Ray internals (no public API does the same job), and the
 ``RAY_ADDRESS`` check built on them.
 
-Each function wrapping a private Ray call is pinned by ``tests/test_ray_compat.py`` on the installed
+Each function wrapping a private Ray call is pinned by ``tests/engines/test_ray_compat.py`` on the installed
 Ray, so an upgrade that moves or changes it fails there, loudly, not in a user's job.
 """
 

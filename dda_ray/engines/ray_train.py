@@ -58,7 +58,7 @@ from .shared_disk import check_shared_paths, shared_paths
 # recomputed variations identical. That is Ray Data's default for actor pools in 2.60
 # (max_restarts=-1, max_task_retries=-1). It is not passed explicitly: map_batches takes those only
 # through **ray_remote_args, deprecated in 2.60 (a RayDeprecationWarning, removal in 2.64).
-# tests/test_pipeline.py::test_actor_pools_restart_dead_actors_by_default pins the default instead,
+# tests/engines/test_pipeline.py::test_actor_pools_restart_dead_actors_by_default pins the default instead,
 # so a Ray upgrade that changes it fails a test rather than turning an actor loss into a failed run.
 
 def stage_memory(cfg: Config, stage: str) -> int:
