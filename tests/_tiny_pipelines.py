@@ -16,7 +16,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub: nothing may be downloaded
 
 import numpy as np  # noqa: E402
-import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # A few characters plus the end-of-word variants that CLIP's BPE emits for them.
@@ -196,12 +195,3 @@ def offline(monkeypatch) -> None:
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True, raising=False)
-
-
-@pytest.fixture
-def offline_single_thread(monkeypatch):
-    """Offline Hugging Face and one torch thread for a test (modules opt in with
-    ``pytestmark = pytest.mark.usefixtures("offline_single_thread")`` after importing it)."""
-    offline(monkeypatch)
-    with single_thread():
-        yield

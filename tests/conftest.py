@@ -1,16 +1,27 @@
-"""Shared fixtures: the real CIFAR-10 JPEG copy (decoded once per session) and small helpers."""
+"""Shared fixtures: the real CIFAR-10 JPEG copy (decoded once per session) and every fixture more
+than one test module uses (pytest gives them to every module under tests/, no import needed).
+Plain helpers shared by several modules are in ``_helpers.py``."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
-from dda_ray.data.datasets import SplitDataset, load_dataset
+import dda_ray.data
+import dda_ray.data.datasets
+from dda_ray.data.datasets import load_dataset
+from dda_ray.models.checkpoint import save_classifier
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from ._helpers import REPO_ROOT, DecodedCifar, _ray_temp_dirs, free_port, start_test_ray, teacher_with_stats
+from ._tiny_pipelines import offline, single_thread
+
 CIFAR10_JPG = REPO_ROOT.parent / "shared/data/cifar10-jpg.tar.gz"
 
 
@@ -38,11 +49,6 @@ def cifar10_jpg_path() -> Path:
     return CIFAR10_JPG
 
 
-class DecodedCifar:
-    def __init__(self, ds: SplitDataset, path: Path, cache_dir: Path, seconds: float):
-        self.ds, self.path, self.cache_dir, self.seconds = ds, path, cache_dir, seconds
-
-
 @pytest.fixture(scope="session")
 def cifar10_decoded(cifar10_jpg_path, tmp_path_factory) -> DecodedCifar:
     """Decode the full archive once (about 10 s) into a session cache directory."""
@@ -59,55 +65,11 @@ def tests_on_path(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))
 
 
-def end_processes_under(temp_dir: str) -> None:
-    """Terminate this test's own child processes (a failed Ray start's gcs/raylet/dashboard) by pid."""
-    import psutil
-
-    mine = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if any(temp_dir in part for part in proc.cmdline()):
-                proc.terminate()
-                mine.append(proc)
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(mine, timeout=10)
-    for proc in alive:
-        proc.kill()
-
-
-_ray_temp_dirs: list[str] = []
-
-
 def pytest_sessionfinish(session, exitstatus):
     import shutil
 
     for d in _ray_temp_dirs:  # the test clusters' temp dirs, once every cluster has shut down
         shutil.rmtree(d, ignore_errors=True)
-
-
-def start_test_ray(tmp_path_factory, **kwargs) -> None:
-    """``ray.init`` of a local test cluster in its own temp dir, retried when the node "times out
-    during startup": Ray waits a fixed 30 s for the raylet to register, which a busy 2-core machine
-    can miss (ray-project/ray#65983). The half-started node's processes are ours: ended by pid
-    before the next try."""
-    import tempfile
-
-    import ray
-
-    for attempt in range(3):
-        # Not under pytest's basetemp: with xdist workers (``popen-gwN/``) the dashboard's socket
-        # paths would pass the 107-byte AF_UNIX limit and its MetricsHead module fail to start.
-        temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-        _ray_temp_dirs.append(temp_dir)
-        try:
-            ray.init(_temp_dir=temp_dir, **kwargs)
-            return
-        except Exception as e:  # noqa: BLE001
-            ray.shutdown()
-            end_processes_under(temp_dir)
-            if attempt == 2 or "timed out during startup" not in str(e):
-                raise
 
 
 @pytest.fixture(scope="session")
@@ -117,7 +79,6 @@ def tiny_assets(tmp_path_factory) -> Path:
     from dda_ray.models.checkpoint import save_classifier
 
     from ._tiny_pipelines import build_tiny_prior
-    from .synthesis.test_synthesis import teacher_with_stats
 
     root = tmp_path_factory.mktemp("tiny_assets")
     save_classifier(teacher_with_stats(), root / "teacher", arch="wrn16_1", num_classes=10, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
@@ -125,32 +86,126 @@ def tiny_assets(tmp_path_factory) -> Path:
     return root
 
 
-def tiny_run_args(out_dir: Path, assets: Path, cifar: DecodedCifar, overrides: dict | None = None) -> list[str]:
-    """``section.field=value`` arguments of a seconds-long Ray run on the tiny assets and the real
-    CIFAR-10 copy: two small synthesis rounds, batch 16, one thread. Each test adds what it checks."""
-    values = {
-        "run.output_dir": out_dir,
-        "run.engine": "ray",
-        "run.stream_log": True,
-        "data.path": cifar.path,
-        "data.cache_dir": cifar.cache_dir,
-        "data.eval_subset": 100,
-        "teacher.arch": "wrn16_1",
-        "teacher.checkpoint": assets / "teacher",
-        "student.arch": "wrn16_1",
-        "synthesis.nz": 32,
-        "synthesis.ngf": 16,
-        "synthesis.init_rounds": 2,
-        "synthesis.init_batch_size": 16,
-        "synthesis.init_g_steps": 2,
-        "synthesis.batch_size": 16,
-        "synthesis.g_steps": 2,
-        "distill.batch_size": 16,
-        "distill.lr": 0.02,  # the random tiny teacher's features make lr 0.1 diverge on mixed batches
-        "augment.model": assets / "prior",
-        "resources.num_workers": 0,
-        "resources.torch_threads": 1,
-        "tracking.enabled": False,
-        **(overrides or {}),
-    }
-    return [f"{k}={v}" for k, v in values.items()]
+# ------------------------------------------------------------- shared by several modules
+@pytest.fixture
+def offline_single_thread(monkeypatch):
+    """Offline Hugging Face and one torch thread for a test (modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("offline_single_thread")``)."""
+    offline(monkeypatch)
+    with single_thread():
+        yield
+
+
+@pytest.fixture
+def no_dataset(monkeypatch):
+    """Every loader of the configured dataset fails the test when called."""
+    calls = []
+
+    def refuse(name):
+        def loader(*args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"prior training called {name}{args}: it must never read data.path")
+
+        return loader
+
+    for module, name in (
+        (dda_ray.data, "load_data"),
+        (dda_ray.data, "load_dataset"),
+        (dda_ray.data.datasets, "load_dataset"),
+        (dda_ray.data.datasets, "load_image_folder"),
+        (dda_ray.data.datasets, "load_cifar"),
+        (dda_ray.data.datasets, "load_tiny_imagenet"),
+        (dda_ray.data.datasets, "_iter_tar"),
+        (dda_ray.data.datasets, "_iter_dir"),
+    ):
+        monkeypatch.setattr(module, name, refuse(f"{module.__name__}.{name}"))
+    return calls
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher") / "wrn16_1"
+    save_classifier(
+        teacher_with_stats(), path, arch="wrn16_1", num_classes=10, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26), accuracy=None
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # no token file left in the home directory
+    start_test_ray(tmp_path_factory, num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+class MlflowServer:
+    """``mlflow server`` with a sqlite backend and proxied artifacts, stopped through its own Popen."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log = open(root / "server.log", "w")  # noqa: SIM115 - closed in stop()
+        mlflow = Path(sys.executable).with_name("mlflow")
+        self.proc = subprocess.Popen(
+            [
+                str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                "--artifacts-destination", str(root / "artifacts"),
+            ],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=root,
+        )  # fmt: skip
+
+    def wait(self, timeout: float = 420.0) -> None:
+        # usually well under a minute; seen taking over 3 minutes (imports, DB migrations) while the 2 cores ran other test sessions
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {self.proc.returncode}: {(self.root / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(1)
+        raise TimeoutError(f"mlflow server did not answer /health within {timeout} s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.log.close()
+
+
+_SHARED: dict = {"server": None, "users": 0}
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_started(tmp_path_factory):
+    """The server process, started but maybe not answering yet (it takes ~30 s on a busy machine:
+    request this fixture first and ``wait()`` late, so the start overlaps other setup).
+
+    Every module that uses it shares one server (a second one costs another start and its DB
+    migrations), which the last user stops through its own process handle."""
+    if _SHARED["server"] is None:
+        _SHARED["server"] = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
+    _SHARED["users"] += 1
+    try:
+        yield _SHARED["server"]
+    finally:
+        _SHARED["users"] -= 1
+        if _SHARED["users"] == 0:
+            _SHARED["server"].stop()
+            _SHARED["server"] = None
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_server_started):
+    mlflow_server_started.wait()
+    return mlflow_server_started

@@ -19,8 +19,8 @@ from dda_ray.api import distill, preflight
 from dda_ray.jobs.cli import run_job
 from dda_ray.models.checkpoint import save_classifier
 
+from ._helpers import teacher_with_stats
 from ._tiny_pipelines import build_tiny_prior
-from .synthesis.test_synthesis import teacher_with_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 

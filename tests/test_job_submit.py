@@ -18,9 +18,7 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -32,95 +30,31 @@ import pytest
 
 from dda_ray.models.checkpoint import load_classifier
 
-from .conftest import tiny_run_args
+from ._helpers import (
+    EXCLUDES,
+    REPO_ROOT,
+    TOKEN_FILE,
+    VENV_BIN,
+    cluster_auth_env,
+    cluster_head_command,
+    free_port,
+    http_json,
+    processes_of,
+    ray_cli,
+    ray_env,
+    tiny_run_args,
+)
 
 pytestmark = pytest.mark.slow
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
-EXCLUDES = [".venv", "outputs", ".git", ".logs", "mlruns", ".pytest_cache", ".ruff_cache", "**/__pycache__"]
 EPOCHS = 3
 LOG_LINES_MAX = 80  # what `ray job logs` of a run that fails nowhere may hold (issue: 3,066 lines for 3 epochs)
 JOB_TIMEOUT_S = 300  # about 60-110 s on 2 idle-ish cores; the slack is for a busy machine
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cluster_head_command() -> str:
-    """cluster/gpu.yaml's ``ray start --head`` command."""
-    import yaml
-
-    (cmd,) = [c for c in yaml.safe_load((REPO_ROOT / "cluster" / "gpu.yaml").read_text())["head_start_ray_commands"] if "ray start" in c]
-    return cmd
-
-
-def cluster_auth_env() -> dict[str, str]:
-    """The auth variables cluster/gpu.yaml's head exports before ``ray start`` (``export A=x B=y;``)."""
-    cmd = cluster_head_command()
-    exported = re.search(r"export ([^;]+);", cmd)
-    assert exported, f"cluster/gpu.yaml's head exports no auth settings before ray start: {cmd}"
-    return dict(a.split("=", 1) for a in exported.group(1).split())
-
-
-# The test cluster's token: a file of its own, as cluster/token.sh makes (never the home directory's).
-TOKEN_FILE = Path(tempfile.mkdtemp(prefix="ddatok-")) / "dda-ray-gpu.token"
-
-
-def ray_env(auth: bool = True) -> dict:
-    """Environment for both ``ray start`` and ``ray job submit``: venv first, no usage stats, and the
-    cluster's token auth (``auth=False``: a client without the token)."""
-    env = dict(os.environ)
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.pop("RAY_AUTH_TOKEN", None)
-    env.pop("RAY_AUTH_TOKEN_PATH", None)
-    if auth:
-        cluster = cluster_auth_env()
-        env["RAY_AUTH_MODE"] = cluster["RAY_AUTH_MODE"]
-        env["RAY_AUTH_TOKEN_PATH"] = str(TOKEN_FILE)  # the cluster's $HOME/.ray/dda-ray-gpu.token, here in a temp dir
-    else:
-        env["RAY_AUTH_MODE"] = "disabled"  # sends no token, and writes none to ~/.ray
-    env.pop("RAY_ADDRESS", None)  # the CLI gets --address explicitly
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def ray_cli(*args: str, timeout: float = 60, auth: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([str(VENV_BIN / "ray"), *args], env=ray_env(auth), capture_output=True, text=True, timeout=timeout)
-
-
-def http_json(url: str, timeout: float = 5, auth: bool = True) -> dict | list | None:
-    headers = {"Authorization": f"Bearer {TOKEN_FILE.read_text().strip()}"} if auth and TOKEN_FILE.exists() else {}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as r:
-            return json.loads(r.read().decode())
-    except (OSError, ValueError):
-        return None
-
-
 def home_ray_files() -> set[str]:
     d = Path.home() / ".ray"
     return {p.name for p in d.iterdir()} if d.is_dir() else set()
-
-
-def processes_of(pgid: int, temp_dir: Path) -> list[int]:
-    """PIDs of this head only: its process group, or a command line / working directory inside
-    its private temp dir (job drivers run in a session of their own, from the unpacked working dir)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        pid = int(proc.name)
-        try:
-            if os.getpgid(pid) == pgid or str(temp_dir).encode() in (proc / "cmdline").read_bytes() or os.readlink(proc / "cwd").startswith(str(temp_dir)):
-                pids.append(pid)
-        except OSError:
-            continue
-    return pids
 
 
 class RayHead:
@@ -233,7 +167,7 @@ def ray_head():
 
 
 def tiny_overrides(out_dir: Path, assets: Path, cifar) -> list[str]:
-    """The tiny Ray run (conftest.tiny_run_args) for three short epochs on one Ray Train worker
+    """The tiny Ray run (_helpers.tiny_run_args) for three short epochs on one Ray Train worker
     (a cluster job's shape) with one variation per image."""
     return tiny_run_args(
         out_dir,

@@ -28,8 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import tiny_run_args
-from .test_job_submit import EXCLUDES, REPO_ROOT, TOKEN_FILE, VENV_BIN, free_port, http_json, processes_of, ray_cli, ray_env
+from ._helpers import EXCLUDES, REPO_ROOT, TOKEN_FILE, VENV_BIN, free_port, http_json, processes_of, ray_cli, ray_env, tiny_run_args
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 

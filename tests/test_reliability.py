@@ -29,8 +29,7 @@ import torch
 
 from dda_ray.runtime import read_jsonl
 
-from .conftest import tiny_run_args
-from .engines.test_pipeline import ray_cluster, ray_config, stream_records  # noqa: F401 - fixtures
+from ._helpers import ray_config, stream_records, tiny_run_args
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING_FIELDS = ("prepare_s", "train_s", "train_img_per_s", "first_batch_s", "data_wait_s", "eval_s", "synthesis_s", "bank_s", "distill_s")
@@ -74,7 +73,7 @@ def checkpoints_registered(run_dir: Path, name: str) -> list[str]:
     return [r["checkpoint_dir_name"] for r in state.get("checkpoint_results", [])]
 
 
-def test_killed_train_worker_restores_from_the_last_checkpoint_and_finishes(tmp_path, tiny_assets, cifar10_decoded, ray_cluster):  # noqa: F811
+def test_killed_train_worker_restores_from_the_last_checkpoint_and_finishes(tmp_path, tiny_assets, cifar10_decoded, ray_cluster):
     from dda_ray.engines.ray_train import run_ray
 
     epochs = 3
@@ -157,7 +156,7 @@ def stage_pids(run_dir: Path, stage: str) -> set[str]:
     return {p.stem.split("-")[1] for p in (run_dir / "stream").glob(f"{stage}-*.jsonl")}
 
 
-def test_killed_augment_actor_is_restarted_and_no_variation_is_lost_or_duplicated(tmp_path, tiny_assets, cifar10_decoded, ray_cluster):  # noqa: F811
+def test_killed_augment_actor_is_restarted_and_no_variation_is_lost_or_duplicated(tmp_path, tiny_assets, cifar10_decoded, ray_cluster):
     from dda_ray.engines.ray_train import run_ray
 
     overrides = {"distill.epochs": 1, "synthesis.init_rounds": 1, "augment.batch_size": 2, "augment.steps": 4}
@@ -218,7 +217,7 @@ def test_killed_augment_actor_is_restarted_and_no_variation_is_lost_or_duplicate
     assert not stage_pids(run_dir, "augment") & stage_pids(run_dir, "filter")  # two pools: distinct processes
 
 
-def test_damaged_variation_cache_entries_are_recomputed_not_trusted(tmp_path, tiny_assets):  # noqa: F811
+def test_damaged_variation_cache_entries_are_recomputed_not_trusted(tmp_path, tiny_assets):
     """A cache entry cut short (a crash outside the atomic rename, a full disk) or of the wrong
     shape is recomputed, identically (per-(seed, id, variation) seeds), and rewritten whole."""
     import numpy as np
@@ -298,7 +297,7 @@ def assert_consistent_stop(run_dir: Path, err: str, sig: signal.Signals, returnc
     return done
 
 
-def test_interrupted_job_resumes_to_the_same_metrics_as_an_uninterrupted_run(tmp_path, tiny_assets, cifar10_decoded, ray_cluster):  # noqa: F811
+def test_interrupted_job_resumes_to_the_same_metrics_as_an_uninterrupted_run(tmp_path, tiny_assets, cifar10_decoded, ray_cluster):
     from dda_ray.api import distill
     from dda_ray.config import load_config
     from dda_ray.engines.ray_train import run_ray

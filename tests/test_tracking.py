@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -15,84 +12,7 @@ import pytest
 from dda_ray.config import load_config
 from dda_ray.tracking import Tracker, TrackingError, params_of, redact, tracking_uri
 
-from .engines.test_local import tiny_teacher  # noqa: F401 - a fixture
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MlflowServer:
-    """``mlflow server`` with a sqlite backend and proxied artifacts, stopped through its own Popen."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.port = free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.log = open(root / "server.log", "w")  # noqa: SIM115 - closed in stop()
-        mlflow = Path(sys.executable).with_name("mlflow")
-        self.proc = subprocess.Popen(
-            [
-                str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                "--artifacts-destination", str(root / "artifacts"),
-            ],
-            stdout=self.log, stderr=subprocess.STDOUT, cwd=root,
-        )  # fmt: skip
-
-    def wait(self, timeout: float = 420.0) -> None:
-        # usually well under a minute; seen taking over 3 minutes (imports, DB migrations) while the 2 cores ran other test sessions
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {self.proc.returncode}: {(self.root / 'server.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(self.uri + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(1)
-        raise TimeoutError(f"mlflow server did not answer /health within {timeout} s")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self.log.close()
-
-
-_SHARED: dict = {"server": None, "users": 0}
-
-
-@pytest.fixture(scope="session")
-def mlflow_server_started(tmp_path_factory):
-    """The server process, started but maybe not answering yet (it takes ~30 s on a busy machine:
-    request this fixture first and ``wait()`` late, so the start overlaps other setup).
-
-    Other test modules import this fixture, and pytest then runs it once per importing module:
-    they all share one server (a second one costs another start and its DB migrations), which the
-    last user stops through its own process handle."""
-    if _SHARED["server"] is None:
-        _SHARED["server"] = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
-    _SHARED["users"] += 1
-    try:
-        yield _SHARED["server"]
-    finally:
-        _SHARED["users"] -= 1
-        if _SHARED["users"] == 0:
-            _SHARED["server"].stop()
-            _SHARED["server"] = None
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(mlflow_server_started):
-    mlflow_server_started.wait()
-    return mlflow_server_started
+from ._helpers import free_port, tiny_config, write_bank
 
 
 def closed_port_uri() -> str:
@@ -294,7 +214,7 @@ def _normalized_logits(checkpoint: Path, images):
 
 
 def test_distill_logs_the_student_as_a_loadable_registered_mlflow_model(
-    mlflow_server_started, tmp_path, tiny_teacher, cifar10_decoded  # noqa: F811 - the fixture imported above
+    mlflow_server_started, tmp_path, tiny_teacher, cifar10_decoded
 ):
     """A tiny local-engine distillation: ``runs:/<id>/model`` takes [0, 1] images (any batch size) and
     gives the saved student's logits; ``tracking.register_as`` makes version 1 of the registered model."""
@@ -305,7 +225,6 @@ def test_distill_logs_the_student_as_a_loadable_registered_mlflow_model(
     from dda_ray.data.transforms import to_float
     from dda_ray.tracking import fluent_tracking_uri, register_run_model
 
-    from .engines.test_local import tiny_config
 
     server = mlflow_server_started
     tracking = {"tracking.enabled": True, "tracking.uri": server.uri, "tracking.experiment": "student_model"}
@@ -371,7 +290,6 @@ def test_train_prior_job_logs_params_the_loss_curve_and_the_prior(mlflow_server_
     from dda_ray.jobs.entrypoints import train_prior_job
     from dda_ray.runtime import prepare_run_dir
 
-    from .augment.test_prior import write_bank
 
     server = mlflow_server_started
     bank = write_bank(tmp_path / "bank")

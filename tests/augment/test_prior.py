@@ -13,9 +13,9 @@ from dda_ray.augment.augmenter import Augmenter
 from dda_ray.augment.pipeline_class_img2img import ClassConditionalImg2ImgPipeline
 from dda_ray.augment.prior import build_prior_unet, train_prior
 from dda_ray.config import AugmentConfig, ConfigError, load_config
-from dda_ray.data.bank import BankBatch, make_ids, write_round
 from dda_ray.runtime import read_jsonl
 
+from .._helpers import tiny_cfg, write_bank
 from .._tiny_pipelines import offline, random_images, single_thread
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -26,37 +26,6 @@ def _one_thread(monkeypatch):
     offline(monkeypatch)
     with single_thread():
         yield
-
-
-def write_bank(bank_dir: Path, n: int = 48, size: int = 16, num_classes: int = 4) -> Path:
-    """A tiny two-round bank of smooth random images (what synthesis writes, minus the teacher)."""
-    for r in range(2):
-        images = random_images(n // 2, size, seed=r)
-        batch = BankBatch(
-            ids=make_ids(r, 0, n // 2),
-            images=images,
-            labels=np.arange(n // 2, dtype=np.int64) % num_classes,
-            teacher_logits=np.zeros((n // 2, num_classes), np.float32),
-            teacher_embedding=np.zeros((n // 2, 8), np.float32),
-            rounds=np.full(n // 2, r, np.int32),
-            seeds=np.zeros(n // 2, np.int64),
-        )
-        write_round(bank_dir, batch, r)
-    return bank_dir
-
-
-def tiny_cfg(**kw) -> AugmentConfig:
-    base = {
-        "prior_steps": 30,
-        "prior_batch_size": 16,
-        "prior_lr": 2e-3,
-        "prior_channels": [8, 16],
-        "prior_log_every": 1,
-        "prior_ema": 0.9,
-        "device": "cpu",
-    }
-    base.update(kw)
-    return AugmentConfig(**base)
 
 
 @pytest.fixture(scope="module")

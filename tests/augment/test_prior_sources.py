@@ -33,8 +33,8 @@ from dda_ray.data.transforms import to_float
 from dda_ray.models.checkpoint import load_teacher, save_classifier
 from dda_ray.runtime import read_jsonl
 
+from .._helpers import teacher_with_stats, tiny_cfg, write_bank
 from .._tiny_pipelines import random_images
-from ..synthesis.test_synthesis import teacher_with_stats
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SIZES = [(48, 64), (40, 40), (80, 60), (36, 90)]  # (height, width) of the folder's images
@@ -95,32 +95,6 @@ def augment_once(prior_dir: Path, **kw) -> np.ndarray:
     out = Augmenter(cfg)(random_images(3, 32, seed=5), np.array([0, 3, 9]), np.array(["a", "b", "c"]))
     assert out["image"].shape == (6, 32, 32, 3) and out["image"].dtype == np.uint8
     return out["image"]
-
-
-@pytest.fixture
-def no_dataset(monkeypatch):
-    """Every loader of the configured dataset fails the test when called."""
-    calls = []
-
-    def refuse(name):
-        def loader(*args, **kwargs):
-            calls.append(name)
-            raise AssertionError(f"prior training called {name}{args}: it must never read data.path")
-
-        return loader
-
-    for module, name in (
-        (dda_ray.data, "load_data"),
-        (dda_ray.data, "load_dataset"),
-        (dda_ray.data.datasets, "load_dataset"),
-        (dda_ray.data.datasets, "load_image_folder"),
-        (dda_ray.data.datasets, "load_cifar"),
-        (dda_ray.data.datasets, "load_tiny_imagenet"),
-        (dda_ray.data.datasets, "_iter_tar"),
-        (dda_ray.data.datasets, "_iter_dir"),
-    ):
-        monkeypatch.setattr(module, name, refuse(f"{module.__name__}.{name}"))
-    return calls
 
 
 def _load_job():
@@ -262,8 +236,6 @@ def test_folder_and_archives_decode_the_same_images(assets):
 
 
 def test_bank_source_with_no_labels(tmp_path):
-    from .test_prior import tiny_cfg, write_bank
-
     bank = write_bank(tmp_path / "bank")
     summary = train_prior(bank, tmp_path / "prior", tiny_cfg(prior_steps=2, prior_labels="none"), num_classes=4, progress=False)
     assert summary["source"] == "bank" and summary["labels"] == "none"

@@ -16,10 +16,7 @@ from dda_ray.distill.kd import mix_batch
 from dda_ray.engines.local import run_local
 from dda_ray.models.checkpoint import fingerprint, load_teacher
 
-from .._tiny_pipelines import offline_single_thread  # noqa: F401  (fixture)
-from ..augment.test_prior_sources import no_dataset  # noqa: F401  (fixture)
-from ..engines.test_local import tiny_config, tiny_teacher  # noqa: F401  (fixture)
-from ..synthesis.test_synthesis import teacher_with_stats
+from .._helpers import teacher_with_stats, tiny_config
 
 pytestmark = pytest.mark.usefixtures("offline_single_thread")
 
@@ -50,7 +47,7 @@ def test_mixup_blends_pixels_with_lam():
     assert torch.allclose(mixed, lam * x + (1 - lam) * x[perm])
 
 
-def test_mixed_runs_are_reproducible_and_differ_from_unmixed(tmp_path, tiny_teacher, cifar10_decoded):  # noqa: F811
+def test_mixed_runs_are_reproducible_and_differ_from_unmixed(tmp_path, tiny_teacher, cifar10_decoded):
     common = {"distill.epochs": 1, "synthesis.rounds_per_epoch": 0}
     a = run_local(tiny_config(tmp_path / "a", tiny_teacher, cifar10_decoded, **common, **{"distill.mix": "cutmix"}), progress=False)
     b = run_local(tiny_config(tmp_path / "b", tiny_teacher, cifar10_decoded, **common, **{"distill.mix": "cutmix"}), progress=False)
@@ -61,13 +58,13 @@ def test_mixed_runs_are_reproducible_and_differ_from_unmixed(tmp_path, tiny_teac
 
 # ----------------------------------------------------------------- crop banks
 @pytest.fixture
-def crop_cfg(tmp_path, tiny_teacher, cifar10_decoded):  # noqa: F811
+def crop_cfg(tmp_path, tiny_teacher, cifar10_decoded):
     return tiny_config(
         tmp_path, tiny_teacher, cifar10_decoded, **{"augment.prior_source": "photos", "augment.prior_crop_scale": "[0.05, 0.3]"}
     )
 
 
-def test_crop_bank_is_teacher_labelled_resumable_and_never_reads_the_dataset(crop_cfg, tmp_path, monkeypatch, no_dataset):  # noqa: F811
+def test_crop_bank_is_teacher_labelled_resumable_and_never_reads_the_dataset(crop_cfg, tmp_path, monkeypatch, no_dataset):
     monkeypatch.setattr(crops_module, "CHUNK", 8)
     out = write_crop_bank(crop_cfg, tmp_path / "crops", 20, seed=4, progress=False)
     files = bank_files(out)
@@ -90,7 +87,7 @@ def test_crop_bank_is_teacher_labelled_resumable_and_never_reads_the_dataset(cro
     assert not np.array_equal(other.images, bank.images)
 
 
-def test_extra_banks_are_checked_against_the_teacher_and_must_hold_rows(crop_cfg, tmp_path, tiny_teacher, cifar10_decoded):  # noqa: F811
+def test_extra_banks_are_checked_against_the_teacher_and_must_hold_rows(crop_cfg, tmp_path, tiny_teacher, cifar10_decoded):
     out = write_crop_bank(crop_cfg, tmp_path / "crops", 6, seed=0, progress=False)
     assert len(read_extra_banks([str(out)], fingerprint(load_teacher(crop_cfg)[0]))) == 6
     with pytest.raises(ConfigError, match="another teacher"):
@@ -102,7 +99,7 @@ def test_extra_banks_are_checked_against_the_teacher_and_must_hold_rows(crop_cfg
         write_crop_bank(tiny_config(tmp_path / "b", tiny_teacher, cifar10_decoded), tmp_path / "x", 4, seed=0)
 
 
-def test_config_refuses_extra_banks_in_real_kd_and_unknown_mix(tmp_path, tiny_teacher, cifar10_decoded):  # noqa: F811
+def test_config_refuses_extra_banks_in_real_kd_and_unknown_mix(tmp_path, tiny_teacher, cifar10_decoded):
     with pytest.raises(ConfigError, match="extra_banks"):
         tiny_config(tmp_path, tiny_teacher, cifar10_decoded, **{"run.mode": "real_kd", "distill.extra_banks": f"[{tmp_path}]"})
     with pytest.raises(ConfigError, match="distill.mix"):
@@ -111,7 +108,7 @@ def test_config_refuses_extra_banks_in_real_kd_and_unknown_mix(tmp_path, tiny_te
         tiny_config(tmp_path, tiny_teacher, cifar10_decoded, **{"distill.mix_prob": 1.5})
 
 
-def test_crops_join_the_pool_beside_the_bank_or_alone(crop_cfg, tmp_path, tiny_teacher, cifar10_decoded):  # noqa: F811
+def test_crops_join_the_pool_beside_the_bank_or_alone(crop_cfg, tmp_path, tiny_teacher, cifar10_decoded):
     crops = write_crop_bank(crop_cfg, tmp_path / "crops", 24, seed=0, progress=False)
     extra = {"distill.extra_banks": f"[{crops}]", "distill.epochs": 1}
     beside = run_local(tiny_config(tmp_path / "beside", tiny_teacher, cifar10_decoded, **extra), progress=False)

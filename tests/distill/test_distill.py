@@ -9,7 +9,7 @@ from dda_ray.data import to_float
 from dda_ray.distill.kd import Distiller, feature_loss, kd_loss, load_training_state, save_training_state
 from dda_ray.models import build_model
 
-from ..synthesis.test_synthesis import NORM, small_cfg, teacher_with_stats
+from .._helpers import NORM, small_cfg, teacher_with_stats
 
 
 def test_kd_loss_matches_hand_computed_value():

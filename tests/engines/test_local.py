@@ -11,46 +11,7 @@ from dda_ray.engines.local import run_local
 from dda_ray.models.checkpoint import load_classifier, save_classifier
 from dda_ray.runtime import prepare_run_dir, read_jsonl
 
-from ..synthesis.test_synthesis import teacher_with_stats
-
-
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher") / "wrn16_1"
-    save_classifier(
-        teacher_with_stats(), path, arch="wrn16_1", num_classes=10, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26), accuracy=None
-    )
-    return path
-
-
-def tiny_config(tmp_path, teacher, cifar, **overrides):
-    base = {
-        "run.output_dir": str(tmp_path),
-        "run.name": "tiny",
-        "run.engine": "local",
-        "run.mode": "inversion",
-        "data.path": str(cifar.path),
-        "data.cache_dir": str(cifar.cache_dir),
-        "data.eval_subset": 200,
-        "teacher.arch": "wrn16_1",
-        "teacher.checkpoint": str(teacher),
-        "student.arch": "wrn16_1",
-        "synthesis.nz": 32,
-        "synthesis.ngf": 16,
-        "synthesis.init_rounds": 2,
-        "synthesis.init_batch_size": 16,
-        "synthesis.init_g_steps": 3,
-        "synthesis.batch_size": 16,
-        "synthesis.g_steps": 2,
-        "distill.epochs": 2,
-        "distill.steps_per_epoch": 3,
-        "distill.batch_size": 16,
-        "tracking.enabled": False,
-    }
-    base.update(overrides)
-    cfg = load_config(None, [f"{k}={v}" for k, v in base.items()])
-    prepare_run_dir(cfg)
-    return cfg
+from .._helpers import teacher_with_stats, tiny_config
 
 
 def test_inversion_run_writes_bank_rounds_metrics_and_student(tmp_path, tiny_teacher, cifar10_decoded):

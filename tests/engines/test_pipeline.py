@@ -13,47 +13,7 @@ from dda_ray.data.pool import slot_order, split_slots
 from dda_ray.models.checkpoint import load_classifier
 from dda_ray.runtime import prepare_run_dir, read_jsonl
 
-from ..conftest import start_test_ray, tiny_run_args
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    import ray
-
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # no token file left in the home directory
-    start_test_ray(tmp_path_factory, num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-def ray_config(tmp_path, assets, cifar, **overrides):
-    """The tiny Ray run (conftest.tiny_run_args) in dda mode: 3 initial rounds, 2 epochs over the
-    whole bank, 2 variations per image at strength 0.5, threshold 0.5."""
-    args = tiny_run_args(
-        tmp_path,
-        assets,
-        cifar,
-        {
-            "run.name": "ray",
-            "run.mode": "dda",
-            "synthesis.init_rounds": 3,
-            "distill.epochs": 2,
-            "distill.steps_per_epoch": "null",
-            "augment.num_variations": 2,
-            "augment.steps": 10,
-            "augment.strength": 0.5,
-            "augment.batch_size": 4,
-            "filter.threshold": 0.5,
-            **overrides,
-        },
-    )
-    cfg = load_config(None, args)
-    prepare_run_dir(cfg)
-    return cfg
-
-
-def stream_records(run_dir: Path, stage: str) -> list[dict]:
-    return [r for p in sorted((run_dir / "stream").glob(f"{stage}-*.jsonl")) for r in read_jsonl(p)]
+from .._helpers import ray_config, stream_records, tiny_run_args
 
 
 def test_dda_streams_augmentation_into_training_with_exact_row_accounting(tmp_path, tiny_assets, cifar10_decoded, ray_cluster):

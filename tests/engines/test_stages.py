@@ -12,8 +12,8 @@ from dda_ray.data.columns import decode_image_column, encode_image_column
 from dda_ray.engines.stages import AugmentStage, FilterStage, FusedStage, augment_cache_dir, augment_cache_key
 from dda_ray.models.checkpoint import save_classifier
 
+from .._helpers import teacher_with_stats
 from .._tiny_pipelines import build_tiny_prior
-from ..synthesis.test_synthesis import teacher_with_stats
 
 
 @pytest.fixture(scope="module")

@@ -287,7 +287,7 @@ def test_a_finished_job_ends_with_the_summary_in_a_real_process(tmp_path, tiny_a
     default: its stdout ends with the summary, whose MLflow line opens the run it names."""
     from mlflow import MlflowClient
 
-    from ..conftest import tiny_run_args
+    from .._helpers import tiny_run_args
 
     args = tiny_run_args(tmp_path / "out", tiny_assets, cifar10_decoded, {
         "run.name": "summary", "run.engine": "local", "run.mode": "inversion", "run.stream_log": False,

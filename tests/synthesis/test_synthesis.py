@@ -4,33 +4,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dda_ray.config import ConfigError, SynthesisConfig, load_config
-from dda_ray.data import Normalize
+from dda_ray.config import ConfigError, load_config
 from dda_ray.models import Generator, RotationHead, build_model, rotate_batch
 from dda_ray.synthesis.synthesizer import BNStatsHook, Synthesizer, bn_hooks
 
-NORM = Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-
-
-def small_cfg(**kw) -> SynthesisConfig:
-    base = dict(nz=32, ngf=16, batch_size=8, g_steps=6, adv=10.0)
-    if kw.get("method") == "cmi":
-        base.update(cr=0.8, cmi_negatives=16, cmi_head_dim=16)
-    base.update(kw)
-    cfg = SynthesisConfig(**base)
-    cfg.resolve()
-    return cfg
-
-
-def teacher_with_stats(seed: int = 0) -> nn.Module:
-    """A random wrn16_1 whose BN running stats are non-trivial (as after training)."""
-    torch.manual_seed(seed)
-    t = build_model("wrn16_1", 10)
-    for m in t.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-    return t.eval()
+from .._helpers import NORM, small_cfg, teacher_with_stats
 
 
 def teacher_fitted(seed: int = 1) -> nn.Module:

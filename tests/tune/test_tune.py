@@ -13,8 +13,7 @@ import yaml
 from dda_ray.config import ConfigError, TuneConfig, config_from_dict, load_config
 from dda_ray.tune.search import apply_values, max_concurrent_trials, pick_best, trial_demand
 
-from ..conftest import start_test_ray, tiny_run_args
-from ..test_tracking import free_port, mlflow_server, mlflow_server_started  # noqa: F401 - the session's real MLflow server
+from .._helpers import free_port, start_test_ray, tiny_run_args
 
 TUNED = ("augment.strength", "augment.guidance", "filter.threshold")
 SPACE = {
@@ -199,7 +198,7 @@ def test_asha_stops_weak_trials_early_but_never_at_their_last_epoch():
     assert decisions(FinalEpochASHA, 2) == [TrialScheduler.CONTINUE] * 4
 
 
-def test_runs_of_trials_killed_by_asha_are_ended_with_what_they_left(tmp_path, mlflow_server):  # noqa: F811
+def test_runs_of_trials_killed_by_asha_are_ended_with_what_they_left(tmp_path, mlflow_server):
     """A stopped trial's actor dies mid-run: the driver ends its MLflow run and uploads its run dir."""
     from mlflow import MlflowClient
 
@@ -244,7 +243,7 @@ def tune_cluster(tmp_path_factory):
 
 
 def tune_config(tmp_path, assets, cifar, server_uri, **overrides):
-    """The tiny Ray run (conftest.tiny_run_args) as a search: one Train worker per trial, tracked on ``server_uri``."""
+    """The tiny Ray run (_helpers.tiny_run_args) as a search: one Train worker per trial, tracked on ``server_uri``."""
     args = tiny_run_args(
         tmp_path / "out",
         assets,
@@ -275,7 +274,7 @@ def tune_config(tmp_path, assets, cifar, server_uri, **overrides):
     return config_from_dict({**cfg.to_dict(), "tune": tune}).validate()
 
 
-def test_two_trial_search_tracks_a_parent_and_a_child_per_trial(mlflow_server_started, tmp_path, tiny_assets, cifar10_decoded, tune_cluster):  # noqa: F811
+def test_two_trial_search_tracks_a_parent_and_a_child_per_trial(mlflow_server_started, tmp_path, tiny_assets, cifar10_decoded, tune_cluster):
     """Two trials at once (0.9 CPU each on 2 CPUs), 2 epochs each; grace_period 2: ASHA stops nobody."""
     from mlflow import MlflowClient
 
