@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "accuracy.jsonl"
 
-# Two-sided 95 % quantiles t_{0.975, df} of Student's t for df = 1..30; the normal 1.96 beyond.
+# Two-sided 95 % quantiles t_{0.975, df} of Student's t for df = 1..30 (beyond: t_quantile's expansion).
 T_975 = {
     1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
     11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086,
@@ -36,10 +36,17 @@ T_975 = {
 
 
 def t_quantile(df: int) -> float:
-    """t_{0.975, df}: from the table up to df 30, 1.96 beyond."""
+    """t_{0.975, df}: from the table up to df 30; beyond, the Cornish-Fisher expansion of t about the
+    normal quantile to the third order in 1/df (within 1e-4 of the exact value there), to 3 decimals.
+    (The normal 1.96 would make a 40-seed interval 3 % too narrow.)"""
     if df < 1:
         raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    return T_975.get(df, 1.96)
+    if df in T_975:
+        return T_975[df]
+    z = 1.959963984540054
+    t = (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+         + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
+    return round(t, 3)
 
 
 def mean(xs: list[float]) -> float:
